@@ -1,0 +1,120 @@
+//! Order routes: the seckill endpoint and reading an order. Redis only.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::auth::{Buyer, Caller};
+use super::sales::rfc3339;
+use super::{ApiError, AppState, Body};
+use crate::domain::{IdempotencyKey, OrderId, Qty, SaleId};
+use crate::engine::{Order, OrderStatus, Reservation};
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/sales/{sale_id}/orders", post(reserve))
+        .route("/api/v1/orders/{order_id}", get(show))
+}
+
+/// The order object of the contract.
+#[derive(serde::Serialize)]
+pub(super) struct OrderView {
+    order_id: String,
+    sale_id: String,
+    user_id: String,
+    qty: u32,
+    amount_cents: i64,
+    status: OrderStatus,
+    created_at: String,
+    payment_deadline: String,
+    paid_at: Option<String>,
+    closed_at: Option<String>,
+    refunded_at: Option<String>,
+}
+
+impl From<Order> for OrderView {
+    fn from(o: Order) -> Self {
+        Self {
+            order_id: o.id.to_string(),
+            sale_id: o.id.sale().to_string(),
+            user_id: o.user.to_string(),
+            qty: o.qty,
+            amount_cents: o.amount_cents,
+            status: o.status,
+            created_at: rfc3339(o.created_ms),
+            payment_deadline: rfc3339(o.deadline_ms),
+            paid_at: o.paid_ms.map(rfc3339),
+            closed_at: o.closed_ms.map(rfc3339),
+            refunded_at: o.refunded_ms.map(rfc3339),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReserveRequest {
+    #[serde(default = "one")]
+    qty: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.to_str().map_err(|_| {
+                ApiError::InvalidRequest("Idempotency-Key must be printable ASCII".into())
+            })?;
+            Ok(Some(s.parse()?))
+        }
+    }
+}
+
+async fn reserve(
+    State(state): State<AppState>,
+    Buyer(user): Buyer,
+    Path(sale): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<OrderView>), ApiError> {
+    let sale: SaleId = sale.parse()?;
+    let key = idempotency_key(&headers)?;
+    let qty = match body.json_or_empty::<ReserveRequest>()? {
+        Some(r) => Qty::new(r.qty)?,
+        None => Qty::default(),
+    };
+    let outcome = state.engine.reserve(sale, user, qty, key.as_ref()).await;
+    let m = &state.metrics;
+    match outcome? {
+        Reservation::Created(order) => {
+            m.reservation("created");
+            Ok((StatusCode::CREATED, Json(order.into())))
+        }
+        Reservation::Existing(order) => {
+            m.reservation("replayed");
+            Ok((StatusCode::CREATED, Json(order.into())))
+        }
+        Reservation::Refused(r) => {
+            let err = ApiError::from(r);
+            m.reservation(err.code());
+            Err(err)
+        }
+    }
+}
+
+async fn show(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<OrderView>, ApiError> {
+    let id: OrderId = id.parse()?;
+    let order = state.engine.order(id).await?.ok_or(ApiError::NotFound)?;
+    if !caller.may_see(order.user) {
+        return Err(ApiError::NotFound);
+    }
+    Ok(Json(order.into()))
+}

@@ -1,0 +1,23 @@
+//! flashsale: a flash-sale (seckill) engine. Redis carries the hot path in
+//! atomic Lua scripts; MySQL is the system of record.
+//!
+//! Modules in data-flow order:
+
+/// The command line.
+pub mod cli;
+/// Configuration by flags and environment.
+pub mod config;
+/// MySQL: pool, migrations, queries.
+pub mod db;
+/// Validated ids and quantities, parsed once at the edge.
+pub mod domain;
+/// The Redis side: key layout and typed calls of the Lua scripts.
+pub mod engine;
+/// The HTTP API: routes, errors, authentication, front-door limits.
+pub mod http;
+/// Putting a sale on, in MySQL and Redis.
+pub mod sales;
+/// Building and running a `serve` process.
+pub mod startup;
+/// Logs and metrics.
+pub mod telemetry;

@@ -1,0 +1,190 @@
+//! Putting a sale on: validate the terms, persist them in MySQL, load them
+//! into Redis. Shared by the admin API and `flashsale sale create`.
+//!
+//! A sale is answered as created only once it is in both stores; a sale that
+//! reached MySQL but not Redis is removed again (it was never on sale), and
+//! start-up loads any unfinished sale that Redis lacks (a crash in between).
+
+use chrono::{DateTime, Utc};
+use sqlx::MySqlPool;
+
+use crate::db::{self, SaleRow};
+use crate::domain::InvalidValue;
+use crate::engine::{Engine, EngineError, SaleSnapshot, SaleTerms};
+
+/// The admin's request to put a sale on, as sent.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaleRequest {
+    /// The product's SKU (1 to 64 characters).
+    pub sku: String,
+    /// The product's title (1 to 200 characters).
+    pub title: String,
+    /// Unit price in cents (0 to 10^10).
+    pub price_cents: i64,
+    /// Units on sale (1 to 10,000,000).
+    pub stock: i64,
+    /// Opening time.
+    pub start_at: DateTime<Utc>,
+    /// Closing time, after the opening.
+    pub end_at: DateTime<Utc>,
+    /// Most units one buyer may hold (at least 1).
+    #[serde(default = "one")]
+    pub per_user_limit: i64,
+    /// Seconds a buyer has to pay (1 to 7 days).
+    pub payment_window_secs: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// Largest accepted price: keeps price times quantity far from overflow.
+const MAX_PRICE_CENTS: i64 = 10_000_000_000;
+/// Longest accepted payment window.
+const MAX_PAYMENT_WINDOW_SECS: i64 = 7 * 24 * 3600;
+
+impl SaleRequest {
+    /// Checks every field's range; the first violation is reported.
+    pub fn validate(self) -> Result<SaleRow, InvalidValue> {
+        let bad = |m: &str| Err(InvalidValue(m.to_owned()));
+        let chars = |s: &str| s.chars().count();
+        if !(1..=64).contains(&chars(&self.sku)) || self.sku.trim() != self.sku {
+            return bad("sku must be 1 to 64 characters without surrounding spaces");
+        }
+        if !(1..=200).contains(&chars(&self.title)) {
+            return bad("title must be 1 to 200 characters");
+        }
+        if !(0..=MAX_PRICE_CENTS).contains(&self.price_cents) {
+            return bad("price_cents must be between 0 and 10000000000");
+        }
+        if !(1..=10_000_000).contains(&self.stock) {
+            return bad("stock must be between 1 and 10000000");
+        }
+        if !(1..=10_000_000).contains(&self.per_user_limit) {
+            return bad("per_user_limit must be between 1 and 10000000");
+        }
+        if !(1..=MAX_PAYMENT_WINDOW_SECS).contains(&self.payment_window_secs) {
+            return bad("payment_window_secs must be between 1 and 604800");
+        }
+        if self.end_at <= self.start_at {
+            return bad("end_at must be after start_at");
+        }
+        Ok(SaleRow {
+            sku: self.sku,
+            title: self.title,
+            price_cents: self.price_cents,
+            stock: self.stock,
+            per_user_limit: self.per_user_limit,
+            payment_window_secs: self.payment_window_secs,
+            start_at: self.start_at,
+            end_at: self.end_at,
+        })
+    }
+}
+
+/// Why a sale could not be put on.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// MySQL failed.
+    #[error("mysql: {0}")]
+    Database(anyhow::Error),
+    /// Redis failed (the MySQL row was removed again).
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+fn terms(id: crate::domain::SaleId, s: &SaleRow) -> SaleTerms {
+    // Millisecond precision, as MySQL's DATETIME(3) stores it.
+    SaleTerms {
+        id,
+        sku: s.sku.clone(),
+        title: s.title.clone(),
+        price_cents: s.price_cents,
+        stock_total: s.stock,
+        stock_available: s.stock,
+        per_user_limit: s.per_user_limit,
+        payment_window_ms: s.payment_window_secs * 1000,
+        start_ms: s.start_at.timestamp_millis(),
+        end_ms: s.end_at.timestamp_millis(),
+    }
+}
+
+/// Persists the sale in MySQL, loads it into Redis and reads it back.
+pub async fn create(
+    db: &MySqlPool,
+    engine: &Engine,
+    row: &SaleRow,
+) -> Result<SaleSnapshot, CreateError> {
+    let id = db::insert_sale(db, row)
+        .await
+        .map_err(CreateError::Database)?;
+    let loaded = async {
+        engine.load_sale(&terms(id, row)).await?;
+        engine
+            .sale(id)
+            .await?
+            .ok_or_else(|| EngineError::Protocol(format!("sale {id} vanished after loading")))
+    }
+    .await;
+    match loaded {
+        Ok(snapshot) => Ok(snapshot),
+        Err(e) => {
+            if let Err(undo) = db::delete_sale(db, id).await {
+                tracing::error!(sale = %id, error = %undo, "could not remove a sale that Redis refused; start-up will load it");
+            }
+            Err(e.into())
+        }
+    }
+}
+
+/// Loads every unfinished MySQL sale that Redis lacks; returns how many.
+pub async fn load_unfinished(db: &MySqlPool, engine: &Engine) -> anyhow::Result<usize> {
+    let mut loaded = 0;
+    for t in db::unfinished_sales(db).await? {
+        if engine.load_sale(&t).await? {
+            tracing::warn!(sale = %t.id, "sale was missing from Redis and has been loaded from MySQL");
+            loaded += 1;
+        }
+    }
+    Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> SaleRequest {
+        serde_json::from_str(
+            r#"{"sku":"SKU-1","title":"Phone","price_cents":100,"stock":10,
+                "start_at":"2026-11-21T12:00:00Z","end_at":"2026-11-21T13:00:00Z",
+                "per_user_limit":1,"payment_window_secs":900}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_good_request_validates() {
+        let row = request().validate().unwrap();
+        assert_eq!(row.stock, 10);
+    }
+
+    #[test]
+    fn each_bad_field_is_refused() {
+        let cases: Vec<Box<dyn Fn(&mut SaleRequest)>> = vec![
+            Box::new(|r| r.sku.clear()),
+            Box::new(|r| r.title = "x".repeat(201)),
+            Box::new(|r| r.price_cents = -1),
+            Box::new(|r| r.stock = 0),
+            Box::new(|r| r.stock = 10_000_001),
+            Box::new(|r| r.per_user_limit = 0),
+            Box::new(|r| r.payment_window_secs = 0),
+            Box::new(|r| r.end_at = r.start_at),
+        ];
+        for (i, change) in cases.iter().enumerate() {
+            let mut r = request();
+            change(&mut r);
+            assert!(r.validate().is_err(), "case {i}");
+        }
+    }
+}

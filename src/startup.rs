@@ -1,0 +1,147 @@
+//! Building and running a `serve` process: connect, migrate, load, bind;
+//! then run each role as a sibling task under one cancellation token.
+//!
+//! `App::build` does all the fallible set-up (so tests can bind port 0 and
+//! learn the address); `run_until_stopped` runs until the token is cancelled
+//! or a task ends on its own, and says which task ended and why.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Role, ServeConfig};
+use crate::engine::{Engine, EngineOptions};
+use crate::http::{self, AppState, Authenticator, Limits};
+use crate::telemetry::Metrics;
+
+/// A built, not yet running, service.
+pub struct App {
+    state: AppState,
+    listener: Option<TcpListener>,
+    limits: Limits,
+}
+
+impl App {
+    /// Connects both stores (creating and migrating the database), loads the
+    /// scripts and any unfinished sale Redis lacks, and binds the listener.
+    pub async fn build(cfg: ServeConfig) -> anyhow::Result<Self> {
+        let db = crate::db::connect(&cfg.store.database_url)
+            .await
+            .context("cannot prepare the MySQL database (DATABASE_URL)")?;
+        let engine = Engine::connect(&EngineOptions {
+            url: cfg.store.redis_url.clone(),
+            key_prefix: cfg.store.key_prefix.clone(),
+            timeout: cfg.store.redis_timeout(),
+        })?;
+        engine
+            .load_scripts()
+            .await
+            .context("cannot reach Redis (REDIS_URL)")?;
+        let loaded = crate::sales::load_unfinished(&db, &engine).await?;
+        tracing::info!(loaded, "unfinished sales checked against Redis");
+        let listener = if cfg.roles.contains(&Role::Http) {
+            Some(
+                TcpListener::bind(cfg.http.listen)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", cfg.http.listen))?,
+            )
+        } else {
+            None
+        };
+        let auth = Authenticator::new(
+            &cfg.jwt.jwt_secret,
+            cfg.http.admin_token.clone(),
+            cfg.http.payment_secret.clone(),
+        );
+        Ok(Self {
+            state: AppState {
+                engine,
+                db,
+                auth: Arc::new(auth),
+                metrics: Arc::new(Metrics::default()),
+            },
+            listener,
+            limits: Limits {
+                max_in_flight: cfg.http.max_in_flight.max(1),
+                request_timeout: Duration::from_millis(cfg.http.request_timeout_ms.max(1)),
+            },
+        })
+    }
+
+    /// The bound HTTP address, when this process serves HTTP.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The shared state (tests reach the stores through it).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Runs every role until `shutdown` is cancelled (in-flight requests
+    /// finish) or a role ends by itself (then the others are stopped too).
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tracker = TaskTracker::new();
+        let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(listener) = self.listener {
+            let app = http::router(self.state.clone(), self.limits);
+            let stop = shutdown.clone();
+            let ended = ended_tx.clone();
+            let addr = listener.local_addr()?;
+            tracker.spawn(async move {
+                tracing::info!(%addr, "HTTP listening");
+                let result = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                let _ = ended.send(("http", result.map_err(anyhow::Error::from)));
+            });
+        }
+        tracker.close();
+        drop(ended_tx);
+
+        let mut first_failure = None;
+        tokio::select! {
+            _ = shutdown.cancelled() => tracing::info!("shutdown requested"),
+            Some((task, result)) = ended_rx.recv() => {
+                match &result {
+                    Ok(()) => tracing::warn!(task, "task ended by itself; stopping the others"),
+                    Err(e) => tracing::error!(task, error = %e, "task failed; stopping the others"),
+                }
+                first_failure = result.err();
+                shutdown.cancel();
+            }
+        }
+        tracker.wait().await;
+        tracing::info!("stopped");
+        match first_failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+pub fn cancel_on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing the SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("signal received, shutting down gracefully");
+        token.cancel();
+    });
+}
