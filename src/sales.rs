@@ -171,15 +171,15 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_refused() {
-        let cases: Vec<Box<dyn Fn(&mut SaleRequest)>> = vec![
-            Box::new(|r| r.sku.clear()),
-            Box::new(|r| r.title = "x".repeat(201)),
-            Box::new(|r| r.price_cents = -1),
-            Box::new(|r| r.stock = 0),
-            Box::new(|r| r.stock = 10_000_001),
-            Box::new(|r| r.per_user_limit = 0),
-            Box::new(|r| r.payment_window_secs = 0),
-            Box::new(|r| r.end_at = r.start_at),
+        let cases: [fn(&mut SaleRequest); 8] = [
+            |r| r.sku.clear(),
+            |r| r.title = "x".repeat(201),
+            |r| r.price_cents = -1,
+            |r| r.stock = 0,
+            |r| r.stock = 10_000_001,
+            |r| r.per_user_limit = 0,
+            |r| r.payment_window_secs = 0,
+            |r| r.end_at = r.start_at,
         ];
         for (i, change) in cases.iter().enumerate() {
             let mut r = request();

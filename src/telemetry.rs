@@ -19,6 +19,7 @@ pub fn init_logging() {
     let json = std::env::var("FLASHSALE_LOG_FORMAT").is_ok_and(|f| f == "json");
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // A second initialisation (tests) is harmless and ignored.
     let _ = if json {

@@ -126,8 +126,15 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 }
 
 impl Body {
-    /// Parses the body as JSON.
+    /// Parses the body as a JSON object (every request body of the API is
+    /// one; serde alone would also take an array for a struct).
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        let first = self.0.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(ApiError::InvalidRequest(
+                "the body must be a JSON object".into(),
+            ));
+        }
         serde_json::from_slice(&self.0)
             .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))
     }

@@ -49,7 +49,7 @@ impl From<SaleSnapshot> for SaleView {
             title: s.title,
             price_cents: s.price_cents,
             stock_total: s.stock_total,
-            stock_available: s.stock_available.max(0),
+            stock_available: s.stock_available,
             per_user_limit: s.per_user_limit,
             payment_window_secs: s.payment_window_ms / 1000,
             start_at: rfc3339(s.start_ms),

@@ -1,0 +1,291 @@
+//! Every malformed, oversized, unauthenticated, out-of-range or unknown-id
+//! request gets its contract error and changes nothing.
+
+use std::collections::HashMap;
+
+use redis::AsyncCommands;
+use reqwest::{Method, RequestBuilder};
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+/// Everything Redis holds for one sale (counters, orders, buyers, flow).
+async fn sale_state(app: &TestApp, sale: &str) -> (HashMap<String, String>, i64, i64, i64, i64) {
+    let k = app.sale_keys(sale);
+    let mut c = app.engine.connection();
+    (
+        c.hgetall(&k.sale).await.unwrap(),
+        c.hlen(&k.orders).await.unwrap(),
+        c.hlen(&k.buyers).await.unwrap(),
+        c.zcard(&k.deadlines).await.unwrap(),
+        c.xlen(&k.flow).await.unwrap(),
+    )
+}
+
+async fn sales_in_mysql(app: &TestApp) -> i64 {
+    let pool = sqlx::MySqlPool::connect(&app.target.database_url)
+        .await
+        .unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM sales")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+async fn expect(req: RequestBuilder, status: u16, error_code: &str, case: &str) {
+    let res = req.send().await.unwrap();
+    assert_eq!(res.status().as_u16(), status, "{case}");
+    assert!(
+        res.headers()[reqwest::header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"),
+        "{case}"
+    );
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(code(&body), error_code, "{case}: {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{case}"
+    );
+}
+
+fn expired_token(user: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let claims = json!({"sub": user, "exp": now - 5, "iat": now - 100});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn token_with(claims: Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_sale_creation_is_refused_and_creates_nothing() {
+    let app = spawn_app().await;
+    let good = json!({"sku": "S", "title": "T", "price_cents": 100, "stock": 5,
+        "start_at": "2026-01-01T00:00:00Z", "end_at": "2030-01-01T00:00:00Z",
+        "per_user_limit": 1, "payment_window_secs": 60});
+    let post = || app.client.post(app.url("/api/v1/sales"));
+    let with = |field: &str, v: Value| {
+        let mut b = good.clone();
+        b[field] = v;
+        b
+    };
+
+    expect(post().json(&good), 401, "unauthorized", "no token").await;
+    expect(
+        post().bearer_auth("wrong").json(&good),
+        401,
+        "unauthorized",
+        "bad admin token",
+    )
+    .await;
+    expect(
+        post().bearer_auth(buyer_token(1)).json(&good),
+        401,
+        "unauthorized",
+        "buyer as admin",
+    )
+    .await;
+    let admin = || post().bearer_auth(ADMIN_TOKEN);
+    expect(
+        admin().body("{not json"),
+        400,
+        "invalid_request",
+        "malformed JSON",
+    )
+    .await;
+    expect(admin().body(""), 400, "invalid_request", "empty body").await;
+    let bad_fields = [
+        ("stock", json!("5")),
+        ("stock", json!(0)),
+        ("stock", json!(10_000_001)),
+        ("stock", json!(1.5)),
+        ("per_user_limit", json!(0)),
+        ("payment_window_secs", json!(0)),
+        ("price_cents", json!(-1)),
+        ("sku", json!("")),
+        ("start_at", json!("yesterday")),
+        ("end_at", json!("2026-01-01T00:00:00Z")),
+        ("surprise", json!(1)),
+    ];
+    for (field, v) in bad_fields {
+        let case = format!("{field} = {v}");
+        expect(admin().json(&with(field, v)), 400, "invalid_request", &case).await;
+    }
+    let huge = with("title", json!("x".repeat(17 * 1024)));
+    expect(admin().json(&huge), 413, "payload_too_large", "17 KiB body").await;
+    assert_eq!(sales_in_mysql(&app).await, 0);
+
+    // The good request still works.
+    assert_eq!(admin().json(&good).send().await.unwrap().status(), 201);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_reservations_are_refused_and_change_nothing() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let before = sale_state(&app, &sale).await;
+    let path = format!("/api/v1/sales/{sale}/orders");
+    let post = |token: &str| {
+        app.client
+            .request(Method::POST, app.url(&path))
+            .bearer_auth(token)
+    };
+    let buyer = buyer_token(3);
+
+    let no_auth = app.client.post(app.url(&path)).json(&json!({"qty": 1}));
+    expect(no_auth, 401, "unauthorized", "no token").await;
+    let unauthorized = [
+        ("garbage", "not-a-jwt".to_owned()),
+        ("expired", expired_token("3")),
+        (
+            "wrong secret",
+            token_with(json!({"sub": "3", "exp": 9_999_999_999u64}), "other"),
+        ),
+        (
+            "sub zero",
+            token_with(json!({"sub": "0", "exp": 9_999_999_999u64}), JWT_SECRET),
+        ),
+        (
+            "sub not a number",
+            token_with(json!({"sub": "bob", "exp": 9_999_999_999u64}), JWT_SECRET),
+        ),
+        ("no exp", token_with(json!({"sub": "3"}), JWT_SECRET)),
+        ("admin token", ADMIN_TOKEN.to_owned()),
+    ];
+    for (case, token) in &unauthorized {
+        expect(
+            post(token).json(&json!({"qty": 1})),
+            401,
+            "unauthorized",
+            case,
+        )
+        .await;
+    }
+    let invalid = [
+        ("qty 0", json!({"qty": 0})),
+        ("qty negative", json!({"qty": -1})),
+        ("qty string", json!({"qty": "1"})),
+        ("qty too large", json!({"qty": 10_001})),
+        ("qty fraction", json!({"qty": 1.5})),
+        ("unknown field", json!({"qty": 1, "coupon": "x"})),
+        ("not an object", json!([1])),
+    ];
+    for (case, body) in &invalid {
+        expect(post(&buyer).json(body), 400, "invalid_request", case).await;
+    }
+    expect(
+        post(&buyer).body("{\"qty\":"),
+        400,
+        "invalid_request",
+        "truncated JSON",
+    )
+    .await;
+    for key in ["", "has space", "semi;colon", &"k".repeat(65)] {
+        let req = post(&buyer).header("Idempotency-Key", key).json(&json!({}));
+        expect(req, 400, "invalid_request", &format!("key {key:?}")).await;
+    }
+    let huge = format!("{{\"qty\": 1, \"pad\": \"{}\"}}", "x".repeat(17 * 1024));
+    expect(
+        post(&buyer).body(huge),
+        413,
+        "payload_too_large",
+        "17 KiB body",
+    )
+    .await;
+    for bad_id in ["abc", "0", "-1", "1.5"] {
+        let req = app
+            .client
+            .post(app.url(&format!("/api/v1/sales/{bad_id}/orders")))
+            .bearer_auth(&buyer);
+        expect(req, 400, "invalid_request", &format!("sale id {bad_id}")).await;
+    }
+    let unknown = app
+        .client
+        .post(app.url("/api/v1/sales/987654321/orders"))
+        .bearer_auth(&buyer);
+    expect(unknown, 404, "not_found", "unknown sale").await;
+
+    assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
+
+    // An empty body means one unit, and the buyer is not blocked by the above.
+    let res = post(&buyer).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_ids_and_routes_answer_in_the_contract_format() {
+    let app = spawn_app().await;
+    let get = |path: &str, token: &str| app.client.get(app.url(path)).bearer_auth(token);
+    let buyer = buyer_token(4);
+    expect(
+        get("/api/v1/sales/abc", &buyer),
+        400,
+        "invalid_request",
+        "sale id syntax",
+    )
+    .await;
+    expect(
+        get("/api/v1/sales/424242", &buyer),
+        404,
+        "not_found",
+        "unknown sale",
+    )
+    .await;
+    expect(
+        get("/api/v1/orders/xyz", &buyer),
+        400,
+        "invalid_request",
+        "order id syntax",
+    )
+    .await;
+    expect(
+        get("/api/v1/orders/1-", &buyer),
+        400,
+        "invalid_request",
+        "order id syntax",
+    )
+    .await;
+    expect(
+        get("/api/v1/orders/424242-1", &buyer),
+        404,
+        "not_found",
+        "unknown order",
+    )
+    .await;
+    expect(
+        get("/api/v1/orders/1-1", "bad"),
+        401,
+        "unauthorized",
+        "bad token",
+    )
+    .await;
+    expect(
+        get("/no/such/route", &buyer),
+        404,
+        "not_found",
+        "unknown route",
+    )
+    .await;
+    let wrong_method = app.client.delete(app.url("/api/v1/sales/1"));
+    expect(wrong_method, 404, "not_found", "unknown method").await;
+    app.finish().await;
+}

@@ -1,0 +1,341 @@
+//! Test harness: the real app on port 0 with its own MySQL database and its
+//! own Redis key prefix, so tests run in parallel against the real services.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use flashsale::config::{HttpConfig, JwtConfig, Role, ServeConfig, StoreConfig};
+use flashsale::domain::UserId;
+use flashsale::engine::{Engine, SaleKeys};
+use redis::AsyncCommands;
+use secrecy::SecretString;
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const JWT_SECRET: &str = "test-jwt-secret";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const PAYMENT_SECRET: &str = "test-payment-secret";
+pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
+const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
+
+/// A name no other test (or test run) uses.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{tag}_{}_{}_{}",
+        std::process::id(),
+        nanos,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Where one test's data lives; two apps built on the same target share it.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub redis_url: String,
+    pub database_url: String,
+    pub key_prefix: String,
+}
+
+impl Target {
+    /// A fresh database and key prefix on the shared services.
+    pub fn fresh() -> Self {
+        Self::fresh_on(SHARED_REDIS)
+    }
+
+    /// A fresh database and key prefix, with Redis at `redis_url`.
+    pub fn fresh_on(redis_url: &str) -> Self {
+        Self {
+            redis_url: redis_url.to_owned(),
+            database_url: format!("{MYSQL_SERVER}/{}", unique("fstest")),
+            key_prefix: unique("t"),
+        }
+    }
+
+    pub fn config(&self, max_in_flight: usize) -> ServeConfig {
+        ServeConfig {
+            store: StoreConfig {
+                redis_url: self.redis_url.clone(),
+                database_url: self.database_url.clone(),
+                key_prefix: self.key_prefix.clone(),
+                redis_timeout_ms: 1000,
+            },
+            jwt: JwtConfig {
+                jwt_secret: SecretString::from(JWT_SECRET),
+            },
+            http: HttpConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                admin_token: SecretString::from(ADMIN_TOKEN),
+                payment_secret: SecretString::from(PAYMENT_SECRET),
+                max_in_flight,
+                request_timeout_ms: 5000,
+            },
+            roles: vec![Role::Http],
+        }
+    }
+
+    /// Drops the database and deletes every key under the prefix.
+    pub async fn cleanup(&self) {
+        let _ = flashsale::db::drop_database(&self.database_url).await;
+        if let Ok(client) = redis::Client::open(self.redis_url.as_str()) {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                let pattern = format!("{}:*", self.key_prefix);
+                let keys: Vec<String> = c.keys(pattern).await.unwrap_or_default();
+                if !keys.is_empty() {
+                    let _: Result<(), _> = c.del(keys).await;
+                }
+            }
+        }
+    }
+}
+
+/// One running app instance.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub target: Target,
+    pub client: reqwest::Client,
+    pub engine: Engine,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_on(Target::fresh(), 4096).await
+}
+
+pub async fn spawn_on(target: Target, max_in_flight: usize) -> TestApp {
+    let app = flashsale::startup::App::build(target.config(max_in_flight))
+        .await
+        .expect("app builds");
+    let addr = app.local_addr().unwrap();
+    let engine = app.state().engine.clone();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    TestApp {
+        addr,
+        target,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        engine,
+        shutdown,
+        handle: Some(handle),
+    }
+}
+
+pub fn buyer_token(user: u64) -> String {
+    flashsale::http::auth::issue_token(
+        &SecretString::from(JWT_SECRET),
+        UserId::new(user).unwrap(),
+        3600,
+    )
+    .unwrap()
+}
+
+/// Sale terms relative to Redis's clock, in ms.
+pub struct SaleSpec {
+    pub stock: i64,
+    pub per_user_limit: i64,
+    pub start_offset_ms: i64,
+    pub end_offset_ms: i64,
+    pub payment_window_secs: i64,
+}
+
+impl Default for SaleSpec {
+    fn default() -> Self {
+        Self {
+            stock: 10,
+            per_user_limit: 1,
+            start_offset_ms: -60_000,
+            end_offset_ms: 3_600_000,
+            payment_window_secs: 900,
+        }
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn redis_now_ms(&self) -> i64 {
+        self.engine.now_ms().await.unwrap()
+    }
+
+    /// Creates a sale through the admin API; returns its id.
+    pub async fn create_sale(&self, spec: SaleSpec) -> String {
+        let now = self.redis_now_ms().await;
+        let body = json!({
+            "sku": "SKU-T", "title": "Test item", "price_cents": 1999, "stock": spec.stock,
+            "start_at": rfc3339(now + spec.start_offset_ms),
+            "end_at": rfc3339(now + spec.end_offset_ms),
+            "per_user_limit": spec.per_user_limit,
+            "payment_window_secs": spec.payment_window_secs,
+        });
+        let res = self
+            .client
+            .post(self.url("/api/v1/sales"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201, "{:?}", res.text().await);
+        let v: Value = res.json().await.unwrap();
+        v["sale_id"].as_str().unwrap().to_owned()
+    }
+
+    /// GETs a sale object.
+    pub async fn get_sale(&self, sale: &str) -> Value {
+        let res = self
+            .client
+            .get(self.url(&format!("/api/v1/sales/{sale}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.json().await.unwrap()
+    }
+
+    /// POSTs a reservation; returns status and body.
+    pub async fn reserve(&self, sale: &str, user: u64, idem: Option<&str>) -> (u16, Value) {
+        let mut req = self
+            .client
+            .post(self.url(&format!("/api/v1/sales/{sale}/orders")))
+            .bearer_auth(buyer_token(user))
+            .json(&json!({"qty": 1}));
+        if let Some(k) = idem {
+            req = req.header("Idempotency-Key", k);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub fn sale_keys(&self, sale: &str) -> SaleKeys {
+        self.engine.keys().sale(sale.parse().unwrap())
+    }
+
+    /// One field of the sale hash as an integer.
+    pub async fn sale_field(&self, sale: &str, field: &str) -> i64 {
+        let mut c = self.engine.connection();
+        c.hget(self.sale_keys(sale).sale, field).await.unwrap()
+    }
+
+    /// Stops the app gracefully and waits for it.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+
+    /// Stops the app and removes the test's data.
+    pub async fn finish(mut self) {
+        self.stop().await;
+        self.target.cleanup().await;
+    }
+}
+
+/// The contract's error code of a response body.
+pub fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<none>")
+}
+
+/// A redis-server of the test's own, on its own port and data directory, that
+/// the test may kill and restart. Persistence is on (fsync on every write) so
+/// a restart brings the data back.
+pub struct OwnRedis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(unique("fstest-redis"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = Self {
+            port,
+            dir,
+            child: None,
+        };
+        r.restart().await;
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .args(["--enable-debug-command", "local"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(client) = redis::Client::open(self.url()) {
+                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                    let pong: redis::RedisResult<String> =
+                        redis::cmd("PING").query_async(&mut c).await;
+                    if pong.is_ok() {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "own redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real app against the real Redis and MariaDB.
+
+mod bad_input;
+mod helpers;
+mod operations;
+mod redis_outage;
+mod reserve;

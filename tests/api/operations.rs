@@ -1,0 +1,95 @@
+//! Operations endpoints and the command line.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_metrics_and_openapi_answer() {
+    let app = spawn_app().await;
+    let get = |p: &str| app.client.get(app.url(p)).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    let sale = app.create_sale(SaleSpec::default()).await;
+    app.reserve(&sale, 1, None).await;
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains("flashsale_reservations_total{outcome=\"created\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("flashsale_http_request_duration_seconds_bucket"));
+    let spec: Value = get("/api/v1/openapi.json")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(spec["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(spec["paths"]["/api/v1/sales/{sale_id}/orders"]["post"].is_object());
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_creates_a_sale_and_issues_tokens_the_api_accepts() {
+    let app = spawn_app().await;
+    let bin = env!("CARGO_BIN_EXE_flashsale");
+    let t = &app.target;
+    let out = Command::new(bin)
+        .args([
+            "sale",
+            "create",
+            "--sku",
+            "CLI-1",
+            "--title",
+            "From the CLI",
+        ])
+        .args([
+            "--price-cents",
+            "500",
+            "--stock",
+            "3",
+            "--per-user-limit",
+            "1",
+        ])
+        .env("REDIS_URL", &t.redis_url)
+        .env("DATABASE_URL", &t.database_url)
+        .env("FLASHSALE_KEY_PREFIX", &t.key_prefix)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sale = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+
+    let out = Command::new(bin)
+        .args(["token", "--user", "42"])
+        .env("FLASHSALE_JWT_SECRET", JWT_SECRET)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let res = app
+        .client
+        .post(app.url(&format!("/api/v1/sales/{sale}/orders")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let order: Value = res.json().await.unwrap();
+    assert_eq!(order["user_id"], "42");
+    assert_eq!(order["amount_cents"], 500);
+
+    let refused = Command::new(bin)
+        .args(["sale", "create", "--sku", "X", "--title", "T"])
+        .args(["--price-cents", "5", "--stock", "0"])
+        .env("DATABASE_URL", &t.database_url)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    app.finish().await;
+}

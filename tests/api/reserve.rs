@@ -1,0 +1,213 @@
+//! The seckill path under concurrency: no oversell, per-user limit,
+//! idempotency, and the sale window judged by Redis's clock.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use redis::AsyncCommands;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_sell_exactly_the_stock_to_2000_buyers() {
+    let a = spawn_app().await;
+    let b = spawn_on(a.target.clone(), 4096).await;
+    let sale = a
+        .create_sale(SaleSpec {
+            stock: 100,
+            ..SaleSpec::default()
+        })
+        .await;
+
+    // Watch the stock counter while the flood runs: it must never go below 0.
+    let stop = Arc::new(AtomicBool::new(false));
+    let lowest = Arc::new(AtomicI64::new(i64::MAX));
+    let watcher = {
+        let (stop, lowest) = (stop.clone(), lowest.clone());
+        let mut c = a.engine.connection();
+        let key = a.sale_keys(&sale).sale;
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let avail: i64 = c.hget(&key, "avail").await.unwrap();
+                lowest.fetch_min(avail, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+
+    let results = join_all((1..=2000u64).map(|user| {
+        let app = if user % 2 == 0 { &a } else { &b };
+        let sale = sale.clone();
+        async move { app.reserve(&sale, user, None).await }
+    }))
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    watcher.await.unwrap();
+
+    let mut by_outcome: BTreeMap<(u16, String), usize> = BTreeMap::new();
+    let mut order_ids = HashSet::new();
+    let mut buyers = HashSet::new();
+    for (status, body) in &results {
+        *by_outcome
+            .entry((*status, code(body).to_owned()))
+            .or_default() += 1;
+        if *status == 201 {
+            order_ids.insert(body["order_id"].as_str().unwrap().to_owned());
+            buyers.insert(body["user_id"].as_str().unwrap().to_owned());
+        }
+    }
+    let expected: BTreeMap<(u16, String), usize> = [
+        ((201, "<none>".to_owned()), 100),
+        ((409, "sold_out".to_owned()), 1900),
+    ]
+    .into();
+    assert_eq!(by_outcome, expected);
+    assert_eq!(order_ids.len(), 100, "every order id is distinct");
+    assert_eq!(buyers.len(), 100, "one unit per buyer");
+    assert!(lowest.load(Ordering::Relaxed) >= 0, "stock went negative");
+
+    assert_eq!(a.sale_field(&sale, "avail").await, 0);
+    assert_eq!(a.sale_field(&sale, "pending").await, 100);
+    let k = a.sale_keys(&sale);
+    let mut c = a.engine.connection();
+    let orders: i64 = c.hlen(&k.orders).await.unwrap();
+    let deadlines: i64 = c.zcard(&k.deadlines).await.unwrap();
+    let flows: i64 = c.xlen(&k.flow).await.unwrap();
+    let held: Vec<i64> = c.hvals(&k.buyers).await.unwrap();
+    assert_eq!((orders, deadlines, flows), (100, 100, 100));
+    assert_eq!(held.iter().sum::<i64>(), 100);
+
+    let view = a.get_sale(&sale).await;
+    assert_eq!(view["stock_available"], 0);
+    assert_eq!(view["state"], "sold_out");
+    b.finish().await;
+    a.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_buyer_sending_50_requests_gets_the_limit_and_no_more() {
+    let app = spawn_app().await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 100,
+            per_user_limit: 2,
+            ..SaleSpec::default()
+        })
+        .await;
+    let results = join_all((0..50).map(|_| app.reserve(&sale, 77, None))).await;
+    let created = results.iter().filter(|(s, _)| *s == 201).count();
+    let limited = results
+        .iter()
+        .filter(|(s, b)| *s == 409 && code(b) == "limit_exceeded")
+        .count();
+    assert_eq!((created, limited), (2, 48));
+    assert_eq!(app.sale_field(&sale, "avail").await, 98);
+    let mut c = app.engine.connection();
+    let held: i64 = c.hget(app.sale_keys(&sale).buyers, "77").await.unwrap();
+    assert_eq!(held, 2);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_sent_20_times_makes_one_order() {
+    let app = spawn_app().await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 10,
+            per_user_limit: 3,
+            ..SaleSpec::default()
+        })
+        .await;
+    let results = join_all((0..20).map(|_| app.reserve(&sale, 5, Some("checkout-1")))).await;
+    let ids: HashSet<_> = results
+        .iter()
+        .map(|(s, b)| {
+            assert_eq!(*s, 201, "{b}");
+            b["order_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "every answer names the same order");
+    assert_eq!(app.sale_field(&sale, "avail").await, 9);
+
+    // Another key is another order; the same key from another buyer is theirs.
+    let (s, other) = app.reserve(&sale, 5, Some("checkout-2")).await;
+    assert_eq!(s, 201);
+    assert!(!ids.contains(other["order_id"].as_str().unwrap()));
+    let (s, theirs) = app.reserve(&sale, 6, Some("checkout-1")).await;
+    assert_eq!(s, 201);
+    assert_eq!(theirs["user_id"], "6");
+    assert_eq!(app.sale_field(&sale, "avail").await, 7);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sale_window_is_judged_by_redis_clock() {
+    let app = spawn_app().await;
+    let upcoming = app
+        .create_sale(SaleSpec {
+            start_offset_ms: 60_000,
+            end_offset_ms: 120_000,
+            ..SaleSpec::default()
+        })
+        .await;
+    let (s, body) = app.reserve(&upcoming, 1, None).await;
+    assert_eq!((s, code(&body)), (409, "sale_not_started"));
+
+    let closing = app
+        .create_sale(SaleSpec {
+            start_offset_ms: -1_000,
+            end_offset_ms: 1_500,
+            ..SaleSpec::default()
+        })
+        .await;
+    let (s, _) = app.reserve(&closing, 1, None).await;
+    assert_eq!(s, 201);
+    let end_ms = app.sale_field(&closing, "end_ms").await;
+    while app.redis_now_ms().await < end_ms {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, body) = app.reserve(&closing, 2, None).await;
+    assert_eq!((s, code(&body)), (409, "sale_ended"));
+
+    let states = [
+        app.get_sale(&upcoming).await["state"].clone(),
+        app.get_sale(&closing).await["state"].clone(),
+    ];
+    assert_eq!(states, ["upcoming", "ended"]);
+    assert_eq!(app.sale_field(&upcoming, "avail").await, 10);
+    assert_eq!(app.sale_field(&closing, "avail").await, 9);
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_is_seen_by_its_owner_and_the_admin_only() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let (_, order) = app.reserve(&sale, 10, None).await;
+    let id = order["order_id"].as_str().unwrap();
+    assert!(
+        id.starts_with(&format!("{sale}-")),
+        "the order id names its sale"
+    );
+    let get = |token: String| {
+        app.client
+            .get(app.url(&format!("/api/v1/orders/{id}")))
+            .bearer_auth(token)
+            .send()
+    };
+    let mine = get(buyer_token(10)).await.unwrap();
+    assert_eq!(mine.status(), 200);
+    let mine: serde_json::Value = mine.json().await.unwrap();
+    assert_eq!(mine, order);
+    assert_eq!(mine["status"], "pending");
+    assert_eq!(mine["amount_cents"], 1999);
+    assert_eq!(get(ADMIN_TOKEN.to_owned()).await.unwrap().status(), 200);
+    let other = get(buyer_token(11)).await.unwrap();
+    assert_eq!(other.status(), 404);
+    let body: serde_json::Value = other.json().await.unwrap();
+    assert_eq!(code(&body), "not_found");
+    app.finish().await;
+}
