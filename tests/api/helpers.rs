@@ -56,7 +56,7 @@ impl Target {
         Self {
             redis_url: redis_url.to_owned(),
             database_url: format!("{MYSQL_SERVER}/{}", unique("fstest")),
-            key_prefix: unique("t"),
+            key_prefix: unique("fstest"),
         }
     }
 
