@@ -84,6 +84,25 @@ pub struct HttpConfig {
 pub enum Role {
     /// The HTTP API.
     Http,
+    /// Expiry workers: close unpaid orders at their deadline.
+    Expiry,
+}
+
+/// How expiry workers run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExpiryConfig {
+    /// Expiry workers in this process.
+    #[arg(long, env = "FLASHSALE_EXPIRY_WORKERS", default_value_t = 1)]
+    pub expiry_workers: usize,
+
+    /// Most deadlines one expiry call claims (each call holds Redis meanwhile).
+    #[arg(long, env = "FLASHSALE_EXPIRY_BATCH", default_value_t = 128)]
+    pub expiry_batch: usize,
+
+    /// Longest sleep of an idle worker, in ms; keep it at most the shortest
+    /// payment window (1 s) so deadlines made by other processes are on time.
+    #[arg(long, env = "FLASHSALE_EXPIRY_MAX_SLEEP_MS", default_value_t = 1000)]
+    pub expiry_max_sleep_ms: u64,
 }
 
 /// Everything `flashsale serve` takes.
@@ -98,13 +117,16 @@ pub struct ServeConfig {
     /// The HTTP server.
     #[command(flatten)]
     pub http: HttpConfig,
+    /// Expiry workers.
+    #[command(flatten)]
+    pub expiry: ExpiryConfig,
     /// Roles this process runs, comma-separated.
     #[arg(
         long,
         env = "FLASHSALE_ROLES",
         value_enum,
         value_delimiter = ',',
-        default_value = "http"
+        default_value = "http,expiry"
     )]
     pub roles: Vec<Role>,
 }

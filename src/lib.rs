@@ -21,3 +21,5 @@ pub mod sales;
 pub mod startup;
 /// Logs and metrics.
 pub mod telemetry;
+/// Background workers: expiry of unpaid orders.
+pub mod workers;

@@ -18,12 +18,15 @@ use crate::config::{Role, ServeConfig};
 use crate::engine::{Engine, EngineOptions};
 use crate::http::{self, AppState, Authenticator, Limits};
 use crate::telemetry::Metrics;
+use crate::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
 
 /// A built, not yet running, service.
 pub struct App {
     state: AppState,
     listener: Option<TcpListener>,
     limits: Limits,
+    expiry_workers: usize,
+    expiry: ExpiryOptions,
 }
 
 impl App {
@@ -64,11 +67,22 @@ impl App {
                 db,
                 auth: Arc::new(auth),
                 metrics: Arc::new(Metrics::default()),
+                wakeup: Arc::new(Wakeup::default()),
             },
             listener,
             limits: Limits {
                 max_in_flight: cfg.http.max_in_flight.max(1),
                 request_timeout: Duration::from_millis(cfg.http.request_timeout_ms.max(1)),
+            },
+            expiry_workers: if cfg.roles.contains(&Role::Expiry) {
+                cfg.expiry.expiry_workers
+            } else {
+                0
+            },
+            expiry: ExpiryOptions {
+                batch: cfg.expiry.expiry_batch.max(1),
+                max_sleep: Duration::from_millis(cfg.expiry.expiry_max_sleep_ms.clamp(1, 1000)),
+                ..ExpiryOptions::default()
             },
         })
     }
@@ -100,6 +114,24 @@ impl App {
                     .await;
                 let _ = ended.send(("http", result.map_err(anyhow::Error::from)));
             });
+        }
+        for _ in 0..self.expiry_workers {
+            let s = &self.state;
+            let worker = ExpiryWorker::new(
+                s.engine.clone(),
+                s.metrics.clone(),
+                s.wakeup.clone(),
+                self.expiry,
+            );
+            let stop = shutdown.clone();
+            let ended = ended_tx.clone();
+            tracker.spawn(async move {
+                worker.run(stop).await;
+                let _ = ended.send(("expiry", Ok(())));
+            });
+        }
+        if self.expiry_workers > 0 {
+            tracing::info!(workers = self.expiry_workers, "expiry workers running");
         }
         tracker.close();
         drop(ended_tx);

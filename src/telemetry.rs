@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -47,6 +48,13 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// Labels of an order event counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// `paid`, `cancelled` or `closed`.
+    pub event: &'static str,
+}
+
 /// Labels of an outcome counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -63,6 +71,12 @@ pub struct Metrics {
     pub latency: Family<RouteLabels, Histogram>,
     /// Reservation attempts by outcome.
     pub reservations: Family<OutcomeLabels, Counter>,
+    /// Orders that reached a state, by state (this instance's share).
+    pub order_events: Family<EventLabels, Counter>,
+    /// Close time minus payment deadline of orders closed by expiry workers.
+    pub expiry_lateness: Histogram,
+    /// Deadline entries already due and not yet claimed, at the last look.
+    pub expiry_due: Gauge,
 }
 
 impl Default for Metrics {
@@ -88,11 +102,32 @@ impl Default for Metrics {
             "Reservation attempts by outcome",
             reservations.clone(),
         );
+        let order_events = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "orders",
+            "Orders that reached a state (paid, cancelled, closed), by state",
+            order_events.clone(),
+        );
+        let expiry_lateness = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
+        registry.register(
+            "expiry_lateness_seconds",
+            "Close time minus payment deadline, by Redis's clock, of expired orders",
+            expiry_lateness.clone(),
+        );
+        let expiry_due = Gauge::default();
+        registry.register(
+            "expiry_due",
+            "Payment deadlines already due and not yet claimed by a worker",
+            expiry_due.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
             latency,
             reservations,
+            order_events,
+            expiry_lateness,
+            expiry_due,
         }
     }
 }
@@ -105,6 +140,13 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+
+    /// Counts orders reaching `event` (`paid`, `cancelled`, `closed`).
+    pub fn order_event(&self, event: &'static str, n: u64) {
+        self.order_events
+            .get_or_create(&EventLabels { event })
+            .inc_by(n);
     }
 
     /// Counts one reservation outcome.

@@ -2,34 +2,53 @@
 //!
 //! `redis::Script` sends EVALSHA and falls back to sending the source when
 //! Redis answers NOSCRIPT, so a restarted Redis needs no special handling.
+//! Order scripts get `lua/prelude.lua` (shared helpers) prepended.
 
 use redis::Script;
 use std::sync::Arc;
+
+const PRELUDE: &str = include_str!("../../lua/prelude.lua");
 
 /// One field per atomic operation; see the header of each file in `lua/`.
 #[derive(Clone)]
 pub(crate) struct Scripts {
     pub reserve: Arc<Script>,
+    pub pay: Arc<Script>,
+    pub cancel: Arc<Script>,
+    pub expire: Arc<Script>,
     pub load_sale: Arc<Script>,
     pub sale_snapshot: Arc<Script>,
 }
 
+fn plain(src: &str) -> Arc<Script> {
+    Arc::new(Script::new(src))
+}
+
+fn order_script(src: &str) -> Arc<Script> {
+    Arc::new(Script::new(&format!("{PRELUDE}\n{src}")))
+}
+
 impl Default for Scripts {
     fn default() -> Self {
-        let s = |src: &str| Arc::new(Script::new(src));
         Self {
-            reserve: s(include_str!("../../lua/reserve.lua")),
-            load_sale: s(include_str!("../../lua/load_sale.lua")),
-            sale_snapshot: s(include_str!("../../lua/sale_snapshot.lua")),
+            reserve: order_script(include_str!("../../lua/reserve.lua")),
+            pay: order_script(include_str!("../../lua/pay.lua")),
+            cancel: order_script(include_str!("../../lua/cancel.lua")),
+            expire: order_script(include_str!("../../lua/expire.lua")),
+            load_sale: plain(include_str!("../../lua/load_sale.lua")),
+            sale_snapshot: plain(include_str!("../../lua/sale_snapshot.lua")),
         }
     }
 }
 
 impl Scripts {
     /// Every script, for loading them all at start.
-    pub fn all(&self) -> [Arc<Script>; 3] {
+    pub fn all(&self) -> [Arc<Script>; 6] {
         [
             self.reserve.clone(),
+            self.pay.clone(),
+            self.cancel.clone(),
+            self.expire.clone(),
             self.load_sale.clone(),
             self.sale_snapshot.clone(),
         ]

@@ -119,7 +119,10 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let body = serde_json::json!({"error": {"code": self.code(), "message": message}});
+        let mut body = serde_json::json!({"error": {"code": self.code(), "message": message}});
+        if let Self::OrderNotPending(status) | Self::OrderNotPaid(status) = &self {
+            body["error"]["status"] = status.as_str().into();
+        }
         let mut res = (self.status_code(), Json(body)).into_response();
         if matches!(self, Self::Unavailable(_) | Self::RateLimited) {
             res.headers_mut()

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod error;
 mod ops;
 mod orders;
+mod payments;
 mod sales;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use tower::ServiceBuilder;
 
 use crate::engine::Engine;
 use crate::telemetry::{Metrics, RequestLabels, RouteLabels};
+use crate::workers::expiry::Wakeup;
 pub use auth::Authenticator;
 pub use error::ApiError;
 
@@ -42,6 +44,8 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Metrics of this instance.
     pub metrics: Arc<Metrics>,
+    /// Wakes this process's expiry workers for nearer deadlines and new sales.
+    pub wakeup: Arc<Wakeup>,
 }
 
 /// Limits at the front door.
@@ -65,6 +69,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
     let api = Router::new()
         .merge(sales::router())
         .merge(orders::router())
+        .merge(payments::router())
         .layer(shed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
     Router::new()

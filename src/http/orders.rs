@@ -9,12 +9,13 @@ use super::auth::{Buyer, Caller};
 use super::sales::rfc3339;
 use super::{ApiError, AppState, Body};
 use crate::domain::{IdempotencyKey, OrderId, Qty, SaleId};
-use crate::engine::{Order, OrderStatus, Reservation};
+use crate::engine::{Cancellation, Order, OrderStatus, Reservation};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/sales/{sale_id}/orders", post(reserve))
         .route("/api/v1/orders/{order_id}", get(show))
+        .route("/api/v1/orders/{order_id}/cancel", post(cancel))
 }
 
 /// The order object of the contract.
@@ -92,6 +93,7 @@ async fn reserve(
     match outcome? {
         Reservation::Created(order) => {
             m.reservation("created");
+            state.wakeup.deadline_added(order.deadline_ms);
             Ok((StatusCode::CREATED, Json(order.into())))
         }
         Reservation::Existing(order) => {
@@ -117,4 +119,25 @@ async fn show(
         return Err(ApiError::NotFound);
     }
     Ok(Json(order.into()))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    Buyer(user): Buyer,
+    Path(id): Path<String>,
+) -> Result<Json<OrderView>, ApiError> {
+    let id: OrderId = id.parse()?;
+    match state.engine.cancel(id, user).await? {
+        Cancellation::Cancelled(order) => {
+            state.metrics.order_event("cancelled", 1);
+            Ok(Json(order.into()))
+        }
+        Cancellation::NotPending { order, closed_now } => {
+            if closed_now {
+                state.metrics.order_event("closed", 1);
+            }
+            Err(ApiError::OrderNotPending(order.status))
+        }
+        Cancellation::NotFound => Err(ApiError::NotFound),
+    }
 }

@@ -71,6 +71,7 @@ async fn create(
             CreateError::Database(e) => ApiError::Unavailable(format!("mysql: {e:#}")),
             CreateError::Engine(e) => e.into(),
         })?;
+    state.wakeup.sale_added();
     tracing::info!(sale = %snapshot.id, sku = %snapshot.sku, stock = snapshot.stock_total, "sale created");
     Ok((StatusCode::CREATED, Json(snapshot.into())))
 }

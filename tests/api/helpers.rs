@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flashsale::config::{HttpConfig, JwtConfig, Role, ServeConfig, StoreConfig};
+use flashsale::config::{ExpiryConfig, HttpConfig, JwtConfig, Role, ServeConfig, StoreConfig};
 use flashsale::domain::UserId;
 use flashsale::engine::{Engine, SaleKeys};
 use redis::AsyncCommands;
@@ -60,7 +60,8 @@ impl Target {
         }
     }
 
-    pub fn config(&self, max_in_flight: usize) -> ServeConfig {
+    /// The app's configuration: HTTP only, no workers, unless changed.
+    pub fn config(&self) -> ServeConfig {
         ServeConfig {
             store: StoreConfig {
                 redis_url: self.redis_url.clone(),
@@ -75,8 +76,13 @@ impl Target {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 admin_token: SecretString::from(ADMIN_TOKEN),
                 payment_secret: SecretString::from(PAYMENT_SECRET),
-                max_in_flight,
+                max_in_flight: 4096,
                 request_timeout_ms: 5000,
+            },
+            expiry: ExpiryConfig {
+                expiry_workers: 1,
+                expiry_batch: 128,
+                expiry_max_sleep_ms: 1000,
             },
             roles: vec![Role::Http],
         }
@@ -108,11 +114,18 @@ pub struct TestApp {
 }
 
 pub async fn spawn_app() -> TestApp {
-    spawn_on(Target::fresh(), 4096).await
+    spawn_on(Target::fresh()).await
 }
 
-pub async fn spawn_on(target: Target, max_in_flight: usize) -> TestApp {
-    let app = flashsale::startup::App::build(target.config(max_in_flight))
+pub async fn spawn_on(target: Target) -> TestApp {
+    spawn_with(target, |_| {}).await
+}
+
+/// Spawns an app on `target` with its configuration changed by `change`.
+pub async fn spawn_with(target: Target, change: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    let mut config = target.config();
+    change(&mut config);
+    let app = flashsale::startup::App::build(config)
         .await
         .expect("app builds");
     let addr = app.local_addr().unwrap();

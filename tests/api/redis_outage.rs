@@ -11,7 +11,7 @@ use crate::helpers::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_means_quick_503_and_recovery_when_it_returns() {
     let mut redis = OwnRedis::start().await;
-    let app = spawn_on(Target::fresh_on(&redis.url()), 4096).await;
+    let app = spawn_on(Target::fresh_on(&redis.url())).await;
     let sale = app.create_sale(SaleSpec::default()).await;
     let (s, first) = app.reserve(&sale, 1, None).await;
     assert_eq!(s, 201);
@@ -66,7 +66,7 @@ async fn redis_down_means_quick_503_and_recovery_when_it_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_shed_with_503_instead_of_queued() {
     let redis = OwnRedis::start().await;
-    let app = spawn_on(Target::fresh_on(&redis.url()), 2).await;
+    let app = spawn_with(Target::fresh_on(&redis.url()), |c| c.http.max_in_flight = 2).await;
     let sale = app
         .create_sale(SaleSpec {
             stock: 100,
@@ -105,7 +105,7 @@ async fn overload_is_shed_with_503_instead_of_queued() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_in_flight_requests_finish() {
     let redis = OwnRedis::start().await;
-    let mut app = spawn_on(Target::fresh_on(&redis.url()), 4096).await;
+    let mut app = spawn_on(Target::fresh_on(&redis.url())).await;
     let sale = app.create_sale(SaleSpec::default()).await;
     let blocker = {
         let url = redis.url();

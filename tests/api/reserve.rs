@@ -14,7 +14,7 @@ use crate::helpers::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_instances_sell_exactly_the_stock_to_2000_buyers() {
     let a = spawn_app().await;
-    let b = spawn_on(a.target.clone(), 4096).await;
+    let b = spawn_on(a.target.clone()).await;
     let sale = a
         .create_sale(SaleSpec {
             stock: 100,

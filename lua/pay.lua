@@ -1,0 +1,48 @@
+-- pay.lua: apply a successful payment to a pending order, unless its
+-- deadline has passed by Redis's clock (then the order is closed here and
+-- now, whether or not an expiry worker got to it: the deadline decides).
+--
+-- KEYS[1..5]  sale, buyers, orders, deadlines, flow (see prelude.lua)
+-- ARGV[1]     order seq
+-- ARGV[2]     the gateway's payment id
+-- ARGV[3]     amount paid, in cents
+--
+-- Returns: {"ok", packed}                 now paid
+--          {"dup", packed}                paid before with this payment id
+--          {"order_expired", packed, c}   past the deadline; c is "1" when this
+--                                         call closed it, "0" when it was closed before
+--          {"order_not_pending", packed}  cancelled, or paid with another payment id
+--          {"amount_mismatch", packed}    nothing changed
+--          {"not_found"}
+
+local seq, payment_id, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local packed = redis.call('HGET', KEYS[3], seq)
+if not packed then
+  return {'not_found'}
+end
+local o = unpack_order(packed)
+
+if o.status ~= 'pending' then
+  if o.paid ~= '' and o.payment_id == payment_id then
+    return {'dup', packed}
+  elseif o.status == 'closed' then
+    return {'order_expired', packed, '0'}
+  end
+  return {'order_not_pending', packed}
+end
+
+local now = now_ms()
+if now >= o.deadline then
+  return {'order_expired', release(seq, o, 'closed', now), '1'}
+end
+if amount ~= o.amount then
+  return {'amount_mismatch', packed}
+end
+
+o.status = 'paid'
+o.paid = int(now)
+o.payment_id = payment_id
+redis.call('HINCRBY', KEYS[1], 'pending', -o.qty)
+redis.call('HINCRBY', KEYS[1], 'paid', o.qty)
+redis.call('ZREM', KEYS[4], seq)
+return {'ok', save(seq, o, 'pay')}

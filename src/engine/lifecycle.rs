@@ -1,0 +1,269 @@
+//! An order's life in Redis: reserve, pay, cancel and expire, each one
+//! script call. Every change writes its flow record in the same call.
+
+use redis::AsyncCommands;
+
+use super::{Engine, EngineError, Order, SaleKeys};
+use crate::domain::{IdempotencyKey, OrderId, Qty, SaleId, UserId};
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such sale in Redis.
+    NotFound,
+    /// Before the sale's start.
+    NotStarted,
+    /// At or after the sale's end.
+    Ended,
+    /// Not enough units left.
+    SoldOut,
+    /// The buyer would hold more than the per-user limit.
+    LimitExceeded,
+}
+
+/// What a reservation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    /// A new pending order.
+    Created(Order),
+    /// The order that the same idempotency key made before; nothing reserved.
+    Existing(Order),
+    /// Nothing reserved.
+    Refused(Refusal),
+}
+
+/// What a payment did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payment {
+    /// The order is now paid.
+    Paid(Order),
+    /// The order was paid before with this payment id; nothing changed.
+    AlreadyPaid(Order),
+    /// The deadline had passed; the order is closed, by this call
+    /// (`closed_now`) or before.
+    Expired {
+        /// The closed order.
+        order: Order,
+        /// Whether this call closed it.
+        closed_now: bool,
+    },
+    /// The order is cancelled, or paid with another payment id.
+    NotPending(Order),
+    /// The amount differs from the order's; nothing changed.
+    AmountMismatch(Order),
+    /// No such order.
+    NotFound,
+}
+
+/// What a cancellation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancellation {
+    /// The order is now cancelled and its units are back on sale.
+    Cancelled(Order),
+    /// The order was not pending, or was overdue and this call closed it
+    /// (`closed_now`).
+    NotPending {
+        /// The order as it stands.
+        order: Order,
+        /// Whether this call closed it.
+        closed_now: bool,
+    },
+    /// No such order, or not the caller's.
+    NotFound,
+}
+
+/// One expiry call's work on one sale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiryBatch {
+    /// Due deadline entries claimed.
+    pub claimed: usize,
+    /// Orders closed among them (the rest were already paid or cancelled).
+    pub closed: usize,
+    /// Entries still due after this call.
+    pub still_due: usize,
+    /// The earliest deadline left, ms by Redis's clock.
+    pub next_deadline_ms: Option<i64>,
+    /// Redis's clock during the call.
+    pub now_ms: i64,
+    /// Close time minus deadline of each closed order, in ms.
+    pub lateness_ms: Vec<i64>,
+}
+
+impl SaleKeys {
+    /// The keys every order script takes first (see `lua/prelude.lua`).
+    fn order_script_keys(&self) -> [&str; 5] {
+        [
+            &self.sale,
+            &self.buyers,
+            &self.orders,
+            &self.deadlines,
+            &self.flow,
+        ]
+    }
+}
+
+/// Parses a `{tag, packed_order}` reply.
+fn order_in(id: OrderId, reply: &[String]) -> Result<Order, EngineError> {
+    reply
+        .get(1)
+        .and_then(|p| Order::unpack(id, p))
+        .ok_or_else(|| EngineError::Protocol(format!("order {id}: {reply:?}")))
+}
+
+impl Engine {
+    async fn run_order_script(
+        &self,
+        script: &redis::Script,
+        sale: SaleId,
+        extra_keys: &[&str],
+        args: &[&str],
+    ) -> Result<Vec<String>, EngineError> {
+        let k = self.keys.sale(sale);
+        let mut inv = script.prepare_invoke();
+        for key in k.order_script_keys().iter().chain(extra_keys) {
+            inv.key(*key);
+        }
+        for arg in args {
+            inv.arg(*arg);
+        }
+        let mut c = self.conn.clone();
+        self.timed(inv.invoke_async(&mut c)).await
+    }
+
+    /// Reserves `qty` units of `sale` for `user`: the seckill call.
+    pub async fn reserve(
+        &self,
+        sale: SaleId,
+        user: UserId,
+        qty: Qty,
+        idem: Option<&IdempotencyKey>,
+    ) -> Result<Reservation, EngineError> {
+        let idem_key = self.keys.sale(sale).idem;
+        let reply = self
+            .run_order_script(
+                &self.scripts.reserve,
+                sale,
+                &[&idem_key],
+                &[
+                    &user.to_string(),
+                    &qty.get().to_string(),
+                    idem.map_or("", |k| k.as_str()),
+                ],
+            )
+            .await?;
+        let refused = |r| Ok(Reservation::Refused(r));
+        let with_order = |make: fn(Order) -> Reservation| {
+            let seq = reply
+                .get(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| EngineError::Protocol(format!("reserve: {reply:?}")))?;
+            let id = OrderId::new(sale, seq);
+            let packed: Vec<String> = reply.iter().skip(1).cloned().collect();
+            order_in(id, &packed).map(make)
+        };
+        match reply.first().map(String::as_str) {
+            Some("ok") => with_order(Reservation::Created),
+            Some("dup") => with_order(Reservation::Existing),
+            Some("not_found") => refused(Refusal::NotFound),
+            Some("sale_not_started") => refused(Refusal::NotStarted),
+            Some("sale_ended") => refused(Refusal::Ended),
+            Some("sold_out") => refused(Refusal::SoldOut),
+            Some("limit_exceeded") => refused(Refusal::LimitExceeded),
+            _ => Err(EngineError::Protocol(format!("reserve: {reply:?}"))),
+        }
+    }
+
+    /// Applies a successful payment of `amount_cents` with `payment_id`.
+    pub async fn pay(
+        &self,
+        id: OrderId,
+        payment_id: &str,
+        amount_cents: i64,
+    ) -> Result<Payment, EngineError> {
+        let reply = self
+            .run_order_script(
+                &self.scripts.pay,
+                id.sale(),
+                &[],
+                &[&id.seq().to_string(), payment_id, &amount_cents.to_string()],
+            )
+            .await?;
+        let order = || order_in(id, &reply);
+        let closed_now = reply.get(2).is_some_and(|c| c == "1");
+        Ok(match reply.first().map(String::as_str) {
+            Some("ok") => Payment::Paid(order()?),
+            Some("dup") => Payment::AlreadyPaid(order()?),
+            Some("order_expired") => Payment::Expired {
+                order: order()?,
+                closed_now,
+            },
+            Some("order_not_pending") => Payment::NotPending(order()?),
+            Some("amount_mismatch") => Payment::AmountMismatch(order()?),
+            Some("not_found") => Payment::NotFound,
+            _ => return Err(EngineError::Protocol(format!("pay: {reply:?}"))),
+        })
+    }
+
+    /// Cancels a pending order on behalf of `user`, its owner.
+    pub async fn cancel(&self, id: OrderId, user: UserId) -> Result<Cancellation, EngineError> {
+        let reply = self
+            .run_order_script(
+                &self.scripts.cancel,
+                id.sale(),
+                &[],
+                &[&id.seq().to_string(), &user.to_string()],
+            )
+            .await?;
+        let order = || order_in(id, &reply);
+        let closed_now = reply.get(2).is_some_and(|c| c == "1");
+        Ok(match reply.first().map(String::as_str) {
+            Some("ok") => Cancellation::Cancelled(order()?),
+            Some("order_not_pending") => Cancellation::NotPending {
+                order: order()?,
+                closed_now,
+            },
+            Some("not_found") => Cancellation::NotFound,
+            _ => return Err(EngineError::Protocol(format!("cancel: {reply:?}"))),
+        })
+    }
+
+    /// Claims up to `limit` due deadlines of `sale` and closes the orders
+    /// among them that are still pending.
+    pub async fn expire(&self, sale: SaleId, limit: usize) -> Result<ExpiryBatch, EngineError> {
+        let k = self.keys.sale(sale);
+        let mut inv = self.scripts.expire.prepare_invoke();
+        for key in k.order_script_keys() {
+            inv.key(key);
+        }
+        inv.arg(limit.max(1));
+        let mut c = self.conn.clone();
+        let reply: Vec<i64> = self.timed(inv.invoke_async(&mut c)).await?;
+        if reply.len() < 5 {
+            return Err(EngineError::Protocol(format!("expire: {reply:?}")));
+        }
+        let count = |v: i64| usize::try_from(v).unwrap_or(0);
+        Ok(ExpiryBatch {
+            claimed: count(reply[0]),
+            closed: count(reply[1]),
+            still_due: count(reply[2]),
+            next_deadline_ms: (reply[3] >= 0).then_some(reply[3]),
+            now_ms: reply[4],
+            lateness_ms: reply[5..].to_vec(),
+        })
+    }
+
+    /// Reads one order; `None` when Redis does not know it.
+    pub async fn order(&self, id: OrderId) -> Result<Option<Order>, EngineError> {
+        let k = self.keys.sale(id.sale());
+        let mut c = self.conn.clone();
+        let packed: Option<String> = self
+            .timed(async move { c.hget(&k.orders, id.seq()).await })
+            .await?;
+        packed
+            .map(|p| {
+                Order::unpack(id, &p)
+                    .ok_or_else(|| EngineError::Protocol(format!("order {id}: {p:?}")))
+            })
+            .transpose()
+    }
+}

@@ -1,0 +1,178 @@
+//! Expiry: closes unpaid orders at their payment deadline and puts their
+//! units back on sale.
+//!
+//! A worker claims due entries of each sale's deadline set through one Lua
+//! call that also closes the orders, so any number of workers in any number
+//! of processes is safe without locks. Workers never busy-poll: after a
+//! partial batch they sleep until the earliest deadline, at most `max_sleep`,
+//! and an in-process [`Wakeup`] cuts the sleep short when a nearer deadline
+//! or a new sale appears. Since `max_sleep` is no longer than the shortest
+//! payment window (1 s), a deadline created by another process is never
+//! later than the worker's next look, so cross-process wake-ups need no
+//! extra channel.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Engine, EngineError};
+use crate::telemetry::Metrics;
+
+/// Lets the HTTP side wake a sleeping worker of the same process early.
+#[derive(Debug)]
+pub struct Wakeup {
+    notify: Notify,
+    /// When the worker plans to look next, ms by Redis's clock.
+    planned_ms: AtomicI64,
+}
+
+impl Default for Wakeup {
+    fn default() -> Self {
+        Self {
+            notify: Notify::new(),
+            planned_ms: AtomicI64::new(i64::MAX),
+        }
+    }
+}
+
+impl Wakeup {
+    /// A new payment deadline exists; wakes the worker if it would look later.
+    pub fn deadline_added(&self, deadline_ms: i64) {
+        if deadline_ms < self.planned_ms.load(Ordering::Relaxed) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// A new sale exists: wake the worker so it starts watching it.
+    pub fn sale_added(&self) {
+        self.notify.notify_one();
+    }
+}
+
+/// How a worker paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct ExpiryOptions {
+    /// Most deadline entries one Lua call claims (it holds Redis meanwhile).
+    pub batch: usize,
+    /// Longest sleep between looks; at most the shortest payment window.
+    pub max_sleep: Duration,
+    /// Pause after a Redis error.
+    pub error_backoff: Duration,
+}
+
+impl Default for ExpiryOptions {
+    fn default() -> Self {
+        Self {
+            batch: 128,
+            max_sleep: Duration::from_secs(1),
+            error_backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What one step over every sale did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// Orders closed.
+    pub closed: usize,
+    /// Whether due entries are left (a batch came back full).
+    pub more_due: bool,
+    /// The earliest deadline left over all sales, ms by Redis's clock.
+    pub next_deadline_ms: Option<i64>,
+    /// Redis's clock at the last call.
+    pub now_ms: i64,
+}
+
+/// One expiry worker.
+pub struct ExpiryWorker {
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    wakeup: Arc<Wakeup>,
+    opts: ExpiryOptions,
+}
+
+impl ExpiryWorker {
+    /// A worker on `engine`'s Redis.
+    pub fn new(
+        engine: Engine,
+        metrics: Arc<Metrics>,
+        wakeup: Arc<Wakeup>,
+        opts: ExpiryOptions,
+    ) -> Self {
+        Self {
+            engine,
+            metrics,
+            wakeup,
+            opts,
+        }
+    }
+
+    /// Claims and closes one batch of due orders in every sale.
+    pub async fn try_step(&self) -> Result<StepOutcome, EngineError> {
+        let mut out = StepOutcome::default();
+        let mut due = 0;
+        for sale in self.engine.sale_ids().await? {
+            let batch = self.engine.expire(sale, self.opts.batch).await?;
+            out.closed += batch.closed;
+            out.more_due |= batch.still_due > 0;
+            out.now_ms = out.now_ms.max(batch.now_ms);
+            out.next_deadline_ms = match (out.next_deadline_ms, batch.next_deadline_ms) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            due += batch.still_due;
+            for late in &batch.lateness_ms {
+                self.metrics
+                    .expiry_lateness
+                    .observe(*late.max(&0) as f64 / 1000.0);
+            }
+            if batch.closed > 0 {
+                tracing::debug!(sale = %sale, closed = batch.closed, "orders closed at their deadline");
+            }
+        }
+        self.metrics.expiry_due.set(due as i64);
+        if out.closed > 0 {
+            self.metrics.order_event("closed", out.closed as u64);
+        }
+        Ok(out)
+    }
+
+    /// Steps until `shutdown` fires: at once again while due entries are
+    /// left, otherwise after sleeping until the next deadline (bounded).
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let pause = match self.try_step().await {
+                Ok(out) if out.more_due => {
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                Ok(out) => {
+                    let max = self.opts.max_sleep.as_millis() as i64;
+                    // One extra ms: Redis compares whole ms, the timer rounds.
+                    let wait = out
+                        .next_deadline_ms
+                        .map_or(max, |d| (d - out.now_ms + 1).clamp(0, max));
+                    self.wakeup
+                        .planned_ms
+                        .store(out.now_ms + wait, Ordering::Relaxed);
+                    Duration::from_millis(wait as u64)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "expiry step failed; retrying");
+                    self.opts.error_backoff
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.wakeup.notify.notified() => {}
+            }
+        }
+    }
+}
