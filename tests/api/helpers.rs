@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use flashsale::config::{ExpiryConfig, HttpConfig, JwtConfig, Role, ServeConfig, StoreConfig};
-use flashsale::domain::UserId;
-use flashsale::engine::{Engine, SaleKeys};
+use flashsale::domain::{OrderId, UserId};
+use flashsale::engine::{Engine, Order, SaleKeys};
 use redis::AsyncCommands;
 use secrecy::SecretString;
 use serde_json::{json, Value};
@@ -350,5 +350,132 @@ impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `sha256=<hex HMAC>` of `body` with the test payment secret.
+pub fn sign(body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(PAYMENT_SECRET.as_bytes()).unwrap();
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+impl TestApp {
+    /// Sends a signed payment callback.
+    pub async fn pay(&self, order_id: &str, payment_id: &str, amount: i64) -> (u16, Value) {
+        self.pay_with_status(order_id, payment_id, amount, "succeeded")
+            .await
+    }
+
+    pub async fn pay_with_status(
+        &self,
+        order_id: &str,
+        payment_id: &str,
+        amount: i64,
+        status: &str,
+    ) -> (u16, Value) {
+        let body = json!({"order_id": order_id, "payment_id": payment_id,
+            "amount_cents": amount, "status": status})
+        .to_string();
+        let res = self
+            .client
+            .post(self.url("/api/v1/payments/callback"))
+            .header("X-Signature", sign(body.as_bytes()))
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The owner (or anyone) cancels an order.
+    pub async fn cancel(&self, order_id: &str, user: u64) -> (u16, Value) {
+        let res = self
+            .client
+            .post(self.url(&format!("/api/v1/orders/{order_id}/cancel")))
+            .bearer_auth(buyer_token(user))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Every order of a sale as Redis holds it, by sequence number.
+    pub async fn orders(&self, sale: &str) -> std::collections::BTreeMap<u64, Order> {
+        let k = self.sale_keys(sale);
+        let mut c = self.engine.connection();
+        let all: std::collections::HashMap<u64, String> = c.hgetall(&k.orders).await.unwrap();
+        let sale_id = sale.parse().unwrap();
+        all.into_iter()
+            .map(|(seq, packed)| {
+                let id = OrderId::new(sale_id, seq);
+                (
+                    seq,
+                    Order::unpack(id, &packed).expect("a well-formed order"),
+                )
+            })
+            .collect()
+    }
+
+    /// The flow records of a sale, in order: (event, order seq).
+    pub async fn flow_events(&self, sale: &str) -> Vec<(String, u64)> {
+        let k = self.sale_keys(sale);
+        let mut c = self.engine.connection();
+        let mut out = Vec::new();
+        let mut start = "-".to_owned();
+        loop {
+            let page: redis::streams::StreamRangeReply =
+                c.xrange_count(&k.flow, &start, "+", 10_000).await.unwrap();
+            let n = page.ids.len();
+            for entry in &page.ids {
+                let ev: String = entry.get("ev").unwrap();
+                let seq: u64 = entry.get("o").unwrap();
+                out.push((ev, seq));
+            }
+            match page.ids.last() {
+                Some(last) if n == 10_000 => start = format!("({}", last.id),
+                _ => return out,
+            }
+        }
+    }
+}
+
+/// A `flashsale serve` child process with the given roles on `target`.
+pub struct ServeProcess(Child);
+
+impl ServeProcess {
+    pub fn start(target: &Target, roles: &str, extra_env: &[(&str, &str)]) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_flashsale"))
+            .arg("serve")
+            .env("REDIS_URL", &target.redis_url)
+            .env("DATABASE_URL", &target.database_url)
+            .env("FLASHSALE_KEY_PREFIX", &target.key_prefix)
+            .env("FLASHSALE_LISTEN", "127.0.0.1:0")
+            .env("FLASHSALE_JWT_SECRET", JWT_SECRET)
+            .env("FLASHSALE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("FLASHSALE_PAYMENT_SECRET", PAYMENT_SECRET)
+            .env("FLASHSALE_ROLES", roles)
+            .env("RUST_LOG", "warn")
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the flashsale binary starts");
+        Self(child)
+    }
+
+    /// SIGKILL: no shutdown, no goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -1,7 +1,9 @@
 //! Integration tests: the real app against the real Redis and MariaDB.
 
 mod bad_input;
+mod expiry;
 mod helpers;
+mod lifecycle;
 mod operations;
 mod redis_outage;
 mod reserve;
