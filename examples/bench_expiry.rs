@@ -1,0 +1,288 @@
+//! Expiry benchmark: drain rate of due orders and lateness under a steady
+//! stream of expiries, beside the raw rate of the same Lua claim script
+//! driven by a bare client (the reference), all in one run.
+//!
+//! Run it with `scripts/bench-expiry.sh` (release build, local Redis). It
+//! writes to its own key prefix on the Redis at `REDIS_URL` and deletes its
+//! keys afterwards.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flashsale::domain::{Qty, SaleId, UserId};
+use flashsale::engine::{Engine, EngineOptions, Order, SaleTerms};
+use flashsale::telemetry::Metrics;
+use flashsale::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
+use redis::AsyncCommands;
+use tokio_util::sync::CancellationToken;
+
+/// The claim script exactly as the engine sends it (prelude + expire.lua).
+const CLAIM_SCRIPT: &str = concat!(
+    include_str!("../lua/prelude.lua"),
+    "\n",
+    include_str!("../lua/expire.lua")
+);
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Redis to run against.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Due orders per drain measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    orders: u64,
+    /// Claim batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    batches: Vec<usize>,
+    /// Steady expiry stream: orders per second.
+    #[arg(long, default_value_t = 2000)]
+    stream_rate: u64,
+    /// Steady expiry stream: seconds.
+    #[arg(long, default_value_t = 10)]
+    stream_secs: u64,
+}
+
+fn engine(url: &str, prefix: &str) -> anyhow::Result<Engine> {
+    Engine::connect(&EngineOptions {
+        url: url.to_owned(),
+        key_prefix: prefix.to_owned(),
+        timeout: Duration::from_secs(10),
+    })
+}
+
+async fn load_sale(e: &Engine, id: u64, stock: i64, window_ms: i64) -> anyhow::Result<SaleId> {
+    let id = SaleId::new(id)?;
+    let now = e.now_ms().await?;
+    e.load_sale(&SaleTerms {
+        id,
+        sku: "BENCH".into(),
+        title: "bench".into(),
+        price_cents: 100,
+        stock_total: stock,
+        stock_available: stock,
+        per_user_limit: 1,
+        payment_window_ms: window_ms,
+        start_ms: now - 1000,
+        end_ms: now + 3_600_000,
+    })
+    .await?;
+    Ok(id)
+}
+
+/// Writes `n` pending orders whose deadlines have all passed, as the reserve
+/// script would have left them (counters, buyers, orders, deadline set).
+async fn load_due_orders(e: &Engine, sale: SaleId, n: u64) -> anyhow::Result<()> {
+    let k = e.keys().sale(sale);
+    let mut c = e.connection();
+    let now = e.now_ms().await?;
+    let chunk = 10_000;
+    for start in (1..=n).step_by(chunk) {
+        let mut p = redis::pipe();
+        for seq in start..(start + chunk as u64).min(n + 1) {
+            let deadline = now - 60_000 + (seq % 1000) as i64;
+            p.hset(&k.orders, seq, format!("pending|{seq}|1|100|{}|{deadline}||||", now - 120_000))
+                .ignore();
+            p.hset(&k.buyers, seq, 1).ignore();
+            p.zadd(&k.deadlines, seq, deadline).ignore();
+        }
+        p.query_async::<()>(&mut c).await?;
+    }
+    let _: () = redis::pipe()
+        .hset(&k.sale, "avail", 0)
+        .hset(&k.sale, "pending", n)
+        .hset(&k.sale, "seq", n)
+        .query_async(&mut c)
+        .await?;
+    Ok(())
+}
+
+async fn drop_sale(e: &Engine, sale: SaleId) -> anyhow::Result<()> {
+    let k = e.keys().sale(sale);
+    let mut c = e.connection();
+    let _: () = c
+        .del(&[k.sale, k.buyers, k.orders, k.deadlines, k.flow, k.idem])
+        .await?;
+    let _: () = c.srem(e.keys().sales_index(), sale.get()).await?;
+    Ok(())
+}
+
+/// The reference: the claim script in a tight loop on one plain connection.
+async fn raw_drain(e: &Engine, url: &str, sale: SaleId, batch: usize) -> anyhow::Result<(u64, f64)> {
+    let k = e.keys().sale(sale);
+    let client = redis::Client::open(url)?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let script = redis::Script::new(CLAIM_SCRIPT);
+    let started = Instant::now();
+    let mut closed = 0u64;
+    loop {
+        let reply: Vec<i64> = script
+            .key(&k.sale)
+            .key(&k.buyers)
+            .key(&k.orders)
+            .key(&k.deadlines)
+            .key(&k.flow)
+            .arg(batch)
+            .invoke_async(&mut c)
+            .await?;
+        closed += reply[1] as u64;
+        if reply[0] == 0 {
+            break;
+        }
+    }
+    Ok((closed, started.elapsed().as_secs_f64()))
+}
+
+/// The product: expiry workers (their run loop) until the set is empty.
+async fn worker_drain(e: &Engine, sale: SaleId, batch: usize, workers: usize) -> anyhow::Result<(u64, f64)> {
+    let k = e.keys().sale(sale);
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let metrics = Arc::new(Metrics::default());
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let w = ExpiryWorker::new(
+            e.clone(),
+            metrics.clone(),
+            Arc::new(Wakeup::default()),
+            ExpiryOptions { batch, ..ExpiryOptions::default() },
+        );
+        handles.push(tokio::spawn(w.run(stop.clone())));
+    }
+    let mut c = e.connection();
+    loop {
+        let left: u64 = c.zcard(&k.deadlines).await?;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    stop.cancel();
+    for h in handles {
+        h.await?;
+    }
+    let closed: u64 = c.hget(&k.sale, "closed").await?;
+    Ok((closed, secs))
+}
+
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Lateness under a steady stream: reserves at `rate`/s with a 1 s payment
+/// window while one worker runs; lateness = close time - deadline.
+async fn steady_stream(e: &Engine, sale: SaleId, rate: u64, secs: u64) -> anyhow::Result<Vec<i64>> {
+    let stop = CancellationToken::new();
+    let wakeup = Arc::new(Wakeup::default());
+    let worker = ExpiryWorker::new(
+        e.clone(),
+        Arc::new(Metrics::default()),
+        wakeup.clone(),
+        ExpiryOptions::default(),
+    );
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    let total = rate * secs;
+    let tick = Duration::from_millis(10);
+    let per_tick = (rate / 100).max(1);
+    let mut interval = tokio::time::interval(tick);
+    let mut user = 0u64;
+    while user < total {
+        interval.tick().await;
+        let mut batch = Vec::new();
+        for _ in 0..per_tick.min(total - user) {
+            user += 1;
+            let e = e.clone();
+            let wakeup = wakeup.clone();
+            batch.push(tokio::spawn(async move {
+                let r = e.reserve(sale, UserId::new(user).unwrap(), Qty::default(), None).await;
+                if let Ok(flashsale::engine::Reservation::Created(o)) = r {
+                    wakeup.deadline_added(o.deadline_ms);
+                }
+            }));
+        }
+        for b in batch {
+            b.await?;
+        }
+    }
+    let k = e.keys().sale(sale);
+    let mut c = e.connection();
+    loop {
+        let pending: i64 = c.hget(&k.sale, "pending").await?;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    handle.await?;
+    let all: std::collections::HashMap<u64, String> = c.hgetall(&k.orders).await?;
+    let mut late: Vec<i64> = all
+        .into_iter()
+        .filter_map(|(seq, p)| Order::unpack(flashsale::domain::OrderId::new(sale, seq), &p))
+        .filter_map(|o| o.closed_ms.map(|c| c - o.deadline_ms))
+        .collect();
+    late.sort_unstable();
+    Ok(late)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let prefix = format!("fsbench_{}", std::process::id());
+    let e = engine(&args.redis_url, &prefix)?;
+    e.load_scripts().await?;
+    println!("expiry benchmark: {} due orders per drain, Redis at {}", args.orders, args.redis_url);
+    println!();
+    println!("| batch | reference: bare client, claim script (orders/s) | expiry worker x1 (orders/s) | ratio | expiry workers x2 (orders/s) | ratio |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    let mut next_id = 1;
+    for &batch in &args.batches {
+        let rate = |closed: u64, secs: f64, expected: u64| -> anyhow::Result<f64> {
+            anyhow::ensure!(closed == expected, "closed {closed} of {expected} orders");
+            Ok(closed as f64 / secs)
+        };
+        let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
+        next_id += 1;
+        load_due_orders(&e, sale, args.orders).await?;
+        let (closed, secs) = raw_drain(&e, &args.redis_url, sale, batch).await?;
+        let reference = rate(closed, secs, args.orders)?;
+        drop_sale(&e, sale).await?;
+
+        let mut product = Vec::new();
+        for workers in [1, 2] {
+            let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
+            next_id += 1;
+            load_due_orders(&e, sale, args.orders).await?;
+            let (closed, secs) = worker_drain(&e, sale, batch, workers).await?;
+            product.push(rate(closed, secs, args.orders)?);
+            drop_sale(&e, sale).await?;
+        }
+        println!(
+            "| {batch} | {reference:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
+            product[0],
+            product[0] / reference,
+            product[1],
+            product[1] / reference
+        );
+    }
+
+    let sale = load_sale(&e, next_id, (args.stream_rate * args.stream_secs) as i64, 1000).await?;
+    let late = steady_stream(&e, sale, args.stream_rate, args.stream_secs).await?;
+    drop_sale(&e, sale).await?;
+    println!();
+    println!(
+        "steady stream: {} orders at {}/s, 1 s payment window, 1 worker (batch 128): \
+         lateness p50 {} ms, p99 {} ms, max {} ms ({} closed)",
+        args.stream_rate * args.stream_secs,
+        args.stream_rate,
+        percentile(&late, 0.50),
+        percentile(&late, 0.99),
+        late.last().copied().unwrap_or(0),
+        late.len()
+    );
+    Ok(())
+}
