@@ -48,6 +48,7 @@ fn engine(url: &str, prefix: &str) -> anyhow::Result<Engine> {
         url: url.to_owned(),
         key_prefix: prefix.to_owned(),
         timeout: Duration::from_secs(10),
+        flow_backlog_limit: u64::MAX,
     })
 }
 
@@ -81,8 +82,12 @@ async fn load_due_orders(e: &Engine, sale: SaleId, n: u64) -> anyhow::Result<()>
         let mut p = redis::pipe();
         for seq in start..(start + chunk as u64).min(n + 1) {
             let deadline = now - 60_000 + (seq % 1000) as i64;
-            p.hset(&k.orders, seq, format!("pending|{seq}|1|100|{}|{deadline}||||", now - 120_000))
-                .ignore();
+            p.hset(
+                &k.orders,
+                seq,
+                format!("pending|{seq}|1|100|{}|{deadline}||||", now - 120_000),
+            )
+            .ignore();
             p.hset(&k.buyers, seq, 1).ignore();
             p.zadd(&k.deadlines, seq, deadline).ignore();
         }
@@ -108,7 +113,12 @@ async fn drop_sale(e: &Engine, sale: SaleId) -> anyhow::Result<()> {
 }
 
 /// The reference: the claim script in a tight loop on one plain connection.
-async fn raw_drain(e: &Engine, url: &str, sale: SaleId, batch: usize) -> anyhow::Result<(u64, f64)> {
+async fn raw_drain(
+    e: &Engine,
+    url: &str,
+    sale: SaleId,
+    batch: usize,
+) -> anyhow::Result<(u64, f64)> {
     let k = e.keys().sale(sale);
     let client = redis::Client::open(url)?;
     let mut c = client.get_multiplexed_async_connection().await?;
@@ -134,7 +144,12 @@ async fn raw_drain(e: &Engine, url: &str, sale: SaleId, batch: usize) -> anyhow:
 }
 
 /// The product: expiry workers (their run loop) until the set is empty.
-async fn worker_drain(e: &Engine, sale: SaleId, batch: usize, workers: usize) -> anyhow::Result<(u64, f64)> {
+async fn worker_drain(
+    e: &Engine,
+    sale: SaleId,
+    batch: usize,
+    workers: usize,
+) -> anyhow::Result<(u64, f64)> {
     let k = e.keys().sale(sale);
     let stop = CancellationToken::new();
     let started = Instant::now();
@@ -145,7 +160,10 @@ async fn worker_drain(e: &Engine, sale: SaleId, batch: usize, workers: usize) ->
             e.clone(),
             metrics.clone(),
             Arc::new(Wakeup::default()),
-            ExpiryOptions { batch, ..ExpiryOptions::default() },
+            ExpiryOptions {
+                batch,
+                ..ExpiryOptions::default()
+            },
         );
         handles.push(tokio::spawn(w.run(stop.clone())));
     }
@@ -198,7 +216,9 @@ async fn steady_stream(e: &Engine, sale: SaleId, rate: u64, secs: u64) -> anyhow
             let e = e.clone();
             let wakeup = wakeup.clone();
             batch.push(tokio::spawn(async move {
-                let r = e.reserve(sale, UserId::new(user).unwrap(), Qty::default(), None).await;
+                let r = e
+                    .reserve(sale, UserId::new(user).unwrap(), Qty::default(), None)
+                    .await;
                 if let Ok(flashsale::engine::Reservation::Created(o)) = r {
                     wakeup.deadline_added(o.deadline_ms);
                 }
@@ -235,7 +255,10 @@ async fn main() -> anyhow::Result<()> {
     let prefix = format!("fsbench_{}", std::process::id());
     let e = engine(&args.redis_url, &prefix)?;
     e.load_scripts().await?;
-    println!("expiry benchmark: {} due orders per drain, Redis at {}", args.orders, args.redis_url);
+    println!(
+        "expiry benchmark: {} due orders per drain, Redis at {}",
+        args.orders, args.redis_url
+    );
     println!();
     println!("| batch | reference: bare client, claim script (orders/s) | expiry worker x1 (orders/s) | ratio | expiry workers x2 (orders/s) | ratio |");
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
@@ -270,7 +293,13 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    let sale = load_sale(&e, next_id, (args.stream_rate * args.stream_secs) as i64, 1000).await?;
+    let sale = load_sale(
+        &e,
+        next_id,
+        (args.stream_rate * args.stream_secs) as i64,
+        1000,
+    )
+    .await?;
     let late = steady_stream(&e, sale, args.stream_rate, args.stream_secs).await?;
     drop_sale(&e, sale).await?;
     println!();

@@ -10,11 +10,13 @@
 -- ARGV[1]     buyer's user id (decimal)
 -- ARGV[2]     quantity (>= 1)
 -- ARGV[3]     idempotency key, or "" for none
+-- ARGV[4]     flow backlog bound: at this many records waiting for MySQL,
+--             new reservations are refused
 --
 -- Returns: {"ok", seq, packed_order}   a new pending order
 --          {"dup", seq, packed_order}  the order this idempotency key made before
 --          {"<error code>"}            not_found | sale_not_started | sale_ended
---                                      | sold_out | limit_exceeded
+--                                      | sold_out | limit_exceeded | backlog_full
 
 local sale = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'avail', 'limit', 'price', 'window_ms')
 if not sale[1] then
@@ -43,6 +45,9 @@ end
 local held = tonumber(redis.call('HGET', KEYS[2], user) or '0')
 if held + qty > tonumber(sale[4]) then
   return {'limit_exceeded'}
+end
+if redis.call('XLEN', KEYS[5]) >= tonumber(ARGV[4]) then
+  return {'backlog_full'}
 end
 
 redis.call('HINCRBY', KEYS[1], 'avail', -qty)

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{JwtConfig, ServeConfig, StoreConfig};
 use crate::domain::{SaleId, UserId};
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::Engine;
 use crate::sales::SaleRequest;
 
 /// A flash-sale engine: Redis on the hot path, MySQL as the record.
@@ -98,11 +98,7 @@ pub async fn run(cli: Cli) -> i32 {
 }
 
 fn engine(store: &StoreConfig) -> anyhow::Result<Engine> {
-    Engine::connect(&EngineOptions {
-        url: store.redis_url.clone(),
-        key_prefix: store.key_prefix.clone(),
-        timeout: store.redis_timeout(),
-    })
+    Engine::connect(&store.engine_options())
 }
 
 async fn execute(command: Command) -> anyhow::Result<i32> {

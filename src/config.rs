@@ -38,12 +38,26 @@ pub struct StoreConfig {
     /// How long one Redis call may take before the request fails with 503, in ms.
     #[arg(long, env = "FLASHSALE_REDIS_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_timeout_ms: u64,
+
+    /// Flow records a sale may have waiting for MySQL before new reservations
+    /// are refused with 503 (payments, cancels and expiries go on).
+    #[arg(
+        long,
+        env = "FLASHSALE_FLOW_BACKLOG_LIMIT",
+        default_value_t = 1_000_000
+    )]
+    pub flow_backlog_limit: u64,
 }
 
 impl StoreConfig {
-    /// The Redis timeout as a duration.
-    pub fn redis_timeout(&self) -> Duration {
-        Duration::from_millis(self.redis_timeout_ms.max(1))
+    /// The engine's connection settings.
+    pub fn engine_options(&self) -> crate::engine::EngineOptions {
+        crate::engine::EngineOptions {
+            url: self.redis_url.clone(),
+            key_prefix: self.key_prefix.clone(),
+            timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+            flow_backlog_limit: self.flow_backlog_limit,
+        }
     }
 }
 
@@ -86,6 +100,36 @@ pub enum Role {
     Http,
     /// Expiry workers: close unpaid orders at their deadline.
     Expiry,
+    /// The reconciler (flow records into MySQL) and the safety-net sweep.
+    Reconciler,
+}
+
+/// How the reconciler and the sweep run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReconcilerConfig {
+    /// Most flow records applied in one MySQL transaction.
+    #[arg(long, env = "FLASHSALE_RECONCILER_BATCH", default_value_t = 2000)]
+    pub reconciler_batch: usize,
+
+    /// Pause of an idle reconciler, in ms (the lag when traffic is light).
+    #[arg(long, env = "FLASHSALE_RECONCILER_IDLE_MS", default_value_t = 20)]
+    pub reconciler_idle_ms: u64,
+
+    /// Longest pause between reconciler retries while MySQL is down, in ms.
+    #[arg(
+        long,
+        env = "FLASHSALE_RECONCILER_MAX_BACKOFF_MS",
+        default_value_t = 30_000
+    )]
+    pub reconciler_max_backoff_ms: u64,
+
+    /// Seconds between safety-net sweeps of MySQL for overdue pending orders.
+    #[arg(long, env = "FLASHSALE_SWEEP_INTERVAL_SECS", default_value_t = 60)]
+    pub sweep_interval_secs: u64,
+
+    /// How far past its deadline (seconds) a pending order must be for the sweep.
+    #[arg(long, env = "FLASHSALE_SWEEP_GRACE_SECS", default_value_t = 300)]
+    pub sweep_grace_secs: u64,
 }
 
 /// How expiry workers run.
@@ -120,13 +164,16 @@ pub struct ServeConfig {
     /// Expiry workers.
     #[command(flatten)]
     pub expiry: ExpiryConfig,
+    /// Reconciler and sweep.
+    #[command(flatten)]
+    pub reconciler: ReconcilerConfig,
     /// Roles this process runs, comma-separated.
     #[arg(
         long,
         env = "FLASHSALE_ROLES",
         value_enum,
         value_delimiter = ',',
-        default_value = "http,expiry"
+        default_value = "http,expiry,reconciler"
     )]
     pub roles: Vec<Role>,
 }

@@ -15,10 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Role, ServeConfig};
-use crate::engine::{Engine, EngineOptions};
+use crate::engine::Engine;
 use crate::http::{self, AppState, Authenticator, Limits};
 use crate::telemetry::Metrics;
 use crate::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
+use crate::workers::reconciler::{Reconciler, ReconcilerOptions};
+use crate::workers::sweep::{SweepOptions, Sweeper};
 
 /// A built, not yet running, service.
 pub struct App {
@@ -27,6 +29,8 @@ pub struct App {
     limits: Limits,
     expiry_workers: usize,
     expiry: ExpiryOptions,
+    /// Reconciler and sweep settings, when this process runs them.
+    reconciler: Option<(ReconcilerOptions, SweepOptions)>,
 }
 
 impl App {
@@ -36,11 +40,7 @@ impl App {
         let db = crate::db::connect(&cfg.store.database_url)
             .await
             .context("cannot prepare the MySQL database (DATABASE_URL)")?;
-        let engine = Engine::connect(&EngineOptions {
-            url: cfg.store.redis_url.clone(),
-            key_prefix: cfg.store.key_prefix.clone(),
-            timeout: cfg.store.redis_timeout(),
-        })?;
+        let engine = Engine::connect(&cfg.store.engine_options())?;
         engine
             .load_scripts()
             .await
@@ -84,6 +84,21 @@ impl App {
                 max_sleep: Duration::from_millis(cfg.expiry.expiry_max_sleep_ms.clamp(1, 1000)),
                 ..ExpiryOptions::default()
             },
+            reconciler: cfg.roles.contains(&Role::Reconciler).then(|| {
+                let r = &cfg.reconciler;
+                (
+                    ReconcilerOptions {
+                        max_batch: r.reconciler_batch.max(1),
+                        idle_sleep: Duration::from_millis(r.reconciler_idle_ms.max(1)),
+                        max_backoff: Duration::from_millis(r.reconciler_max_backoff_ms.max(100)),
+                    },
+                    SweepOptions {
+                        interval: Duration::from_secs(r.sweep_interval_secs.max(1)),
+                        grace: Duration::from_secs(r.sweep_grace_secs),
+                        ..SweepOptions::default()
+                    },
+                )
+            }),
         })
     }
 
@@ -129,6 +144,27 @@ impl App {
                 worker.run(stop).await;
                 let _ = ended.send(("expiry", Ok(())));
             });
+        }
+        if let Some((reconciler, sweep)) = self.reconciler {
+            let s = &self.state;
+            let r = Reconciler::new(
+                s.engine.clone(),
+                s.db.clone(),
+                s.metrics.clone(),
+                reconciler,
+            );
+            let sw = Sweeper::new(s.engine.clone(), s.db.clone(), s.metrics.clone(), sweep);
+            for (name, task) in [
+                ("reconciler", tokio::spawn(r.run(shutdown.clone()))),
+                ("sweep", tokio::spawn(sw.run(shutdown.clone()))),
+            ] {
+                let ended = ended_tx.clone();
+                tracker.spawn(async move {
+                    let result = task.await.map_err(anyhow::Error::from);
+                    let _ = ended.send((name, result));
+                });
+            }
+            tracing::info!("reconciler and sweep running");
         }
         if self.expiry_workers > 0 {
             tracing::info!(workers = self.expiry_workers, "expiry workers running");

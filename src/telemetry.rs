@@ -77,6 +77,20 @@ pub struct Metrics {
     pub expiry_lateness: Histogram,
     /// Deadline entries already due and not yet claimed, at the last look.
     pub expiry_due: Gauge,
+    /// Reconciler transactions committed.
+    pub reconciler_batches: Counter,
+    /// Flow records applied to MySQL.
+    pub reconciler_rows: Counter,
+    /// Reconciler steps that failed and were retried.
+    pub reconciler_retries: Counter,
+    /// Flow records not yet in MySQL, at the last look.
+    pub reconciler_backlog: Gauge,
+    /// Age of the oldest flow record not yet in MySQL, in ms.
+    pub reconciler_lag_ms: Gauge,
+    /// Orders the sweep closed in MySQL because Redis no longer knew them.
+    pub sweep_corrections: Counter,
+    /// Orders the sweep found still pending in Redis far past their deadline.
+    pub sweep_overdue_in_redis: Counter,
 }
 
 impl Default for Metrics {
@@ -120,8 +134,57 @@ impl Default for Metrics {
             "Payment deadlines already due and not yet claimed by a worker",
             expiry_due.clone(),
         );
+        let reconciler_batches = Counter::default();
+        let reconciler_rows = Counter::default();
+        let reconciler_retries = Counter::default();
+        let reconciler_backlog = Gauge::default();
+        let reconciler_lag_ms = Gauge::default();
+        let sweep_corrections = Counter::default();
+        let sweep_overdue_in_redis = Counter::default();
+        registry.register(
+            "reconciler_batches",
+            "Reconciler transactions committed",
+            reconciler_batches.clone(),
+        );
+        registry.register(
+            "reconciler_rows",
+            "Flow records applied to MySQL",
+            reconciler_rows.clone(),
+        );
+        registry.register(
+            "reconciler_retries",
+            "Reconciler steps that failed and were retried",
+            reconciler_retries.clone(),
+        );
+        registry.register(
+            "reconciler_backlog",
+            "Flow records in Redis not yet applied to MySQL",
+            reconciler_backlog.clone(),
+        );
+        registry.register(
+            "reconciler_lag_milliseconds",
+            "Age of the oldest flow record not yet applied to MySQL",
+            reconciler_lag_ms.clone(),
+        );
+        registry.register(
+            "sweep_corrections",
+            "Overdue pending orders unknown to Redis that the sweep closed in MySQL",
+            sweep_corrections.clone(),
+        );
+        registry.register(
+            "sweep_overdue_in_redis",
+            "Orders found still pending in Redis far past their deadline",
+            sweep_overdue_in_redis.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
+            reconciler_batches,
+            reconciler_rows,
+            reconciler_retries,
+            reconciler_backlog,
+            reconciler_lag_ms,
+            sweep_corrections,
+            sweep_overdue_in_redis,
             requests,
             latency,
             reservations,

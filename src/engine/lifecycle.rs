@@ -19,6 +19,8 @@ pub enum Refusal {
     SoldOut,
     /// The buyer would hold more than the per-user limit.
     LimitExceeded,
+    /// The sale's flow backlog is at its bound (MySQL is far behind).
+    BacklogFull,
 }
 
 /// What a reservation did.
@@ -148,6 +150,7 @@ impl Engine {
                     &user.to_string(),
                     &qty.get().to_string(),
                     idem.map_or("", |k| k.as_str()),
+                    &self.flow_backlog_limit.to_string(),
                 ],
             )
             .await?;
@@ -169,6 +172,7 @@ impl Engine {
             Some("sale_ended") => refused(Refusal::Ended),
             Some("sold_out") => refused(Refusal::SoldOut),
             Some("limit_exceeded") => refused(Refusal::LimitExceeded),
+            Some("backlog_full") => refused(Refusal::BacklogFull),
             _ => Err(EngineError::Protocol(format!("reserve: {reply:?}"))),
         }
     }

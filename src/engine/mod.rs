@@ -5,6 +5,7 @@
 //! script call, atomic in Redis. It never calls MySQL: the reconciler carries
 //! the flow records that the scripts write to the system of record.
 
+mod flow;
 pub mod keys;
 mod lifecycle;
 pub mod order;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+pub use flow::{FlowEvent, FlowId, FlowRecord};
 pub use keys::{Keys, SaleKeys};
 pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refusal, Reservation};
 pub use order::{Order, OrderStatus};
@@ -44,6 +46,8 @@ pub struct EngineOptions {
     pub key_prefix: String,
     /// How long one Redis call may take before the caller gets an error.
     pub timeout: Duration,
+    /// Flow records a sale may hold before reservations are refused.
+    pub flow_backlog_limit: u64,
 }
 
 /// Typed calls of the scripts over one multiplexed connection (cheap to clone).
@@ -53,6 +57,7 @@ pub struct Engine {
     keys: Keys,
     scripts: Scripts,
     timeout: Duration,
+    flow_backlog_limit: u64,
 }
 
 impl Engine {
@@ -75,6 +80,7 @@ impl Engine {
             keys: Keys::new(&opts.key_prefix)?,
             scripts: Scripts::default(),
             timeout: opts.timeout,
+            flow_backlog_limit: opts.flow_backlog_limit,
         })
     }
 

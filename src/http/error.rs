@@ -165,6 +165,9 @@ impl From<Refusal> for ApiError {
             Refusal::Ended => Self::SaleEnded,
             Refusal::SoldOut => Self::SoldOut,
             Refusal::LimitExceeded => Self::LimitExceeded,
+            Refusal::BacklogFull => {
+                Self::Unavailable("the sale's flow backlog is at its bound".into())
+            }
         }
     }
 }

@@ -3,3 +3,5 @@
 //! step at a time, and each loop stops when its cancellation token fires.
 
 pub mod expiry;
+pub mod reconciler;
+pub mod sweep;

@@ -7,7 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flashsale::config::{ExpiryConfig, HttpConfig, JwtConfig, Role, ServeConfig, StoreConfig};
+use flashsale::config::{
+    ExpiryConfig, HttpConfig, JwtConfig, ReconcilerConfig, Role, ServeConfig, StoreConfig,
+};
 use flashsale::domain::{OrderId, UserId};
 use flashsale::engine::{Engine, Order, SaleKeys};
 use redis::AsyncCommands;
@@ -68,6 +70,7 @@ impl Target {
                 database_url: self.database_url.clone(),
                 key_prefix: self.key_prefix.clone(),
                 redis_timeout_ms: 1000,
+                flow_backlog_limit: 1_000_000,
             },
             jwt: JwtConfig {
                 jwt_secret: SecretString::from(JWT_SECRET),
@@ -83,6 +86,13 @@ impl Target {
                 expiry_workers: 1,
                 expiry_batch: 128,
                 expiry_max_sleep_ms: 1000,
+            },
+            reconciler: ReconcilerConfig {
+                reconciler_batch: 2000,
+                reconciler_idle_ms: 20,
+                reconciler_max_backoff_ms: 30_000,
+                sweep_interval_secs: 60,
+                sweep_grace_secs: 300,
             },
             roles: vec![Role::Http],
         }
@@ -123,6 +133,9 @@ pub async fn spawn_on(target: Target) -> TestApp {
 
 /// Spawns an app on `target` with its configuration changed by `change`.
 pub async fn spawn_with(target: Target, change: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    if std::env::var_os("RUST_LOG").is_some() {
+        flashsale::telemetry::init_logging();
+    }
     let mut config = target.config();
     change(&mut config);
     let app = flashsale::startup::App::build(config)
@@ -478,4 +491,98 @@ impl Drop for ServeProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A mariadbd of the test's own, on its own port and data directory, that the
+/// test may kill and restart. No grant tables: any user may connect.
+pub struct OwnMariaDb {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl OwnMariaDb {
+    pub async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(unique("fstest-mariadb"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut install = Command::new("mariadb-install-db");
+        install
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.join("data").display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"]);
+        if is_root() {
+            install.arg("--user=root");
+        }
+        let out = install.output().expect("mariadb-install-db is installed");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut db = Self {
+            port,
+            dir,
+            child: None,
+        };
+        db.restart().await;
+        db
+    }
+
+    /// A database URL on this server.
+    pub fn url(&self, database: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{database}", self.port)
+    }
+
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut cmd = Command::new("mariadbd");
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", self.dir.join("data").display()))
+            .arg(format!("--socket={}", self.dir.join("sock").display()))
+            .arg(format!("--port={}", self.port))
+            .args([
+                "--bind-address=127.0.0.1",
+                "--skip-grant-tables",
+                "--skip-log-bin",
+            ])
+            .arg("--innodb-buffer-pool-size=64M")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if is_root() {
+            cmd.arg("--user=root");
+        }
+        self.child = Some(cmd.spawn().expect("mariadbd is installed"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "own mariadbd did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: a crash, not a shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnMariaDb {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }

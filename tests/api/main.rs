@@ -5,5 +5,6 @@ mod expiry;
 mod helpers;
 mod lifecycle;
 mod operations;
+mod reconcile;
 mod redis_outage;
 mod reserve;

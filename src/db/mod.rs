@@ -3,6 +3,9 @@
 //! Nothing on the hot path (reserve, pay, cancel) calls into this module; the
 //! admin API, the CLI, start-up and the workers do.
 
+pub mod ledger;
+pub mod sweep;
+
 use chrono::{DateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{ConnectOptions, Connection, MySqlPool};

@@ -1,0 +1,193 @@
+//! The flow stream of a sale, as the reconciler sees it: read the records
+//! after a cursor, trim the ones MySQL has committed, measure the backlog.
+//!
+//! Records are appended by the order scripts (see `lua/prelude.lua`, `save`):
+//! `ev` (the event), `o` (the order's seq), `s` (the packed order after
+//! the event) and, on refunds, `r` ("1" when the units went back on sale). Stream ids are Redis-clock milliseconds plus a sequence, so
+//! they order a sale's changes exactly as Redis applied them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use redis::streams::StreamRangeReply;
+use redis::AsyncCommands;
+
+use super::{Engine, EngineError, Order};
+use crate::domain::{OrderId, SaleId};
+
+/// A stream entry id, `<ms>-<seq>`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowId {
+    /// Milliseconds by Redis's clock.
+    pub ms: u64,
+    /// Sequence within the millisecond.
+    pub seq: u64,
+}
+
+impl FlowId {
+    /// The smallest id after this one.
+    pub fn next(self) -> Self {
+        match self.seq.checked_add(1) {
+            Some(seq) => Self { ms: self.ms, seq },
+            None => Self {
+                ms: self.ms + 1,
+                seq: 0,
+            },
+        }
+    }
+}
+
+impl fmt::Display for FlowId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl FromStr for FlowId {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || EngineError::Protocol(format!("stream id {s:?}"));
+        let (ms, seq) = s.split_once('-').ok_or_else(bad)?;
+        Ok(Self {
+            ms: ms.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// The kind of change a flow record carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowEvent {
+    /// A reservation made a pending order.
+    Reserve,
+    /// A payment made it paid.
+    Pay,
+    /// Its buyer cancelled it.
+    Cancel,
+    /// Its deadline closed it.
+    Close,
+    /// A refund was asked for before the order settled.
+    RefundRequest,
+    /// It was refunded.
+    Refund,
+}
+
+impl FlowEvent {
+    /// The event as the scripts and MySQL spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserve => "reserve",
+            Self::Pay => "pay",
+            Self::Cancel => "cancel",
+            Self::Close => "close",
+            Self::RefundRequest => "refund_request",
+            Self::Refund => "refund",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "reserve" => Self::Reserve,
+            "pay" => Self::Pay,
+            "cancel" => Self::Cancel,
+            "close" => Self::Close,
+            "refund_request" => Self::RefundRequest,
+            "refund" => Self::Refund,
+            _ => return None,
+        })
+    }
+}
+
+/// One change to carry to MySQL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// Its place in the sale's stream.
+    pub id: FlowId,
+    /// What happened.
+    pub event: FlowEvent,
+    /// The order after the change.
+    pub order: Order,
+    /// For a refund: whether the units went back on sale (the sale was open).
+    pub restocked: bool,
+}
+
+impl Engine {
+    /// Up to `count` flow records of `sale` after `after`, oldest first.
+    pub async fn read_flow(
+        &self,
+        sale: SaleId,
+        after: FlowId,
+        count: usize,
+    ) -> Result<Vec<FlowRecord>, EngineError> {
+        let key = self.keys.sale(sale).flow;
+        let mut c = self.conn.clone();
+        let start = format!("({after}");
+        let reply: StreamRangeReply = self
+            .timed(async move { c.xrange_count(&key, start, "+", count).await })
+            .await?;
+        reply
+            .ids
+            .iter()
+            .map(|entry| {
+                let bad = || EngineError::Protocol(format!("flow record {}", entry.id));
+                let event: String = entry.get("ev").ok_or_else(bad)?;
+                let seq: u64 = entry.get("o").ok_or_else(bad)?;
+                let packed: String = entry.get("s").ok_or_else(bad)?;
+                Ok(FlowRecord {
+                    id: entry.id.parse()?,
+                    event: FlowEvent::parse(&event).ok_or_else(bad)?,
+                    order: Order::unpack(OrderId::new(sale, seq), &packed).ok_or_else(bad)?,
+                    restocked: entry.get::<String>("r").is_some_and(|r| r == "1"),
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes the records of `sale` up to and including `upto` (MySQL has
+    /// committed them). Deleting again is harmless.
+    pub async fn trim_flow(&self, sale: SaleId, upto: FlowId) -> Result<(), EngineError> {
+        let key = self.keys.sale(sale).flow;
+        let mut c = self.conn.clone();
+        let min_id = upto.next().to_string();
+        self.timed(async move {
+            redis::cmd("XTRIM")
+                .arg(&key)
+                .arg("MINID")
+                .arg(min_id)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Records waiting in `sale`'s stream, and the id of the oldest one.
+    pub async fn flow_backlog(&self, sale: SaleId) -> Result<(u64, Option<FlowId>), EngineError> {
+        let key = self.keys.sale(sale).flow;
+        let mut c = self.conn.clone();
+        let (len, first): (u64, StreamRangeReply) = self
+            .timed(async move {
+                redis::pipe()
+                    .xlen(&key)
+                    .xrange_count(&key, "-", "+", 1)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let oldest = first.ids.first().map(|e| e.id.parse()).transpose()?;
+        Ok((len, oldest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_ids_order_and_step() {
+        let a: FlowId = "1700000000000-5".parse().unwrap();
+        assert_eq!(a.next().to_string(), "1700000000000-6");
+        assert!(a < "1700000000001-0".parse().unwrap());
+        assert!("x-1".parse::<FlowId>().is_err());
+    }
+}

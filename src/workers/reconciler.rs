@@ -1,0 +1,193 @@
+//! The reconciler: carries every flow record from Redis into MySQL exactly
+//! once in effect, then deletes it from Redis.
+//!
+//! For each sale it locks the sale's cursor row (`SKIP LOCKED`, so any
+//! number of reconcilers share the sales), reads the records after the
+//! cursor, applies them and moves the cursor in one transaction, and trims
+//! the stream only after the commit. A crash anywhere leaves either the old
+//! cursor (the batch is read again) or the new one (the records are skipped
+//! and trimmed next time). Batches adapt by themselves: whatever waits, up to
+//! `max_batch`, so an idle sale is applied record by record within
+//! `idle_sleep` and a busy one in large transactions. While MySQL is down it
+//! retries with capped, jittered exponential backoff; Redis keeps selling.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::MySqlPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::ledger;
+use crate::domain::SaleId;
+use crate::engine::Engine;
+use crate::telemetry::Metrics;
+
+/// How the reconciler paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct ReconcilerOptions {
+    /// Most records applied in one transaction.
+    pub max_batch: usize,
+    /// Pause when nothing waits.
+    pub idle_sleep: Duration,
+    /// Longest pause between retries while MySQL or Redis fails.
+    pub max_backoff: Duration,
+}
+
+impl Default for ReconcilerOptions {
+    fn default() -> Self {
+        Self {
+            max_batch: 2000,
+            idle_sleep: Duration::from_millis(20),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What one pass over the sales did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// Records applied.
+    pub applied: usize,
+    /// Whether some sale returned a full batch (more is waiting).
+    pub more: bool,
+}
+
+/// One reconciler.
+pub struct Reconciler {
+    engine: Engine,
+    db: MySqlPool,
+    metrics: Arc<Metrics>,
+    opts: ReconcilerOptions,
+    /// Sales whose cursor row is known to exist.
+    known_cursors: tokio::sync::Mutex<HashSet<SaleId>>,
+}
+
+impl Reconciler {
+    /// A reconciler between `engine`'s Redis and `db`.
+    pub fn new(
+        engine: Engine,
+        db: MySqlPool,
+        metrics: Arc<Metrics>,
+        opts: ReconcilerOptions,
+    ) -> Self {
+        Self {
+            engine,
+            db,
+            metrics,
+            opts,
+            known_cursors: Default::default(),
+        }
+    }
+
+    /// Applies one batch of every sale, then updates the backlog metrics.
+    pub async fn try_step(&self) -> anyhow::Result<StepOutcome> {
+        let mut out = StepOutcome::default();
+        let sales = self.engine.sale_ids().await?;
+        for &sale in &sales {
+            let n = self.reconcile_sale(sale).await?;
+            out.applied += n;
+            out.more |= n >= self.opts.max_batch;
+        }
+        self.measure_backlog(&sales).await?;
+        Ok(out)
+    }
+
+    /// Applies the next batch of one sale; returns how many records.
+    pub async fn reconcile_sale(&self, sale: SaleId) -> anyhow::Result<usize> {
+        if !self.known_cursors.lock().await.contains(&sale) {
+            ledger::ensure_cursor(&self.db, sale).await?;
+            self.known_cursors.lock().await.insert(sale);
+        }
+        let mut tx = self.db.begin().await?;
+        let Some(cursor) = ledger::lock_cursor(&mut tx, sale).await? else {
+            return Ok(0); // another reconciler has this sale right now
+        };
+        // Records a crash left behind after an earlier commit.
+        self.engine.trim_flow(sale, cursor).await?;
+        let records = self
+            .engine
+            .read_flow(sale, cursor, self.opts.max_batch)
+            .await?;
+        let Some(last) = records.last().map(|r| r.id) else {
+            tx.commit().await?;
+            return Ok(0);
+        };
+        ledger::apply(&mut tx, sale, &records).await?;
+        tx.commit().await?;
+        self.metrics.reconciler_batches.inc();
+        self.metrics.reconciler_rows.inc_by(records.len() as u64);
+        // Best effort: a failure here only delays the trim to the next batch.
+        if let Err(e) = self.engine.trim_flow(sale, last).await {
+            tracing::warn!(sale = %sale, error = %e, "trimming applied flow records failed; will retry");
+        }
+        Ok(records.len())
+    }
+
+    async fn measure_backlog(&self, sales: &[SaleId]) -> anyhow::Result<()> {
+        let mut backlog = 0;
+        let mut oldest: Option<u64> = None;
+        for &sale in sales {
+            let (len, first) = self.engine.flow_backlog(sale).await?;
+            backlog += len;
+            if let Some(first) = first {
+                oldest = Some(oldest.map_or(first.ms, |o| o.min(first.ms)));
+            }
+        }
+        let lag_ms = match oldest {
+            Some(ms) => (self.engine.now_ms().await? - ms as i64).max(0),
+            None => 0,
+        };
+        self.metrics.reconciler_backlog.set(backlog as i64);
+        self.metrics.reconciler_lag_ms.set(lag_ms);
+        Ok(())
+    }
+
+    /// Steps until `shutdown` fires.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::ZERO;
+        loop {
+            let pause = match self.try_step().await {
+                Ok(out) => {
+                    if backoff > Duration::ZERO {
+                        tracing::info!("reconciler recovered");
+                        backoff = Duration::ZERO;
+                    }
+                    if out.more {
+                        if shutdown.is_cancelled() {
+                            return;
+                        }
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    self.opts.idle_sleep
+                }
+                Err(e) => {
+                    self.metrics.reconciler_retries.inc();
+                    backoff = (backoff * 2)
+                        .max(Duration::from_millis(100))
+                        .min(self.opts.max_backoff);
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?backoff, "reconciler step failed");
+                    with_jitter(backoff)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+/// `d` plus up to a quarter of it, so many reconcilers do not retry in step.
+pub(crate) fn with_jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |t| t.subsec_nanos());
+    let quarter = d.as_millis() as u64 / 4;
+    d + Duration::from_millis(if quarter == 0 {
+        0
+    } else {
+        u64::from(nanos) % quarter
+    })
+}
