@@ -58,7 +58,9 @@ async fn reserve_all(e: &Engine, sale: SaleId, from: u64, n: u64, concurrency: u
     let started = Instant::now();
     stream::iter(from..from + n)
         .for_each_concurrent(concurrency, |u| async move {
-            let r = e.reserve(sale, UserId::new(u).unwrap(), Qty::default(), None).await;
+            let r = e
+                .reserve(sale, UserId::new(u).unwrap(), Qty::default(), None)
+                .await;
             assert!(matches!(r, Ok(Reservation::Created(_))), "{r:?}");
         })
         .await;
@@ -108,7 +110,11 @@ async fn main() -> anyhow::Result<()> {
         applied += n;
     }
     let drain_rate = applied as f64 / started.elapsed().as_secs_f64();
-    anyhow::ensure!(applied as u64 == args.records, "applied {applied} of {}", args.records);
+    anyhow::ensure!(
+        applied as u64 == args.records,
+        "applied {applied} of {}",
+        args.records
+    );
 
     // 2. Lag while the reserve path runs at full speed beside the reconciler.
     let n = (reserve_rate as u64) * args.lag_secs;
@@ -146,7 +152,10 @@ async fn main() -> anyhow::Result<()> {
     stop.cancel();
     worker.await?;
 
-    println!("reconciler benchmark: Redis {}, MySQL {}", args.redis_url, args.mysql);
+    println!(
+        "reconciler benchmark: Redis {}, MySQL {}",
+        args.redis_url, args.mysql
+    );
     println!();
     println!("| measurement | figure | reference (same run) | ratio |");
     println!("| --- | ---: | ---: | ---: |");
@@ -167,11 +176,16 @@ async fn main() -> anyhow::Result<()> {
         percentile(&lags, 0.99),
         lags.last().copied().unwrap_or(0)
     );
-    println!("| backlog drained after the load stopped | {} ms | | |", tail.as_millis());
+    println!(
+        "| backlog drained after the load stopped | {} ms | | |",
+        tail.as_millis()
+    );
 
     for s in [sale, sale2] {
         let k = e.keys().sale(s);
-        let _: () = c.del(&[k.sale, k.buyers, k.orders, k.deadlines, k.flow, k.idem]).await?;
+        let _: () = c
+            .del(&[k.sale, k.buyers, k.orders, k.deadlines, k.flow, k.idem])
+            .await?;
     }
     let _: () = c.del(e.keys().sales_index()).await?;
     pool.close().await;

@@ -407,3 +407,30 @@ async fn a_30_second_mysql_outage_loses_nothing_and_never_stops_sales() {
     let app = std::sync::Arc::try_unwrap(app).ok().unwrap();
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_backlog_bound_reservations_wait_but_payments_go_on() {
+    let app = spawn_with(Target::fresh(), |c| c.store.flow_backlog_limit = 3).await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let mut orders = Vec::new();
+    for u in 1..=3 {
+        let (s, o) = app.reserve(&sale, u, None).await;
+        assert_eq!(s, 201);
+        orders.push(o);
+    }
+    let (s, v) = app.reserve(&sale, 4, None).await;
+    assert_eq!(
+        (s, code(&v)),
+        (503, "unavailable"),
+        "no reconciler runs: 3 records wait"
+    );
+    let first = orders[0]["order_id"].as_str().unwrap();
+    let (s, _) = app
+        .pay(first, "p1", orders[0]["amount_cents"].as_i64().unwrap())
+        .await;
+    assert_eq!(s, 200, "payments go on at the bound");
+    let (s, _) = app.cancel(orders[1]["order_id"].as_str().unwrap(), 2).await;
+    assert_eq!(s, 200, "cancels go on at the bound");
+    assert_eq!(app.sale_field(&sale, "avail").await, 8);
+    app.finish().await;
+}
