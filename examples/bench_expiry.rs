@@ -49,6 +49,7 @@ fn engine(url: &str, prefix: &str) -> anyhow::Result<Engine> {
         key_prefix: prefix.to_owned(),
         timeout: Duration::from_secs(10),
         flow_backlog_limit: u64::MAX,
+        refunds: Default::default(),
     })
 }
 

@@ -85,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
         key_prefix: tag.clone(),
         timeout: Duration::from_secs(10),
         flow_backlog_limit: u64::MAX,
+        refunds: Default::default(),
     })?;
     e.load_scripts().await?;
     let reconciler = || {

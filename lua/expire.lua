@@ -1,35 +1,85 @@
--- expire.lua: claim a batch of due payment deadlines of one sale and close
--- every order among them that is still pending, returning its units.
+-- expire.lua: work off the due entries of one sale's due-queue (the deadline
+-- set): close every order among them still pending past its payment
+-- deadline, and retry refunds waiting for their order to settle.
 --
--- Claiming (ZREM) and closing happen in one call, so any number of workers in
+-- Claiming (ZREM) and acting happen in one call, so any number of workers in
 -- any number of processes can run this without locks, and a worker that dies
--- between calls leaves nothing half done.
+-- between calls leaves nothing half done. Members are an order seq (its
+-- payment deadline) or "r<seq>:<attempt>:<requested_ms>" (a refund retry).
 --
--- KEYS[1..5]  sale, buyers, orders, deadlines, flow (see prelude.lua)
+-- KEYS[1..5]  sale, buyers, orders, deadlines (the due-queue), flow (see prelude.lua)
+-- KEYS[6]     refund dead-letter hash (seq -> "<requested_ms>|<attempts>")
 -- ARGV[1]     most entries to claim
+-- ARGV[2]     refund retry: first delay in ms (doubles per attempt)
+-- ARGV[3]     refund retry: longest delay in ms
+-- ARGV[4]     refund retry: age in ms after which a refund is dead-lettered
 --
--- Returns: {claimed, closed, still_due, next_deadline_ms or -1, now_ms,
---           lateness_ms of each closed order...}
+-- Returns: {claimed, closed, still_due, next_due_ms or -1, now_ms, refunded,
+--           dead_lettered, refunds_waiting,
+--           lateness_ms of each closed order..., wait_ms of each refund...}
 
-local limit = tonumber(ARGV[1])
+local limit, first, longest, max_age =
+  tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, limit)
-local out = {#due, 0, 0, -1, now}
-for _, seq in ipairs(due) do
-  redis.call('ZREM', KEYS[4], seq)
+local lateness, waits, dead = {}, {}, 0
+
+local function retry_refund(member)
+  local seq, attempt, requested = string.match(member, '^r(%d+):(%d+):(%d+)$')
+  attempt, requested = tonumber(attempt), tonumber(requested)
   local packed = redis.call('HGET', KEYS[3], seq)
-  if packed then
-    local o = unpack_order(packed)
-    if o.status == 'pending' then
-      release(seq, o, 'closed', now)
-      out[2] = out[2] + 1
-      table.insert(out, now - o.deadline)
+  if not packed then
+    return
+  end
+  local o = unpack_order(packed)
+  if o.status ~= 'refund_pending' then
+    return
+  end
+  if settled(o) then
+    refund_now(seq, o, now)
+    table.insert(waits, now - requested)
+  elseif now - requested >= max_age then
+    -- Visible, not forgotten: the order stays refund_pending, nothing else moves.
+    redis.call('HSET', KEYS[6], seq, int(requested) .. '|' .. (attempt + 1))
+    redis.call('HINCRBY', KEYS[1], 'refunds_waiting', -1)
+    redis.call('HINCRBY', KEYS[1], 'refunds_dead', 1)
+    dead = dead + 1
+  else
+    -- Capped exponential backoff, with a spread that differs per order.
+    local delay = math.min(longest, first * 2 ^ (attempt + 1))
+    local spread = (now + tonumber(seq) * 7919) % (math.floor(delay / 4) + 1)
+    redis.call('ZADD', KEYS[4], now + delay + spread,
+      refund_member(seq, attempt + 1, int(requested)))
+  end
+end
+
+for _, member in ipairs(due) do
+  redis.call('ZREM', KEYS[4], member)
+  if string.sub(member, 1, 1) == 'r' then
+    retry_refund(member)
+  else
+    local packed = redis.call('HGET', KEYS[3], member)
+    if packed then
+      local o = unpack_order(packed)
+      if o.status == 'pending' then
+        release(member, o, 'closed', now)
+        table.insert(lateness, now - o.deadline)
+      end
     end
   end
 end
-out[3] = redis.call('ZCOUNT', KEYS[4], '-inf', now)
-local next = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-if next[2] then
-  out[4] = tonumber(next[2])
+
+local next_due = -1
+local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+if head[2] then
+  next_due = tonumber(head[2])
+end
+local out = {#due, #lateness, redis.call('ZCOUNT', KEYS[4], '-inf', now), next_due, now,
+  #waits, dead, tonumber(redis.call('HGET', KEYS[1], 'refunds_waiting') or '0')}
+for _, l in ipairs(lateness) do
+  table.insert(out, l)
+end
+for _, w in ipairs(waits) do
+  table.insert(out, w)
 end
 return out

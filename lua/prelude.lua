@@ -3,8 +3,13 @@
 -- Order scripts share one KEYS layout, so the helpers below can name keys:
 --   KEYS[1] sale hash, KEYS[2] buyers hash, KEYS[3] orders hash,
 --   KEYS[4] deadlines zset, KEYS[5] flow stream (KEYS[6]+ are script-specific).
--- A packed order is status|user|qty|amount|created|deadline|paid|closed|refunded|payment_id
--- (times in ms by Redis's clock, empty when unset; payment_id last, it may hold '|').
+-- A packed order is
+--   status|user|qty|amount|created|deadline|paid|closed|refunded|flow|payment_id
+-- (times in ms by Redis's clock, empty when unset; flow is the id of the order's
+-- last flow record; payment_id last, it may hold '|').
+-- The sale hash keeps unit counters (avail, pending, paid, cancelled, closed,
+-- refunded, restocked) so that avail + pending + paid + refunded - restocked
+-- = total at every moment, and `settled`, the last flow id MySQL committed.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -19,7 +24,7 @@ end
 local function unpack_order(packed)
   local f = {}
   local rest = packed
-  for i = 1, 9 do
+  for i = 1, 10 do
     local bar = string.find(rest, '|', 1, true)
     f[i] = string.sub(rest, 1, bar - 1)
     rest = string.sub(rest, bar + 1)
@@ -27,22 +32,78 @@ local function unpack_order(packed)
   return {
     status = f[1], user = f[2], qty = tonumber(f[3]), amount = tonumber(f[4]),
     created = f[5], deadline = tonumber(f[6]), paid = f[7], closed = f[8],
-    refunded = f[9], payment_id = rest,
+    refunded = f[9], flow = f[10], payment_id = rest,
   }
 end
 
 local function pack_order(o)
   return table.concat({o.status, o.user, int(o.qty), int(o.amount), o.created,
-    int(o.deadline), o.paid, o.closed, o.refunded, o.payment_id}, '|')
+    int(o.deadline), o.paid, o.closed, o.refunded, o.flow, o.payment_id}, '|')
 end
 
--- Stores the order and writes its flow record: the event and the order's
--- whole state after it, which is all the reconciler needs.
-local function save(seq, o, event)
+-- Writes the order's flow record (the event and the order's whole state
+-- after it, which is all the reconciler needs; `restocked` adds r=1|0 to a
+-- refund) and stores the order with the record's id. Returns the packed order.
+local function save(seq, o, event, restocked)
+  local id
+  if restocked == nil then
+    id = redis.call('XADD', KEYS[5], '*', 'ev', event, 'o', seq, 's', pack_order(o))
+  else
+    id = redis.call('XADD', KEYS[5], '*', 'ev', event, 'o', seq, 's', pack_order(o),
+      'r', restocked and '1' or '0')
+  end
+  o.flow = id
   local packed = pack_order(o)
   redis.call('HSET', KEYS[3], seq, packed)
-  redis.call('XADD', KEYS[5], '*', 'ev', event, 'o', seq, 's', packed)
   return packed
+end
+
+-- Whether stream id a <= stream id b ("<ms>-<seq>"). b is false (Redis nil)
+-- while nothing of the sale is settled.
+local function flow_le(a, b)
+  if not b then
+    return false
+  end
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, bm = tonumber(am), tonumber(bm)
+  if am ~= bm then
+    return am < bm
+  end
+  return tonumber(as) <= tonumber(bs)
+end
+
+-- Whether MySQL has every flow record of the order.
+local function settled(o)
+  return flow_le(o.flow, redis.call('HGET', KEYS[1], 'settled'))
+end
+
+-- Refunds a paid (or refund-pending) order now. While the sale is open its
+-- units go back on sale and off the buyer's count. Returns the packed order.
+local function refund_now(seq, o, now)
+  local was_waiting = o.status == 'refund_pending'
+  o.status = 'refunded'
+  o.refunded = int(now)
+  redis.call('HINCRBY', KEYS[1], 'paid', -o.qty)
+  redis.call('HINCRBY', KEYS[1], 'refunded', o.qty)
+  if was_waiting then
+    redis.call('HINCRBY', KEYS[1], 'refunds_waiting', -1)
+  end
+  local ends = tonumber(redis.call('HGET', KEYS[1], 'end_ms'))
+  local restock = now < ends
+  if restock then
+    redis.call('HINCRBY', KEYS[1], 'avail', o.qty)
+    redis.call('HINCRBY', KEYS[1], 'restocked', o.qty)
+    if redis.call('HINCRBY', KEYS[2], o.user, -o.qty) <= 0 then
+      redis.call('HDEL', KEYS[2], o.user)
+    end
+  end
+  return save(seq, o, 'refund', restock)
+end
+
+-- The due-queue member of a refund retry: "r<seq>:<attempt>:<requested_ms>".
+local function refund_member(seq, attempt, requested)
+  return 'r' .. seq .. ':' .. attempt .. ':' .. requested
 end
 
 -- Ends a pending order without payment (status 'cancelled' or 'closed'):

@@ -62,6 +62,6 @@ end
 local order = {
   status = 'pending', user = user, qty = qty, amount = tonumber(sale[5]) * qty,
   created = int(now), deadline = deadline, paid = '', closed = '', refunded = '',
-  payment_id = '',
+  flow = '', payment_id = '',
 }
 return {'ok', seq, save(seq, order, 'reserve')}

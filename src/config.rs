@@ -47,6 +47,24 @@ pub struct StoreConfig {
         default_value_t = 1_000_000
     )]
     pub flow_backlog_limit: u64,
+
+    /// First retry of a refund waiting for its order to settle, in ms
+    /// (doubling per attempt, with a spread per order).
+    #[arg(long, env = "FLASHSALE_REFUND_RETRY_MS", default_value_t = 200)]
+    pub refund_retry_ms: u64,
+
+    /// Longest delay between refund retries, in ms.
+    #[arg(long, env = "FLASHSALE_REFUND_RETRY_MAX_MS", default_value_t = 5000)]
+    pub refund_retry_max_ms: u64,
+
+    /// Age in seconds at which a refund that still cannot settle moves to the
+    /// dead-letter (listed by the audit) instead of retrying forever.
+    #[arg(
+        long,
+        env = "FLASHSALE_REFUND_DEAD_LETTER_SECS",
+        default_value_t = 3600
+    )]
+    pub refund_dead_letter_secs: u64,
 }
 
 impl StoreConfig {
@@ -57,6 +75,11 @@ impl StoreConfig {
             key_prefix: self.key_prefix.clone(),
             timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
             flow_backlog_limit: self.flow_backlog_limit,
+            refunds: crate::engine::RefundPolicy {
+                first_retry: Duration::from_millis(self.refund_retry_ms.max(1)),
+                max_retry: Duration::from_millis(self.refund_retry_max_ms.max(1)),
+                dead_letter_after: Duration::from_secs(self.refund_dead_letter_secs),
+            },
         }
     }
 }

@@ -91,6 +91,14 @@ pub struct Metrics {
     pub sweep_corrections: Counter,
     /// Orders the sweep found still pending in Redis far past their deadline.
     pub sweep_overdue_in_redis: Counter,
+    /// Refunds carried out, by when (`immediate` or `after_settlement`).
+    pub refunds: Family<OutcomeLabels, Counter>,
+    /// Refunds waiting for their orders to settle, at the last look.
+    pub refunds_pending: Gauge,
+    /// Refunds moved to the dead-letter.
+    pub refunds_dead_lettered: Counter,
+    /// Time from a refund's request to its completion.
+    pub refund_wait: Histogram,
 }
 
 impl Default for Metrics {
@@ -176,8 +184,36 @@ impl Default for Metrics {
             "Orders found still pending in Redis far past their deadline",
             sweep_overdue_in_redis.clone(),
         );
+        let refunds = Family::<OutcomeLabels, Counter>::default();
+        let refunds_pending = Gauge::default();
+        let refunds_dead_lettered = Counter::default();
+        let refund_wait = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "refunds",
+            "Refunds carried out, immediate or after settlement",
+            refunds.clone(),
+        );
+        registry.register(
+            "refunds_pending",
+            "Refunds waiting for their orders to settle",
+            refunds_pending.clone(),
+        );
+        registry.register(
+            "refunds_dead_lettered",
+            "Refunds moved to the dead-letter after the configured age",
+            refunds_dead_lettered.clone(),
+        );
+        registry.register(
+            "refund_wait_seconds",
+            "Time from a refund request to the refund",
+            refund_wait.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
+            refunds,
+            refunds_pending,
+            refunds_dead_lettered,
+            refund_wait,
             reconciler_batches,
             reconciler_rows,
             reconciler_retries,

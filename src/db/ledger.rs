@@ -68,6 +68,8 @@ pub struct Deltas {
     pub closed: i64,
     /// Change of refunded units.
     pub refunded: i64,
+    /// Change of refunded units put back on sale.
+    pub restocked: i64,
 }
 
 impl Deltas {
@@ -100,6 +102,7 @@ impl Deltas {
                 d.refunded = q;
                 if record.restocked {
                     d.available = q;
+                    d.restocked = q;
                 }
             }
         }
@@ -113,6 +116,7 @@ impl Deltas {
         self.cancelled += o.cancelled;
         self.closed += o.closed;
         self.refunded += o.refunded;
+        self.restocked += o.restocked;
     }
 }
 
@@ -154,7 +158,7 @@ pub async fn apply(
     sqlx::query(
         "UPDATE inventory SET available = available + ?, pending = pending + ?, \
          paid = paid + ?, cancelled = cancelled + ?, closed = closed + ?, \
-         refunded = refunded + ? WHERE sale_id = ?",
+         refunded = refunded + ?, restocked = restocked + ? WHERE sale_id = ?",
     )
     .bind(d.available)
     .bind(d.pending)
@@ -162,6 +166,7 @@ pub async fn apply(
     .bind(d.cancelled)
     .bind(d.closed)
     .bind(d.refunded)
+    .bind(d.restocked)
     .bind(sale.get())
     .execute(&mut **tx)
     .await?;

@@ -143,22 +143,15 @@ impl Engine {
             .collect()
     }
 
-    /// Deletes the records of `sale` up to and including `upto` (MySQL has
-    /// committed them). Deleting again is harmless.
-    pub async fn trim_flow(&self, sale: SaleId, upto: FlowId) -> Result<(), EngineError> {
-        let key = self.keys.sale(sale).flow;
+    /// After MySQL committed the records of `sale` up to and including
+    /// `upto`: marks them settled (refunds of their orders may proceed) and
+    /// deletes them from the stream. Repeating it is harmless.
+    pub async fn settle(&self, sale: SaleId, upto: FlowId) -> Result<(), EngineError> {
+        let k = self.keys.sale(sale);
         let mut c = self.conn.clone();
-        let min_id = upto.next().to_string();
-        self.timed(async move {
-            redis::cmd("XTRIM")
-                .arg(&key)
-                .arg("MINID")
-                .arg(min_id)
-                .query_async::<i64>(&mut c)
-                .await
-        })
-        .await
-        .map(drop)
+        let mut inv = self.scripts.settle.key(&k.sale);
+        inv.key(&k.flow).arg(upto.ms).arg(upto.seq);
+        self.timed(inv.invoke_async::<i64>(&mut c)).await.map(drop)
     }
 
     /// Records waiting in `sale`'s stream, and the id of the oldest one.

@@ -27,6 +27,8 @@ pub struct SaleKeys {
     pub deadlines: String,
     /// Stream: flow records waiting for the reconciler.
     pub flow: String,
+    /// Hash: refunds that never settled in time (seq -> requested ms|attempts).
+    pub dead_refunds: String,
 }
 
 impl Keys {
@@ -62,6 +64,7 @@ impl Keys {
             orders: format!("{base}:orders"),
             deadlines: format!("{base}:deadlines"),
             flow: format!("{base}:flow"),
+            dead_refunds: format!("{base}:dead_refunds"),
         }
     }
 }
@@ -80,6 +83,7 @@ mod tests {
             &keys.orders,
             &keys.deadlines,
             &keys.flow,
+            &keys.dead_refunds,
         ] {
             let open = k.find('{').unwrap();
             let close = k.find('}').unwrap();

@@ -74,21 +74,48 @@ pub enum Cancellation {
     NotFound,
 }
 
-/// One expiry call's work on one sale.
+/// What a refund request did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refund {
+    /// The order is refunded, by this call (`now`) or before.
+    Refunded {
+        /// The refunded order.
+        order: Order,
+        /// Whether this call refunded it.
+        now: bool,
+    },
+    /// The order is refund_pending: it waits to settle, then is refunded
+    /// without further calls (accepted by this call, or before).
+    Accepted(Order),
+    /// The order is not paid.
+    NotPaid(Order),
+    /// No such order, or not the caller's.
+    NotFound,
+}
+
+/// One call's work on one sale's due-queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiryBatch {
-    /// Due deadline entries claimed.
+    /// Due entries claimed (payment deadlines and refund retries).
     pub claimed: usize,
-    /// Orders closed among them (the rest were already paid or cancelled).
+    /// Orders closed at their deadline (the rest were already paid or cancelled).
     pub closed: usize,
     /// Entries still due after this call.
     pub still_due: usize,
-    /// The earliest deadline left, ms by Redis's clock.
+    /// The earliest due time left, ms by Redis's clock.
     pub next_deadline_ms: Option<i64>,
     /// Redis's clock during the call.
     pub now_ms: i64,
+    /// Refunds carried out (their orders had settled).
+    pub refunded: usize,
+    /// Refunds moved to the dead-letter (too old to keep retrying).
+    pub dead_lettered: usize,
+    /// Refunds of this sale still waiting for their orders to settle.
+    pub refunds_waiting: i64,
     /// Close time minus deadline of each closed order, in ms.
     pub lateness_ms: Vec<i64>,
+    /// Request-to-refund time of each refund carried out, in ms.
+    pub refund_wait_ms: Vec<i64>,
 }
 
 impl SaleKeys {
@@ -231,28 +258,70 @@ impl Engine {
         })
     }
 
-    /// Claims up to `limit` due deadlines of `sale` and closes the orders
-    /// among them that are still pending.
+    /// Refunds a paid order on behalf of its owner (`Some`) or the admin
+    /// (`None`): at once when settled, otherwise accepted and queued.
+    pub async fn refund(&self, id: OrderId, caller: Option<UserId>) -> Result<Refund, EngineError> {
+        let reply = self
+            .run_order_script(
+                &self.scripts.refund,
+                id.sale(),
+                &[],
+                &[
+                    &id.seq().to_string(),
+                    &caller.map_or(String::new(), |u| u.to_string()),
+                    &self.refunds.first_retry.as_millis().to_string(),
+                ],
+            )
+            .await?;
+        let order = || order_in(id, &reply);
+        Ok(match reply.first().map(String::as_str) {
+            Some("ok") => Refund::Refunded {
+                order: order()?,
+                now: reply.get(2).is_some_and(|n| n == "1"),
+            },
+            Some("accepted") => Refund::Accepted(order()?),
+            Some("order_not_paid") => Refund::NotPaid(order()?),
+            Some("not_found") => Refund::NotFound,
+            _ => return Err(EngineError::Protocol(format!("refund: {reply:?}"))),
+        })
+    }
+
+    /// Works off up to `limit` due entries of `sale`'s due-queue: closes
+    /// orders still pending past their deadline, retries waiting refunds.
     pub async fn expire(&self, sale: SaleId, limit: usize) -> Result<ExpiryBatch, EngineError> {
         let k = self.keys.sale(sale);
         let mut inv = self.scripts.expire.prepare_invoke();
         for key in k.order_script_keys() {
             inv.key(key);
         }
-        inv.arg(limit.max(1));
+        let p = &self.refunds;
+        inv.key(&k.dead_refunds)
+            .arg(limit.max(1))
+            .arg(p.first_retry.as_millis() as u64)
+            .arg(p.max_retry.as_millis() as u64)
+            .arg(p.dead_letter_after.as_millis() as u64);
         let mut c = self.conn.clone();
         let reply: Vec<i64> = self.timed(inv.invoke_async(&mut c)).await?;
-        if reply.len() < 5 {
-            return Err(EngineError::Protocol(format!("expire: {reply:?}")));
-        }
         let count = |v: i64| usize::try_from(v).unwrap_or(0);
+        let bad = || EngineError::Protocol(format!("expire: {reply:?}"));
+        let head = reply.get(..8).ok_or_else(bad)?;
+        let (closed, refunded) = (count(head[1]), count(head[5]));
+        let lateness_ms = reply.get(8..8 + closed).ok_or_else(bad)?.to_vec();
+        let refund_wait_ms = reply
+            .get(8 + closed..8 + closed + refunded)
+            .ok_or_else(bad)?
+            .to_vec();
         Ok(ExpiryBatch {
-            claimed: count(reply[0]),
-            closed: count(reply[1]),
-            still_due: count(reply[2]),
-            next_deadline_ms: (reply[3] >= 0).then_some(reply[3]),
-            now_ms: reply[4],
-            lateness_ms: reply[5..].to_vec(),
+            claimed: count(head[0]),
+            closed,
+            still_due: count(head[2]),
+            next_deadline_ms: (head[3] >= 0).then_some(head[3]),
+            now_ms: head[4],
+            refunded,
+            dead_lettered: count(head[6]),
+            refunds_waiting: head[7],
+            lateness_ms,
+            refund_wait_ms,
         })
     }
 

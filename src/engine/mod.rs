@@ -18,7 +18,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use flow::{FlowEvent, FlowId, FlowRecord};
 pub use keys::{Keys, SaleKeys};
-pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refusal, Reservation};
+pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reservation};
 pub use order::{Order, OrderStatus};
 pub use sale::{SaleSnapshot, SaleState, SaleTerms};
 use scripts::Scripts;
@@ -48,6 +48,29 @@ pub struct EngineOptions {
     pub timeout: Duration,
     /// Flow records a sale may hold before reservations are refused.
     pub flow_backlog_limit: u64,
+    /// How refunds of unsettled orders are retried.
+    pub refunds: RefundPolicy,
+}
+
+/// Retries of refunds that wait for their order to settle.
+#[derive(Debug, Clone, Copy)]
+pub struct RefundPolicy {
+    /// First retry delay (doubles per attempt).
+    pub first_retry: Duration,
+    /// Longest retry delay.
+    pub max_retry: Duration,
+    /// Age at which a refund that still cannot settle is dead-lettered.
+    pub dead_letter_after: Duration,
+}
+
+impl Default for RefundPolicy {
+    fn default() -> Self {
+        Self {
+            first_retry: Duration::from_millis(200),
+            max_retry: Duration::from_secs(5),
+            dead_letter_after: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// Typed calls of the scripts over one multiplexed connection (cheap to clone).
@@ -58,6 +81,7 @@ pub struct Engine {
     scripts: Scripts,
     timeout: Duration,
     flow_backlog_limit: u64,
+    refunds: RefundPolicy,
 }
 
 impl Engine {
@@ -81,6 +105,7 @@ impl Engine {
             scripts: Scripts::default(),
             timeout: opts.timeout,
             flow_backlog_limit: opts.flow_backlog_limit,
+            refunds: opts.refunds,
         })
     }
 

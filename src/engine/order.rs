@@ -1,9 +1,10 @@
 //! The packed order layout shared with the Lua scripts.
 //!
 //! An order lives in its sale's orders hash as one string,
-//! `status|user|qty|amount|created|deadline|paid|closed|refunded|payment_id`
-//! (times in ms by Redis's clock, empty when unset), which keeps the hot path's
-//! memory per order small. This module only parses; scripts do all writes.
+//! `status|user|qty|amount|created|deadline|paid|closed|refunded|flow|payment_id`
+//! (times in ms by Redis's clock, empty when unset; `flow` is the id of the
+//! order's last flow record), which keeps the hot path's memory per order
+//! small. This module only parses; scripts do all writes.
 
 use crate::domain::{OrderId, UserId};
 
@@ -74,6 +75,8 @@ pub struct Order {
     pub closed_ms: Option<i64>,
     /// When it was refunded.
     pub refunded_ms: Option<i64>,
+    /// The id of its last flow record (empty in the copy a record carries).
+    pub last_flow: String,
     /// The gateway's payment id, once paid.
     pub payment_id: Option<String>,
 }
@@ -81,7 +84,7 @@ pub struct Order {
 impl Order {
     /// Parses a packed order; `None` when the string is not one.
     pub fn unpack(id: OrderId, packed: &str) -> Option<Self> {
-        let mut f = packed.splitn(10, '|');
+        let mut f = packed.splitn(11, '|');
         let mut next = || f.next();
         let opt_ms = |s: &str| -> Option<Option<i64>> {
             if s.is_empty() {
@@ -99,6 +102,7 @@ impl Order {
         let paid_ms = opt_ms(next()?)?;
         let closed_ms = opt_ms(next()?)?;
         let refunded_ms = opt_ms(next()?)?;
+        let last_flow = next()?.to_owned();
         let payment_id = Some(next()?).filter(|s| !s.is_empty()).map(str::to_owned);
         Some(Self {
             id,
@@ -111,6 +115,7 @@ impl Order {
             paid_ms,
             closed_ms,
             refunded_ms,
+            last_flow,
             payment_id,
         })
     }
@@ -123,15 +128,16 @@ mod tests {
     #[test]
     fn unpacks_what_the_scripts_write() {
         let id: OrderId = "3-9".parse().unwrap();
-        let o = Order::unpack(id, "pending|7|2|1998|1000|2000||||").unwrap();
+        let o = Order::unpack(id, "pending|7|2|1998|1000|2000|||||").unwrap();
         assert_eq!(o.status, OrderStatus::Pending);
         assert_eq!((o.user.get(), o.qty, o.amount_cents), (7, 2, 1998));
         assert_eq!((o.created_ms, o.deadline_ms), (1000, 2000));
         assert_eq!((o.paid_ms, o.payment_id), (None, None));
-        let p = Order::unpack(id, "paid|7|1|5|1|2|3|||pay|x").unwrap();
+        let p = Order::unpack(id, "paid|7|1|5|1|2|3|||9-1|pay|x").unwrap();
         assert_eq!(p.paid_ms, Some(3));
+        assert_eq!(p.last_flow, "9-1");
         assert_eq!(p.payment_id.as_deref(), Some("pay|x"));
-        assert!(Order::unpack(id, "weird|7|1|5|1|2||||").is_none());
+        assert!(Order::unpack(id, "weird|7|1|5|1|2|||||").is_none());
         assert!(Order::unpack(id, "pending|7|1").is_none());
     }
 }

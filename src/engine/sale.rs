@@ -98,7 +98,7 @@ impl Engine {
     /// changes); returns whether it was loaded now.
     pub async fn load_sale(&self, t: &SaleTerms) -> Result<bool, EngineError> {
         let keys = self.keys.sale(t.id);
-        let fields: [(&str, String); 15] = [
+        let fields: [(&str, String); 18] = [
             ("sku", t.sku.clone()),
             ("title", t.title.clone()),
             ("price", t.price_cents.to_string()),
@@ -109,6 +109,9 @@ impl Engine {
             ("cancelled", "0".into()),
             ("closed", "0".into()),
             ("refunded", "0".into()),
+            ("restocked", "0".into()),
+            ("refunds_waiting", "0".into()),
+            ("refunds_dead", "0".into()),
             ("limit", t.per_user_limit.to_string()),
             ("window_ms", t.payment_window_ms.to_string()),
             ("start_ms", t.start_ms.to_string()),

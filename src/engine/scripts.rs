@@ -16,6 +16,8 @@ pub(crate) struct Scripts {
     pub pay: Arc<Script>,
     pub cancel: Arc<Script>,
     pub expire: Arc<Script>,
+    pub refund: Arc<Script>,
+    pub settle: Arc<Script>,
     pub load_sale: Arc<Script>,
     pub sale_snapshot: Arc<Script>,
 }
@@ -35,6 +37,8 @@ impl Default for Scripts {
             pay: order_script(include_str!("../../lua/pay.lua")),
             cancel: order_script(include_str!("../../lua/cancel.lua")),
             expire: order_script(include_str!("../../lua/expire.lua")),
+            refund: order_script(include_str!("../../lua/refund.lua")),
+            settle: plain(include_str!("../../lua/settle.lua")),
             load_sale: plain(include_str!("../../lua/load_sale.lua")),
             sale_snapshot: plain(include_str!("../../lua/sale_snapshot.lua")),
         }
@@ -43,12 +47,14 @@ impl Default for Scripts {
 
 impl Scripts {
     /// Every script, for loading them all at start.
-    pub fn all(&self) -> [Arc<Script>; 6] {
+    pub fn all(&self) -> [Arc<Script>; 8] {
         [
             self.reserve.clone(),
             self.pay.clone(),
             self.cancel.clone(),
             self.expire.clone(),
+            self.refund.clone(),
+            self.settle.clone(),
             self.load_sale.clone(),
             self.sale_snapshot.clone(),
         ]

@@ -9,13 +9,15 @@ use super::auth::{Buyer, Caller};
 use super::sales::rfc3339;
 use super::{ApiError, AppState, Body};
 use crate::domain::{IdempotencyKey, OrderId, Qty, SaleId};
-use crate::engine::{Cancellation, Order, OrderStatus, Reservation};
+use crate::engine::{Cancellation, Order, OrderStatus, Refund, Reservation};
+use crate::telemetry::OutcomeLabels;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/api/v1/sales/{sale_id}/orders", post(reserve))
         .route("/api/v1/orders/{order_id}", get(show))
         .route("/api/v1/orders/{order_id}/cancel", post(cancel))
+        .route("/api/v1/orders/{order_id}/refund", post(refund))
 }
 
 /// The order object of the contract.
@@ -139,5 +141,35 @@ async fn cancel(
             Err(ApiError::OrderNotPending(order.status))
         }
         Cancellation::NotFound => Err(ApiError::NotFound),
+    }
+}
+
+async fn refund(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<OrderView>), ApiError> {
+    let id: OrderId = id.parse()?;
+    let as_user = match caller {
+        Caller::Admin => None,
+        Caller::Buyer(u) => Some(u),
+    };
+    match state.engine.refund(id, as_user).await? {
+        Refund::Refunded { order, now } => {
+            if now {
+                state
+                    .metrics
+                    .refunds
+                    .get_or_create(&OutcomeLabels {
+                        outcome: "immediate",
+                    })
+                    .inc();
+                state.metrics.refund_wait.observe(0.0);
+            }
+            Ok((StatusCode::OK, Json(order.into())))
+        }
+        Refund::Accepted(order) => Ok((StatusCode::ACCEPTED, Json(order.into()))),
+        Refund::NotPaid(order) => Err(ApiError::OrderNotPaid(order.status)),
+        Refund::NotFound => Err(ApiError::NotFound),
     }
 }

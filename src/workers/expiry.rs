@@ -114,6 +114,7 @@ impl ExpiryWorker {
     pub async fn try_step(&self) -> Result<StepOutcome, EngineError> {
         let mut out = StepOutcome::default();
         let mut due = 0;
+        let mut refunds_waiting = 0;
         for sale in self.engine.sale_ids().await? {
             let batch = self.engine.expire(sale, self.opts.batch).await?;
             out.closed += batch.closed;
@@ -124,6 +125,8 @@ impl ExpiryWorker {
                 (a, b) => a.or(b),
             };
             due += batch.still_due;
+            refunds_waiting += batch.refunds_waiting;
+            self.record_refunds(sale, &batch);
             for late in &batch.lateness_ms {
                 self.metrics
                     .expiry_lateness
@@ -134,10 +137,29 @@ impl ExpiryWorker {
             }
         }
         self.metrics.expiry_due.set(due as i64);
+        self.metrics.refunds_pending.set(refunds_waiting);
         if out.closed > 0 {
             self.metrics.order_event("closed", out.closed as u64);
         }
         Ok(out)
+    }
+
+    fn record_refunds(&self, sale: crate::domain::SaleId, batch: &crate::engine::ExpiryBatch) {
+        let m = &self.metrics;
+        if batch.refunded > 0 {
+            m.refunds
+                .get_or_create(&crate::telemetry::OutcomeLabels {
+                    outcome: "after_settlement",
+                })
+                .inc_by(batch.refunded as u64);
+            for wait in &batch.refund_wait_ms {
+                m.refund_wait.observe(*wait.max(&0) as f64 / 1000.0);
+            }
+        }
+        if batch.dead_lettered > 0 {
+            m.refunds_dead_lettered.inc_by(batch.dead_lettered as u64);
+            tracing::error!(sale = %sale, refunds = batch.dead_lettered, "refunds moved to the dead-letter: their orders never settled");
+        }
     }
 
     /// Steps until `shutdown` fires: at once again while due entries are

@@ -103,8 +103,8 @@ impl Reconciler {
         let Some(cursor) = ledger::lock_cursor(&mut tx, sale).await? else {
             return Ok(0); // another reconciler has this sale right now
         };
-        // Records a crash left behind after an earlier commit.
-        self.engine.trim_flow(sale, cursor).await?;
+        // Records (and the settled mark) a crash left behind after a commit.
+        self.engine.settle(sale, cursor).await?;
         let records = self
             .engine
             .read_flow(sale, cursor, self.opts.max_batch)
@@ -118,7 +118,7 @@ impl Reconciler {
         self.metrics.reconciler_batches.inc();
         self.metrics.reconciler_rows.inc_by(records.len() as u64);
         // Best effort: a failure here only delays the trim to the next batch.
-        if let Err(e) = self.engine.trim_flow(sale, last).await {
+        if let Err(e) = self.engine.settle(sale, last).await {
             tracing::warn!(sale = %sale, error = %e, "trimming applied flow records failed; will retry");
         }
         Ok(records.len())

@@ -7,4 +7,5 @@ mod lifecycle;
 mod operations;
 mod reconcile;
 mod redis_outage;
+mod refund;
 mod reserve;

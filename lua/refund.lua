@@ -1,0 +1,40 @@
+-- refund.lua: refund a paid order, at once when MySQL has all of its flow
+-- records (the order is settled), otherwise accept it: the order becomes
+-- refund_pending and a retry is queued in the sale's due-queue (the deadline
+-- set), where the expiry workers carry it out once the order settles.
+--
+-- KEYS[1..5]  sale, buyers, orders, deadlines (the due-queue), flow (see prelude.lua)
+-- ARGV[1]     order seq
+-- ARGV[2]     the caller's user id, or "" for the admin
+-- ARGV[3]     first retry delay in ms
+--
+-- Returns: {"ok", packed, n}          refunded; n is "1" when by this call
+--          {"accepted", packed}       refund_pending (now, or before)
+--          {"order_not_paid", packed} pending, cancelled or closed
+--          {"not_found"}              no such order, or not the caller's
+
+local seq, user, delay = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local packed = redis.call('HGET', KEYS[3], seq)
+if not packed then
+  return {'not_found'}
+end
+local o = unpack_order(packed)
+if user ~= '' and o.user ~= user then
+  return {'not_found'}
+end
+if o.status == 'refunded' then
+  return {'ok', packed, '0'}
+elseif o.status == 'refund_pending' then
+  return {'accepted', packed}
+elseif o.status ~= 'paid' then
+  return {'order_not_paid', packed}
+end
+
+local now = now_ms()
+if settled(o) then
+  return {'ok', refund_now(seq, o, now), '1'}
+end
+o.status = 'refund_pending'
+redis.call('HINCRBY', KEYS[1], 'refunds_waiting', 1)
+redis.call('ZADD', KEYS[4], now + delay, refund_member(seq, 0, int(now)))
+return {'accepted', save(seq, o, 'refund_request')}
