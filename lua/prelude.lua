@@ -10,6 +10,8 @@
 -- The sale hash keeps unit counters (avail, pending, paid, cancelled, closed,
 -- refunded, restocked) so that avail + pending + paid + refunded - restocked
 -- = total at every moment, and `settled`, the last flow id MySQL committed.
+-- The buyers hash holds each buyer's units in pending, paid and
+-- refund_pending orders.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -78,8 +80,9 @@ local function settled(o)
   return flow_le(o.flow, redis.call('HGET', KEYS[1], 'settled'))
 end
 
--- Refunds a paid (or refund-pending) order now. While the sale is open its
--- units go back on sale and off the buyer's count. Returns the packed order.
+-- Refunds a paid (or refund-pending) order now: its units leave the buyer's
+-- count, and while the sale is open they go back on sale. Returns the
+-- packed order.
 local function refund_now(seq, o, now)
   local was_waiting = o.status == 'refund_pending'
   o.status = 'refunded'
@@ -89,14 +92,15 @@ local function refund_now(seq, o, now)
   if was_waiting then
     redis.call('HINCRBY', KEYS[1], 'refunds_waiting', -1)
   end
+  -- The buyer no longer holds the units (their per-user limit frees up).
+  if redis.call('HINCRBY', KEYS[2], o.user, -o.qty) <= 0 then
+    redis.call('HDEL', KEYS[2], o.user)
+  end
   local ends = tonumber(redis.call('HGET', KEYS[1], 'end_ms'))
   local restock = now < ends
   if restock then
     redis.call('HINCRBY', KEYS[1], 'avail', o.qty)
     redis.call('HINCRBY', KEYS[1], 'restocked', o.qty)
-    if redis.call('HINCRBY', KEYS[2], o.user, -o.qty) <= 0 then
-      redis.call('HDEL', KEYS[2], o.user)
-    end
   end
   return save(seq, o, 'refund', restock)
 end
