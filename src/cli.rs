@@ -2,6 +2,8 @@
 //!
 //! Exit codes: 0 success, 1 a refusal or finding, 2 could not run.
 
+use std::io::Write;
+
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
@@ -43,6 +45,32 @@ enum Command {
     /// Manage sales.
     #[command(subcommand)]
     Sale(SaleCommand),
+    /// Check that Redis, the flow backlog and MySQL agree (exit 0 clean,
+    /// 1 findings, 2 could not run); `--repair` plans fixes, `--yes` applies them.
+    Audit(AuditArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct AuditArgs {
+    /// Audit one sale (default: every sale in either store).
+    #[arg(long)]
+    sale: Option<String>,
+    /// Print one JSON document on stdout instead of the human report.
+    #[arg(long)]
+    json: bool,
+    /// Print the repair plan (each finding, its fix, the side taken as the
+    /// truth and why); changes nothing without --yes.
+    #[arg(long)]
+    repair: bool,
+    /// With --repair: apply the plan, log each fix in MySQL, audit again.
+    #[arg(long, requires = "repair")]
+    yes: bool,
+    /// Seconds a pending order may be overdue, or a flow record may wait,
+    /// before it is a finding.
+    #[arg(long, default_value_t = 60)]
+    grace_secs: u64,
+    #[command(flatten)]
+    store: StoreConfig,
 }
 
 #[derive(Subcommand, Debug)]
@@ -158,6 +186,7 @@ async fn execute(command: Command) -> anyhow::Result<i32> {
             println!("{}", sale.id);
             Ok(0)
         }
+        Command::Audit(args) => audit(args).await,
         Command::Sale(SaleCommand::Show { id, store }) => {
             let id: SaleId = id.parse().context("--id")?;
             match engine(&store)?.sale(id).await? {
@@ -176,4 +205,76 @@ async fn execute(command: Command) -> anyhow::Result<i32> {
             }
         }
     }
+}
+
+async fn audit(args: AuditArgs) -> anyhow::Result<i32> {
+    use crate::audit::{self, AuditOptions};
+    use std::io::IsTerminal;
+    let opts = AuditOptions {
+        sale: args
+            .sale
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .context("--sale")?,
+        grace: std::time::Duration::from_secs(args.grace_secs),
+        progress: !args.json && std::io::stderr().is_terminal(),
+    };
+    let db = crate::db::connect(&args.store.database_url).await?;
+    let engine = engine(&args.store)?;
+    engine.load_scripts().await.context("cannot reach Redis")?;
+    let report = audit::run(&engine, &db, &opts).await?;
+    let mut out = std::io::stdout().lock();
+    if !args.repair || report.is_clean() {
+        if args.json {
+            serde_json::to_writer_pretty(&mut out, &audit::to_json(&report))?;
+            writeln!(out)?;
+        } else {
+            audit::print_human(&report, args.repair, &mut out)?;
+        }
+        return Ok(if report.is_clean() { 0 } else { 1 });
+    }
+    if !args.yes {
+        if args.json {
+            serde_json::to_writer_pretty(&mut out, &audit::to_json(&report))?;
+            writeln!(out)?;
+        } else {
+            audit::print_human(&report, true, &mut out)?;
+            writeln!(
+                out,
+                "repair: nothing changed; run again with --yes to apply this plan"
+            )?;
+        }
+        return Ok(1);
+    }
+    let applied = audit::apply(&engine, &db, &report).await?;
+    let after = audit::run(&engine, &db, &opts).await?;
+    if args.json {
+        let doc = serde_json::json!({
+            "before": audit::to_json(&report),
+            "applied": applied,
+            "after": audit::to_json(&after),
+        });
+        serde_json::to_writer_pretty(&mut out, &doc)?;
+        writeln!(out)?;
+    } else {
+        audit::print_human(&report, true, &mut out)?;
+        for a in &applied {
+            let done = if a.applied {
+                "applied"
+            } else {
+                "skipped (state moved on)"
+            };
+            writeln!(
+                out,
+                "repair: sale {} [{}] {}: {done}",
+                a.sale_id,
+                a.finding,
+                a.fix.describe()
+            )?;
+        }
+        writeln!(out, "audit after repair:")?;
+        audit::print_human(&after, false, &mut out)?;
+    }
+    Ok(if after.is_clean() { 0 } else { 1 })
 }

@@ -3,6 +3,8 @@
 //!
 //! Modules in data-flow order:
 
+/// The audit: Redis, the flow backlog and MySQL compared, and repaired.
+pub mod audit;
 /// The command line.
 pub mod cli;
 /// Configuration by flags and environment.

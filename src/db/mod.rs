@@ -3,6 +3,7 @@
 //! Nothing on the hot path (reserve, pay, cancel) calls into this module; the
 //! admin API, the CLI, start-up and the workers do.
 
+pub mod audit;
 pub mod ledger;
 pub mod sweep;
 

@@ -5,6 +5,7 @@
 //! script call, atomic in Redis. It never calls MySQL: the reconciler carries
 //! the flow records that the scripts write to the system of record.
 
+mod audit;
 mod flow;
 pub mod keys;
 mod lifecycle;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+pub use audit::AuditSnapshot;
 pub use flow::{FlowEvent, FlowId, FlowRecord};
 pub use keys::{Keys, SaleKeys};
 pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reservation};

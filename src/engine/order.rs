@@ -27,7 +27,8 @@ pub enum OrderStatus {
 }
 
 impl OrderStatus {
-    fn parse(s: &str) -> Option<Self> {
+    /// Parses the status as the API and the scripts spell it.
+    pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "pending" => Self::Pending,
             "paid" => Self::Paid,
@@ -82,6 +83,25 @@ pub struct Order {
 }
 
 impl Order {
+    /// Packs the order as the scripts do (the inverse of [`Order::unpack`]).
+    pub fn pack(&self) -> String {
+        let opt = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
+        format!(
+            "{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+            self.status.as_str(),
+            self.user,
+            self.qty,
+            self.amount_cents,
+            self.created_ms,
+            self.deadline_ms,
+            opt(self.paid_ms),
+            opt(self.closed_ms),
+            opt(self.refunded_ms),
+            self.last_flow,
+            self.payment_id.as_deref().unwrap_or("")
+        )
+    }
+
     /// Parses a packed order; `None` when the string is not one.
     pub fn unpack(id: OrderId, packed: &str) -> Option<Self> {
         let mut f = packed.splitn(11, '|');
@@ -138,6 +158,12 @@ mod tests {
         assert_eq!(p.last_flow, "9-1");
         assert_eq!(p.payment_id.as_deref(), Some("pay|x"));
         assert!(Order::unpack(id, "weird|7|1|5|1|2|||||").is_none());
+        for packed in [
+            "paid|7|1|5|1|2|3|||9-1|pay|x",
+            "pending|7|2|1998|1000|2000|||||",
+        ] {
+            assert_eq!(Order::unpack(id, packed).unwrap().pack(), packed);
+        }
         assert!(Order::unpack(id, "pending|7|1").is_none());
     }
 }

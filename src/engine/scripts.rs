@@ -18,6 +18,8 @@ pub(crate) struct Scripts {
     pub expire: Arc<Script>,
     pub refund: Arc<Script>,
     pub settle: Arc<Script>,
+    pub audit_snapshot: Arc<Script>,
+    pub audit_fix: Arc<Script>,
     pub load_sale: Arc<Script>,
     pub sale_snapshot: Arc<Script>,
 }
@@ -39,6 +41,8 @@ impl Default for Scripts {
             expire: order_script(include_str!("../../lua/expire.lua")),
             refund: order_script(include_str!("../../lua/refund.lua")),
             settle: plain(include_str!("../../lua/settle.lua")),
+            audit_snapshot: plain(include_str!("../../lua/audit_snapshot.lua")),
+            audit_fix: order_script(include_str!("../../lua/audit_fix.lua")),
             load_sale: plain(include_str!("../../lua/load_sale.lua")),
             sale_snapshot: plain(include_str!("../../lua/sale_snapshot.lua")),
         }
@@ -47,7 +51,7 @@ impl Default for Scripts {
 
 impl Scripts {
     /// Every script, for loading them all at start.
-    pub fn all(&self) -> [Arc<Script>; 8] {
+    pub fn all(&self) -> [Arc<Script>; 10] {
         [
             self.reserve.clone(),
             self.pay.clone(),
@@ -55,6 +59,8 @@ impl Scripts {
             self.expire.clone(),
             self.refund.clone(),
             self.settle.clone(),
+            self.audit_snapshot.clone(),
+            self.audit_fix.clone(),
             self.load_sale.clone(),
             self.sale_snapshot.clone(),
         ]

@@ -1,0 +1,254 @@
+//! Applying the audit's plan. Each repair is checked again at the moment it
+//! is applied (Redis repairs are compare-and-set scripts; MySQL repairs run
+//! under the sale's reconciler cursor lock), so a repair never overwrites a
+//! change made after the audit looked: it is skipped and reported instead.
+//! Every applied repair is written to `repair_log`.
+
+use sqlx::MySqlPool;
+
+use super::{Finding, Fix, Report, Truth};
+use crate::db::{audit as q, ledger};
+use crate::domain::{OrderId, SaleId};
+use crate::engine::{Engine, Order};
+
+/// What happened to one planned repair.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Applied {
+    /// The finding's kind.
+    pub finding: &'static str,
+    /// The sale.
+    pub sale_id: String,
+    /// The repair.
+    pub fix: Fix,
+    /// Whether it changed something (false: the state had moved on, or
+    /// there was nothing left to change).
+    pub applied: bool,
+}
+
+impl Fix {
+    /// The repair in words.
+    pub fn describe(&self) -> String {
+        match self {
+            Fix::WriteOrderToMysql { seq, mark_settled } => format!(
+                "write order seq {seq} to MySQL as Redis holds it and recompute the MySQL inventory{}",
+                if *mark_settled { "; mark it settled in Redis" } else { "" }
+            ),
+            Fix::RecomputeMysqlInventory => "recompute the MySQL inventory from the MySQL orders".into(),
+            Fix::RestoreOrderInRedis { seq } => format!("put order seq {seq} back into Redis as MySQL holds it"),
+            Fix::RecomputeRedisCounters => "set Redis's counters to what Redis's orders add up to".into(),
+            Fix::SetBuyerUnits { user, units } => format!("set buyer {user}'s units in Redis to {units}"),
+            Fix::DropDueEntry { member } => format!("remove due-queue entry {member:?}"),
+            Fix::AddDeadline { seq } => format!("add order seq {seq}'s payment deadline to the due-queue"),
+            Fix::RunExpiry => "run the expiry for this sale now".into(),
+            Fix::RequeueRefund { seq } => format!("put order seq {seq}'s refund back on the retry queue"),
+            Fix::LoadSale => "load the sale from MySQL into Redis".into(),
+        }
+    }
+
+    /// Order of application: Redis's orders first (they are the truth the
+    /// later repairs recompute from), then what is derived from them.
+    fn rank(&self) -> u8 {
+        match self {
+            Fix::LoadSale => 0,
+            Fix::RestoreOrderInRedis { .. } => 1,
+            Fix::WriteOrderToMysql { .. } => 2,
+            Fix::RecomputeMysqlInventory => 3,
+            Fix::RecomputeRedisCounters => 4,
+            Fix::SetBuyerUnits { .. } => 5,
+            Fix::DropDueEntry { .. } | Fix::AddDeadline { .. } => 6,
+            Fix::RequeueRefund { .. } => 7,
+            Fix::RunExpiry => 8,
+        }
+    }
+}
+
+impl Truth {
+    /// Why this side is taken as the truth.
+    pub fn why(&self) -> &'static str {
+        match self {
+            Truth::RedisOrders => {
+                "Redis's orders: every change was accepted there first, atomically with its flow record"
+            }
+            Truth::Mysql => "MySQL: Redis lost this, and MySQL is the only witness left",
+            Truth::Neither => "no side: the fix restarts work that stalled",
+        }
+    }
+}
+
+/// Applies every repair the report proposes, once each, in a safe order.
+pub async fn apply(
+    engine: &Engine,
+    db: &MySqlPool,
+    report: &Report,
+) -> anyhow::Result<Vec<Applied>> {
+    let mut plan: Vec<(&Finding, &Fix, &str)> = Vec::new();
+    for s in &report.sales {
+        for f in &s.findings {
+            if let Some(fix) = &f.fix {
+                if !plan
+                    .iter()
+                    .any(|(p, x, _)| p.sale_id == f.sale_id && *x == fix)
+                {
+                    plan.push((f, fix, &s.last_flow));
+                }
+            }
+        }
+    }
+    plan.sort_by_key(|(f, fix, _)| (f.sale_id.clone(), fix.rank()));
+    let mut out = Vec::new();
+    for (finding, fix, last_flow) in plan {
+        let sale: SaleId = finding.sale_id.parse()?;
+        let applied = apply_one(engine, db, sale, fix, last_flow).await?;
+        if applied {
+            let mut tx = db.begin().await?;
+            let seq = finding
+                .order_id
+                .as_deref()
+                .and_then(|o| o.parse::<OrderId>().ok())
+                .map(|o| o.seq());
+            let truth = finding.truth.map_or("neither", |t| match t {
+                Truth::RedisOrders => "redis_orders",
+                Truth::Mysql => "mysql",
+                Truth::Neither => "neither",
+            });
+            q::log_repair(
+                &mut tx,
+                sale,
+                seq,
+                finding.kind,
+                &fix.describe(),
+                truth,
+                &finding.message,
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        out.push(Applied {
+            finding: finding.kind,
+            sale_id: finding.sale_id.clone(),
+            fix: fix.clone(),
+            applied,
+        });
+    }
+    Ok(out)
+}
+
+async fn apply_one(
+    engine: &Engine,
+    db: &MySqlPool,
+    sale: SaleId,
+    fix: &Fix,
+    last_flow: &str,
+) -> anyhow::Result<bool> {
+    let cas = |args: Vec<String>| async move { engine.audit_fix(sale, &args).await };
+    Ok(match fix {
+        Fix::WriteOrderToMysql { seq, mark_settled } => {
+            ledger::ensure_cursor(db, sale).await?;
+            let mut tx = db.begin().await?;
+            let cursor = q::lock_cursor(&mut tx, sale).await?;
+            let Some(order) = engine.order(OrderId::new(sale, *seq)).await? else {
+                return Ok(false);
+            };
+            q::force_order(&mut tx, &order).await?;
+            q::recompute_inventory(&mut tx, sale).await?;
+            tx.commit().await?;
+            if *mark_settled {
+                cas(vec![
+                    "mark_settled".into(),
+                    seq.to_string(),
+                    order.pack(),
+                    cursor.to_string(),
+                ])
+                .await?;
+            }
+            true
+        }
+        Fix::RecomputeMysqlInventory => {
+            ledger::ensure_cursor(db, sale).await?;
+            let mut tx = db.begin().await?;
+            q::lock_cursor(&mut tx, sale).await?;
+            q::recompute_inventory(&mut tx, sale).await?;
+            tx.commit().await?;
+            true
+        }
+        Fix::RestoreOrderInRedis { seq } => {
+            let rows = q::orders_in(db, sale, *seq, *seq).await?;
+            let Some(mut order) = rows.get(seq).cloned() else {
+                return Ok(false);
+            };
+            let cursor: Option<(u64, u64)> =
+                sqlx::query_as("SELECT last_ms, last_seq FROM reconcile_cursors WHERE sale_id = ?")
+                    .bind(sale.get())
+                    .fetch_optional(db)
+                    .await?;
+            // Settled: MySQL holds all of it.
+            order.last_flow = cursor.map_or(String::new(), |(ms, s)| format!("{ms}-{s}"));
+            cas(vec!["restore_order".into(), seq.to_string(), order.pack()]).await?
+        }
+        Fix::RecomputeRedisCounters => recompute_redis_counters(engine, sale).await?,
+        Fix::SetBuyerUnits { user, units } => {
+            cas(vec![
+                "buyer".into(),
+                last_flow.to_owned(),
+                user.to_string(),
+                units.to_string(),
+            ])
+            .await?
+        }
+        Fix::DropDueEntry { member } => cas(vec!["drop_deadline".into(), member.clone()]).await?,
+        Fix::AddDeadline { seq } => cas(vec!["add_deadline".into(), seq.to_string()]).await?,
+        Fix::RequeueRefund { seq } => cas(vec!["requeue_refund".into(), seq.to_string()]).await?,
+        Fix::RunExpiry => {
+            let mut closed = 0;
+            loop {
+                let b = engine.expire(sale, 500).await?;
+                closed += b.closed;
+                if b.still_due == 0 {
+                    break;
+                }
+            }
+            closed > 0
+        }
+        Fix::LoadSale => crate::sales::load_unfinished(db, engine).await? > 0,
+    })
+}
+
+/// Sums Redis's orders (paged) and sets the counters, unless the sale moved
+/// while summing.
+async fn recompute_redis_counters(engine: &Engine, sale: SaleId) -> anyhow::Result<bool> {
+    let Some(before) = engine.audit_snapshot(sale).await? else {
+        return Ok(false);
+    };
+    let end_ms = before.num("end_ms");
+    let mut sums = q::Counters {
+        total: before.num("total"),
+        ..q::Counters::default()
+    };
+    sums.available = sums.total;
+    let max_seq = before.num("seq").max(0) as u64;
+    let mut from = 1;
+    while from <= max_seq {
+        let to = (from + 999).min(max_seq);
+        let seqs: Vec<u64> = (from..=to).collect();
+        for (seq, p) in seqs.iter().zip(engine.packed_orders(sale, &seqs).await?) {
+            if let Some(o) = p.and_then(|p| Order::unpack(OrderId::new(sale, *seq), &p)) {
+                sums.count_order(&o, end_ms);
+            }
+        }
+        from = to + 1;
+    }
+    let mut args = vec!["counters".to_owned(), before.last_flow.clone()];
+    for (field, v) in [
+        ("avail", sums.available),
+        ("pending", sums.pending),
+        ("paid", sums.paid),
+        ("cancelled", sums.cancelled),
+        ("closed", sums.closed),
+        ("refunded", sums.refunded),
+        ("restocked", sums.restocked),
+    ] {
+        args.push(field.into());
+        args.push(v.to_string());
+    }
+    Ok(engine.audit_fix(sale, &args).await?)
+}
