@@ -1,5 +1,6 @@
 //! Integration tests: the real app against the real Redis and MariaDB.
 
+mod audit;
 mod bad_input;
 mod expiry;
 mod helpers;
