@@ -4,6 +4,7 @@
 -- set), where the expiry workers carry it out once the order settles.
 --
 -- KEYS[1..5]  sale, buyers, orders, deadlines (the due-queue), flow (see prelude.lua)
+-- KEYS[6]     refund dead-letter hash (asking again takes a refund out of it)
 -- ARGV[1]     order seq
 -- ARGV[2]     the caller's user id, or "" for the admin
 -- ARGV[3]     first retry delay in ms
@@ -25,6 +26,13 @@ end
 if o.status == 'refunded' then
   return {'ok', packed, '0'}
 elseif o.status == 'refund_pending' then
+  if redis.call('HDEL', KEYS[6], seq) == 1 then
+    -- Dead-lettered: asking again puts it back on the retry queue.
+    local now = now_ms()
+    redis.call('HINCRBY', KEYS[1], 'refunds_dead', -1)
+    redis.call('HINCRBY', KEYS[1], 'refunds_waiting', 1)
+    redis.call('ZADD', KEYS[4], now + delay, refund_member(seq, 0, int(now)))
+  end
   return {'accepted', packed}
 elseif o.status ~= 'paid' then
   return {'order_not_paid', packed}

@@ -130,7 +130,7 @@ pub enum Role {
 /// How the reconciler and the sweep run.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReconcilerConfig {
-    /// Most flow records applied in one MySQL transaction.
+    /// Most flow records applied in one MySQL transaction (at most 5000).
     #[arg(long, env = "FLASHSALE_RECONCILER_BATCH", default_value_t = 2000)]
     pub reconciler_batch: usize,
 

@@ -3,7 +3,8 @@
 //!
 //! A sale is answered as created only once it is in both stores; a sale that
 //! reached MySQL but not Redis is removed again (it was never on sale), and
-//! start-up loads any unfinished sale that Redis lacks (a crash in between).
+//! start-up loads any unfinished sale that Redis lacks (a crash in between,
+//! or a Redis that lost its data), resuming from MySQL's settled state.
 
 use chrono::{DateTime, Utc};
 use sqlx::MySqlPool;
@@ -102,11 +103,11 @@ fn terms(id: crate::domain::SaleId, s: &SaleRow) -> SaleTerms {
         title: s.title.clone(),
         price_cents: s.price_cents,
         stock_total: s.stock,
-        stock_available: s.stock,
         per_user_limit: s.per_user_limit,
         payment_window_ms: s.payment_window_secs * 1000,
         start_ms: s.start_at.timestamp_millis(),
         end_ms: s.end_at.timestamp_millis(),
+        resume: None,
     }
 }
 
@@ -130,18 +131,36 @@ pub async fn create(
     match loaded {
         Ok(snapshot) => Ok(snapshot),
         Err(e) => {
-            if let Err(undo) = db::delete_sale(db, id).await {
-                tracing::error!(sale = %id, error = %undo, "could not remove a sale that Redis refused; start-up will load it");
+            // Undo MySQL only when Redis certainly lacks the sale: a reply
+            // lost on the way back may hide a sale that is already live.
+            match engine.sale(id).await {
+                Ok(None) => {
+                    if let Err(undo) = db::delete_sale(db, id).await {
+                        tracing::error!(sale = %id, error = %undo, "could not remove a sale that Redis refused; start-up will load it");
+                    }
+                }
+                Ok(Some(_)) => {
+                    tracing::warn!(sale = %id, error = %e, "sale loaded into Redis although the call reported an error");
+                    return engine.sale(id).await?.ok_or_else(|| e.into());
+                }
+                Err(_) => {
+                    tracing::error!(sale = %id, error = %e, "sale persisted; Redis did not answer whether it holds it: start-up (or `flashsale audit --repair`) loads it")
+                }
             }
             Err(e.into())
         }
     }
 }
 
-/// Loads every unfinished MySQL sale that Redis lacks; returns how many.
-pub async fn load_unfinished(db: &MySqlPool, engine: &Engine) -> anyhow::Result<usize> {
+/// Loads every unfinished MySQL sale that Redis lacks (or only `only`,
+/// ended or not), resuming from MySQL's settled state; returns how many.
+pub async fn load_missing(
+    db: &MySqlPool,
+    engine: &Engine,
+    only: Option<crate::domain::SaleId>,
+) -> anyhow::Result<usize> {
     let mut loaded = 0;
-    for t in db::unfinished_sales(db).await? {
+    for t in db::sales_to_load(db, only).await? {
         if engine.load_sale(&t).await? {
             tracing::warn!(sale = %t.id, "sale was missing from Redis and has been loaded from MySQL");
             loaded += 1;

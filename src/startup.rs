@@ -45,7 +45,7 @@ impl App {
             .load_scripts()
             .await
             .context("cannot reach Redis (REDIS_URL)")?;
-        let loaded = crate::sales::load_unfinished(&db, &engine).await?;
+        let loaded = crate::sales::load_missing(&db, &engine, None).await?;
         tracing::info!(loaded, "unfinished sales checked against Redis");
         let listener = if cfg.roles.contains(&Role::Http) {
             Some(
@@ -88,7 +88,8 @@ impl App {
                 let r = &cfg.reconciler;
                 (
                     ReconcilerOptions {
-                        max_batch: r.reconciler_batch.max(1),
+                        // 12 placeholders per order row: MySQL allows 65,535.
+                        max_batch: r.reconciler_batch.clamp(1, 5000),
                         idle_sleep: Duration::from_millis(r.reconciler_idle_ms.max(1)),
                         max_backoff: Duration::from_millis(r.reconciler_max_backoff_ms.max(100)),
                     },

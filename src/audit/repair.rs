@@ -209,7 +209,7 @@ async fn apply_one(
             }
             closed > 0
         }
-        Fix::LoadSale => crate::sales::load_unfinished(db, engine).await? > 0,
+        Fix::LoadSale => crate::sales::load_missing(db, engine, Some(sale)).await? > 0,
     })
 }
 

@@ -28,10 +28,15 @@ pub async fn ensure_cursor(pool: &MySqlPool, sale: SaleId) -> sqlx::Result<()> {
             .fetch_optional(pool)
             .await?;
     if exists.is_none() {
-        sqlx::query("INSERT IGNORE INTO reconcile_cursors (sale_id) VALUES (?)")
-            .bind(sale.get())
-            .execute(pool)
-            .await?;
+        // Not INSERT IGNORE: that would turn a missing sale (foreign key)
+        // into a warning and leave no cursor behind.
+        sqlx::query(
+            "INSERT INTO reconcile_cursors (sale_id) VALUES (?) \
+             ON DUPLICATE KEY UPDATE sale_id = sale_id",
+        )
+        .bind(sale.get())
+        .execute(pool)
+        .await?;
     }
     Ok(())
 }

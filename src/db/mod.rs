@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::domain::SaleId;
-use crate::engine::SaleTerms;
+use crate::engine::{FlowId, ResumePoint, SaleTerms};
 
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -131,42 +131,83 @@ pub async fn delete_sale(pool: &MySqlPool, id: SaleId) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sales that have not ended yet, with their settled available stock: what
-/// start-up loads into a Redis that lacks them.
-pub async fn unfinished_sales(pool: &MySqlPool) -> anyhow::Result<Vec<SaleTerms>> {
-    #[allow(clippy::type_complexity)]
-    let rows: Vec<(
-        u64,
-        String,
-        String,
-        i64,
-        i32,
-        i32,
-        i32,
-        i32,
-        DateTime<Utc>,
-        DateTime<Utc>,
-    )> = sqlx::query_as(
-        "SELECT s.id, s.sku, s.title, s.price_cents, s.stock_total, i.available, \
-             s.per_user_limit, s.payment_window_secs, s.start_at, s.end_at \
-             FROM sales s JOIN inventory i ON i.sale_id = s.id \
-             WHERE s.end_at > UTC_TIMESTAMP(3)",
-    )
-    .fetch_all(pool)
-    .await?;
+#[derive(sqlx::FromRow)]
+struct ResumeRow {
+    id: u64,
+    sku: String,
+    title: String,
+    price_cents: i64,
+    stock_total: i32,
+    per_user_limit: i32,
+    payment_window_secs: i32,
+    start_at: DateTime<Utc>,
+    end_at: DateTime<Utc>,
+    available: i32,
+    pending: i32,
+    paid: i32,
+    cancelled: i32,
+    closed: i32,
+    refunded: i32,
+    restocked: i32,
+    last_seq: u64,
+    last_ms: u64,
+    last_flow_seq: u64,
+}
+
+/// Sales with the settled state to load them from: every sale that has not
+/// ended (start-up loads the ones Redis lacks), or the one asked for.
+pub async fn sales_to_load(
+    pool: &MySqlPool,
+    only: Option<SaleId>,
+) -> anyhow::Result<Vec<SaleTerms>> {
+    let filter = if only.is_some() {
+        "s.id = ?"
+    } else {
+        "s.end_at > UTC_TIMESTAMP(3)"
+    };
+    let sql = format!(
+        "SELECT s.id, s.sku, s.title, s.price_cents, s.stock_total, s.per_user_limit, \
+         s.payment_window_secs, s.start_at, s.end_at, i.available, i.pending, i.paid, \
+         i.cancelled, i.closed, i.refunded, i.restocked, \
+         CAST(COALESCE((SELECT MAX(o.seq) FROM orders o WHERE o.sale_id = s.id), 0) AS UNSIGNED) AS last_seq, \
+         CAST(COALESCE(c.last_ms, 0) AS UNSIGNED) AS last_ms, \
+         CAST(COALESCE(c.last_seq, 0) AS UNSIGNED) AS last_flow_seq \
+         FROM sales s JOIN inventory i ON i.sale_id = s.id \
+         LEFT JOIN reconcile_cursors c ON c.sale_id = s.id WHERE {filter}"
+    );
+    let mut q = sqlx::query_as::<_, ResumeRow>(&sql);
+    if let Some(id) = only {
+        q = q.bind(id.get());
+    }
+    let rows = q.fetch_all(pool).await?;
     rows.into_iter()
         .map(|r| {
+            let cursor = FlowId {
+                ms: r.last_ms,
+                seq: r.last_flow_seq,
+            };
+            let fresh = r.last_seq == 0 && cursor == FlowId::default();
             Ok(SaleTerms {
-                id: SaleId::new(r.0)?,
-                sku: r.1,
-                title: r.2,
-                price_cents: r.3,
-                stock_total: r.4.into(),
-                stock_available: r.5.into(),
-                per_user_limit: r.6.into(),
-                payment_window_ms: i64::from(r.7) * 1000,
-                start_ms: r.8.timestamp_millis(),
-                end_ms: r.9.timestamp_millis(),
+                id: SaleId::new(r.id)?,
+                sku: r.sku,
+                title: r.title,
+                price_cents: r.price_cents,
+                stock_total: r.stock_total.into(),
+                per_user_limit: r.per_user_limit.into(),
+                payment_window_ms: i64::from(r.payment_window_secs) * 1000,
+                start_ms: r.start_at.timestamp_millis(),
+                end_ms: r.end_at.timestamp_millis(),
+                resume: (!fresh).then_some(ResumePoint {
+                    available: r.available.into(),
+                    pending: r.pending.into(),
+                    paid: r.paid.into(),
+                    cancelled: r.cancelled.into(),
+                    closed: r.closed.into(),
+                    refunded: r.refunded.into(),
+                    restocked: r.restocked.into(),
+                    last_seq: r.last_seq,
+                    cursor,
+                }),
             })
         })
         .collect()

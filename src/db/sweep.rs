@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::MySqlPool;
 
 use crate::domain::{OrderId, SaleId};
@@ -13,30 +14,47 @@ pub struct PendingRow {
     pub id: OrderId,
     /// Its units.
     pub qty: i32,
+    /// Its payment deadline.
+    pub deadline: DateTime<Utc>,
 }
 
-/// Pending orders more than `grace` past their deadline, oldest first
-/// (served by the `(status, payment_deadline)` index).
+/// Where a sweep left off: the last order it looked at.
+pub type SweepCursor = (DateTime<Utc>, u64, u64);
+
+/// Pending orders more than `grace` past their deadline, oldest first,
+/// after `after` (served by the `(status, payment_deadline)` index). Paging
+/// by cursor means rows that stay pending for a while (their change is on
+/// its way through the flow stream) cannot hide the ones behind them.
 pub async fn overdue_pending(
     pool: &MySqlPool,
     grace: Duration,
+    after: Option<SweepCursor>,
     limit: usize,
 ) -> anyhow::Result<Vec<PendingRow>> {
-    let rows: Vec<(u64, u64, i32)> = sqlx::query_as(
-        "SELECT sale_id, seq, qty FROM orders \
+    let (deadline, sale, seq) = after.unwrap_or((DateTime::<Utc>::UNIX_EPOCH, 0, 0));
+    let rows: Vec<(u64, u64, i32, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT sale_id, seq, qty, payment_deadline FROM orders \
          WHERE status = 'pending' \
            AND payment_deadline < UTC_TIMESTAMP(3) - INTERVAL ? MICROSECOND \
-         ORDER BY payment_deadline LIMIT ?",
+           AND (payment_deadline > ? OR (payment_deadline = ? \
+                AND (sale_id > ? OR (sale_id = ? AND seq > ?)))) \
+         ORDER BY payment_deadline, sale_id, seq LIMIT ?",
     )
     .bind(grace.as_micros() as u64)
+    .bind(deadline)
+    .bind(deadline)
+    .bind(sale)
+    .bind(sale)
+    .bind(seq)
     .bind(limit as u64)
     .fetch_all(pool)
     .await?;
     rows.into_iter()
-        .map(|(sale, seq, qty)| {
+        .map(|(sale, seq, qty, deadline)| {
             Ok(PendingRow {
                 id: OrderId::new(SaleId::new(sale)?, seq),
                 qty,
+                deadline,
             })
         })
         .collect()

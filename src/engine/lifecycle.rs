@@ -265,7 +265,7 @@ impl Engine {
             .run_order_script(
                 &self.scripts.refund,
                 id.sale(),
-                &[],
+                &[&self.keys.sale(id.sale()).dead_refunds],
                 &[
                     &id.seq().to_string(),
                     &caller.map_or(String::new(), |u| u.to_string()),

@@ -22,7 +22,7 @@ pub use flow::{FlowEvent, FlowId, FlowRecord};
 pub use keys::{Keys, SaleKeys};
 pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reservation};
 pub use order::{Order, OrderStatus};
-pub use sale::{SaleSnapshot, SaleState, SaleTerms};
+pub use sale::{ResumePoint, SaleSnapshot, SaleState, SaleTerms};
 use scripts::Scripts;
 
 /// A failure to talk to Redis, or a reply the engine did not expect.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use redis::AsyncCommands;
 
-use super::{Engine, EngineError};
+use super::{Engine, EngineError, FlowId};
 use crate::domain::SaleId;
 
 /// A sale's terms and counters as Redis holds them, read with Redis's clock.
@@ -81,8 +81,6 @@ pub struct SaleTerms {
     pub price_cents: i64,
     /// Units put on sale.
     pub stock_total: i64,
-    /// Units available when loaded (the total for a new sale).
-    pub stock_available: i64,
     /// Most units one buyer may hold.
     pub per_user_limit: i64,
     /// Time to pay after reserving, in ms.
@@ -91,6 +89,34 @@ pub struct SaleTerms {
     pub start_ms: i64,
     /// Closing time, ms since the epoch (exclusive).
     pub end_ms: i64,
+    /// For a sale Redis lost: MySQL's settled state to resume from (`None`
+    /// for a new sale).
+    pub resume: Option<ResumePoint>,
+}
+
+/// MySQL's settled state of a sale, from which Redis resumes a sale it lost:
+/// its counters, its last order seq (new orders must not reuse one) and the
+/// reconciler's cursor (new flow records must sort after it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResumePoint {
+    /// Units on sale.
+    pub available: i64,
+    /// Units in pending orders.
+    pub pending: i64,
+    /// Units in paid orders.
+    pub paid: i64,
+    /// Units of cancelled orders.
+    pub cancelled: i64,
+    /// Units of closed orders.
+    pub closed: i64,
+    /// Units refunded.
+    pub refunded: i64,
+    /// Refunded units put back on sale.
+    pub restocked: i64,
+    /// The highest order seq MySQL holds.
+    pub last_seq: u64,
+    /// The reconciler's cursor.
+    pub cursor: FlowId,
 }
 
 impl Engine {
@@ -98,27 +124,36 @@ impl Engine {
     /// changes); returns whether it was loaded now.
     pub async fn load_sale(&self, t: &SaleTerms) -> Result<bool, EngineError> {
         let keys = self.keys.sale(t.id);
+        let r = t.resume.unwrap_or(ResumePoint {
+            available: t.stock_total,
+            ..ResumePoint::default()
+        });
         let fields: [(&str, String); 18] = [
             ("sku", t.sku.clone()),
             ("title", t.title.clone()),
             ("price", t.price_cents.to_string()),
             ("total", t.stock_total.to_string()),
-            ("avail", t.stock_available.to_string()),
-            ("pending", "0".into()),
-            ("paid", "0".into()),
-            ("cancelled", "0".into()),
-            ("closed", "0".into()),
-            ("refunded", "0".into()),
-            ("restocked", "0".into()),
+            ("avail", r.available.to_string()),
+            ("pending", r.pending.to_string()),
+            ("paid", r.paid.to_string()),
+            ("cancelled", r.cancelled.to_string()),
+            ("closed", r.closed.to_string()),
+            ("refunded", r.refunded.to_string()),
+            ("restocked", r.restocked.to_string()),
             ("refunds_waiting", "0".into()),
             ("refunds_dead", "0".into()),
             ("limit", t.per_user_limit.to_string()),
             ("window_ms", t.payment_window_ms.to_string()),
             ("start_ms", t.start_ms.to_string()),
             ("end_ms", t.end_ms.to_string()),
-            ("seq", "0".into()),
+            ("seq", r.last_seq.to_string()),
         ];
         let mut inv = self.scripts.load_sale.key(&keys.sale);
+        inv.key(&keys.flow).arg(if r.cursor == FlowId::default() {
+            String::new()
+        } else {
+            r.cursor.to_string()
+        });
         for (f, v) in &fields {
             inv.arg(*f).arg(v);
         }

@@ -21,7 +21,9 @@ use crate::domain::UserId;
 struct Claims {
     sub: String,
     exp: u64,
-    iat: u64,
+    /// Optional: the contract requires only `sub` and `exp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
 }
 
 /// Issues buyer tokens (`flashsale token`, tests, load tests).
@@ -32,7 +34,7 @@ pub fn issue_token(secret: &SecretString, user: UserId, ttl_secs: u64) -> anyhow
     let claims = Claims {
         sub: user.to_string(),
         exp: now + ttl_secs,
-        iat: now,
+        iat: Some(now),
     };
     let key = EncodingKey::from_secret(secret.expose_secret().as_bytes());
     Ok(jsonwebtoken::encode(

@@ -115,8 +115,19 @@ impl ExpiryWorker {
         let mut out = StepOutcome::default();
         let mut due = 0;
         let mut refunds_waiting = 0;
-        for sale in self.engine.sale_ids().await? {
-            let batch = self.engine.expire(sale, self.opts.batch).await?;
+        let sales = self.engine.sale_ids().await?;
+        let mut failed = 0;
+        for &sale in &sales {
+            // One sale's failure must not hold up the others' deadlines.
+            let batch = match self.engine.expire(sale, self.opts.batch).await {
+                Ok(b) => b,
+                Err(e) if failed + 1 < sales.len() => {
+                    failed += 1;
+                    tracing::warn!(sale = %sale, error = %e, "expiry of this sale failed; the others go on");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             out.closed += batch.closed;
             out.more_due |= batch.still_due > 0;
             out.now_ms = out.now_ms.max(batch.now_ms);

@@ -84,10 +84,28 @@ impl Reconciler {
     pub async fn try_step(&self) -> anyhow::Result<StepOutcome> {
         let mut out = StepOutcome::default();
         let sales = self.engine.sale_ids().await?;
+        let mut failed = 0;
+        let mut last_error = None;
         for &sale in &sales {
-            let n = self.reconcile_sale(sale).await?;
-            out.applied += n;
-            out.more |= n >= self.opts.max_batch;
+            // One sale's failure (a record MySQL refuses, a deadlock) must
+            // not hold up the others.
+            match self.reconcile_sale(sale).await {
+                Ok(n) => {
+                    out.applied += n;
+                    out.more |= n >= self.opts.max_batch;
+                }
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(sale = %sale, error = %format!("{e:#}"), "reconciling this sale failed; the others go on");
+                    last_error = Some(e);
+                }
+            }
+        }
+        if let Some(e) = last_error.filter(|_| failed == sales.len()) {
+            return Err(e); // everything failed: MySQL or Redis is down; back off
+        }
+        if failed > 0 {
+            self.metrics.reconciler_retries.inc();
         }
         self.measure_backlog(&sales).await?;
         Ok(out)

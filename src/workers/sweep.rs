@@ -54,6 +54,8 @@ pub struct Sweeper {
     db: MySqlPool,
     metrics: Arc<Metrics>,
     opts: SweepOptions,
+    /// Where the last sweep left off (None: from the oldest).
+    after: tokio::sync::Mutex<Option<queries::SweepCursor>>,
 }
 
 impl Sweeper {
@@ -64,13 +66,24 @@ impl Sweeper {
             db,
             metrics,
             opts,
+            after: Default::default(),
         }
     }
 
     /// One sweep.
     pub async fn try_step(&self) -> anyhow::Result<SweepOutcome> {
         let mut out = SweepOutcome::default();
-        let overdue = queries::overdue_pending(&self.db, self.opts.grace, self.opts.batch).await?;
+        let mut after = self.after.lock().await;
+        let overdue =
+            queries::overdue_pending(&self.db, self.opts.grace, *after, self.opts.batch).await?;
+        // A short page means the end: the next sweep starts from the oldest.
+        *after = match overdue.last() {
+            Some(last) if overdue.len() == self.opts.batch => {
+                Some((last.deadline, last.id.sale().get(), last.id.seq()))
+            }
+            _ => None,
+        };
+        drop(after);
         for row in overdue {
             out.examined += 1;
             match self.engine.order(row.id).await? {

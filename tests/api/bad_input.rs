@@ -225,8 +225,16 @@ async fn bad_reservations_are_refused_and_change_nothing() {
 
     assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
 
-    // An empty body means one unit, and the buyer is not blocked by the above.
-    let res = post(&buyer).send().await.unwrap();
+    // An empty body means one unit.
+    let res = post(&buyer_token(4)).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    // The contract requires only sub and exp: a token without iat is fine.
+    let minimal = token_with(json!({"sub": "3", "exp": 9_999_999_999u64}), JWT_SECRET);
+    let res = post(&minimal)
+        .json(&json!({"qty": 1}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 201);
     app.finish().await;
 }

@@ -449,3 +449,76 @@ async fn at_the_backlog_bound_reservations_wait_but_payments_go_on() {
     assert_eq!(app.sale_field(&sale, "avail").await, 8);
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_redis_lost_resumes_from_mysql_without_reusing_ids() {
+    let app = spawn_with(Target::fresh(), all_roles).await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    for u in 1..=5u64 {
+        let (_, o) = app.reserve(&sale, u, None).await;
+        if u <= 2 {
+            let id = o["order_id"].as_str().unwrap();
+            assert_eq!(app.pay(id, &format!("p{u}"), 1999).await.0, 200);
+        }
+    }
+    let k = app.sale_keys(&sale);
+    let mut c = app.engine.connection();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while c.xlen::<_, u64>(&k.flow).await.unwrap() > 0 {
+        assert!(std::time::Instant::now() < until);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let target = app.target.clone();
+    let mut app = app;
+    app.stop().await;
+    // Redis loses everything it held for the sale.
+    let _: () = c
+        .del(&[
+            &k.sale,
+            &k.buyers,
+            &k.orders,
+            &k.deadlines,
+            &k.flow,
+            &k.idem,
+        ])
+        .await
+        .unwrap();
+
+    let app = spawn_with(target, all_roles).await;
+    assert_eq!(
+        app.sale_field(&sale, "seq").await,
+        5,
+        "the order seq resumes"
+    );
+    assert_eq!(app.sale_field(&sale, "avail").await, 5);
+    assert_eq!(app.sale_field(&sale, "pending").await, 3);
+    assert_eq!(app.sale_field(&sale, "paid").await, 2);
+    let (s, o) = app.reserve(&sale, 6, None).await;
+    assert_eq!(s, 201);
+    assert_eq!(o["order_id"], format!("{sale}-6"), "no order id is reused");
+    let pool = sqlx::MySqlPool::connect(&app.target.database_url)
+        .await
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM orders")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if n == 6 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the new order never reached MySQL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (pending,): (i32,) = sqlx::query_as("SELECT pending FROM inventory")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 4);
+    pool.close().await;
+    app.finish().await;
+}

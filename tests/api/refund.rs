@@ -244,6 +244,12 @@ async fn a_refund_that_never_settles_reaches_the_dead_letter_and_changes_nothing
         metrics.contains("flashsale_refunds_dead_lettered_total 1"),
         "{metrics}"
     );
+
+    // Asking again takes it out of the dead-letter and back on the queue.
+    let (s, _) = refund(&app, &id, &buyer_token(1)).await;
+    assert_eq!(s, 202);
+    assert_eq!(app.sale_field(&sale, "refunds_dead").await, 0);
+    assert_eq!(app.sale_field(&sale, "refunds_waiting").await, 1);
     app.finish().await;
 }
 
