@@ -50,6 +50,7 @@ fn engine(url: &str, prefix: &str) -> anyhow::Result<Engine> {
         timeout: Duration::from_secs(10),
         flow_backlog_limit: u64::MAX,
         refunds: Default::default(),
+        sold_out_ttl: Duration::ZERO,
     })
 }
 

@@ -86,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
         timeout: Duration::from_secs(10),
         flow_backlog_limit: u64::MAX,
         refunds: Default::default(),
+        sold_out_ttl: Duration::ZERO,
     })?;
     e.load_scripts().await?;
     let reconciler = || {

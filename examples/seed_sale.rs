@@ -48,7 +48,9 @@ async fn main() -> anyhow::Result<()> {
     let e = &engine;
     stream::iter(1..=args.orders)
         .for_each_concurrent(64, |u| async move {
-            let r = e.reserve(sale, UserId::new(u).unwrap(), Qty::default(), None).await;
+            let r = e
+                .reserve(sale, UserId::new(u).unwrap(), Qty::default(), None)
+                .await;
             let Ok(Reservation::Created(o)) = r else {
                 panic!("{r:?}");
             };

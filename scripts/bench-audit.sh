@@ -16,7 +16,8 @@ echo "| ---: | ---: | ---: | --- |"
 for n in "${sizes[@]}"; do
     tag="fsbench_audit_$$_$n"
     export DATABASE_URL="mysql://root@127.0.0.1:3306/$tag" FLASHSALE_KEY_PREFIX="$tag"
-    sale=$(target/release/examples/seed_sale --orders "$n" 2>/dev/null)
+    export FLASHSALE_FLOW_BACKLOG_LIMIT=100000000  # the seeding runs ahead of the reconciler
+    sale=$(target/release/examples/seed_sale --orders "$n" 2>/tmp/seed_sale.log) || { cat /tmp/seed_sale.log >&2; exit 2; }
     stats=$(mktemp)
     set +e
     /usr/bin/time -f '%e %M' -o "$stats" target/release/flashsale audit --sale "$sale" > /dev/null

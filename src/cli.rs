@@ -39,6 +39,9 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+        /// Print tokens for this many buyers from --user on, one per line.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
         #[command(flatten)]
         jwt: JwtConfig,
     },
@@ -143,12 +146,22 @@ async fn execute(command: Command) -> anyhow::Result<i32> {
             println!("database ready and migrated");
             Ok(0)
         }
-        Command::Token { user, ttl, jwt } => {
-            let user: UserId = user.parse().context("--user")?;
-            println!(
-                "{}",
-                crate::http::auth::issue_token(&jwt.jwt_secret, user, ttl)?
-            );
+        Command::Token {
+            user,
+            ttl,
+            count,
+            jwt,
+        } => {
+            let first: UserId = user.parse().context("--user")?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for n in 0..count {
+                let user = UserId::new(first.get() + n)?;
+                writeln!(
+                    out,
+                    "{}",
+                    crate::http::auth::issue_token(&jwt.jwt_secret, user, ttl)?
+                )?;
+            }
             Ok(0)
         }
         Command::Sale(SaleCommand::Create {

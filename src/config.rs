@@ -48,6 +48,12 @@ pub struct StoreConfig {
     )]
     pub flow_backlog_limit: u64,
 
+    /// How long, in ms, a process answers a sale sold out from memory after
+    /// Redis said so (0: always ask Redis). Units coming back through this
+    /// process reopen the sale at once; through another, within this time.
+    #[arg(long, env = "FLASHSALE_SOLD_OUT_TTL_MS", default_value_t = 100)]
+    pub sold_out_ttl_ms: u64,
+
     /// First retry of a refund waiting for its order to settle, in ms
     /// (doubling per attempt, with a spread per order).
     #[arg(long, env = "FLASHSALE_REFUND_RETRY_MS", default_value_t = 200)]
@@ -75,6 +81,7 @@ impl StoreConfig {
             key_prefix: self.key_prefix.clone(),
             timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
             flow_backlog_limit: self.flow_backlog_limit,
+            sold_out_ttl: Duration::from_millis(self.sold_out_ttl_ms),
             refunds: crate::engine::RefundPolicy {
                 first_retry: Duration::from_millis(self.refund_retry_ms.max(1)),
                 max_retry: Duration::from_millis(self.refund_retry_max_ms.max(1)),

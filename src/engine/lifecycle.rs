@@ -167,6 +167,10 @@ impl Engine {
         qty: Qty,
         idem: Option<&IdempotencyKey>,
     ) -> Result<Reservation, EngineError> {
+        // A retried key must still find its order, so it always asks Redis.
+        if idem.is_none() && self.sold_out.is_marked(sale) {
+            return Ok(Reservation::Refused(Refusal::SoldOut));
+        }
         let idem_key = self.keys.sale(sale).idem;
         let reply = self
             .run_order_script(
@@ -197,7 +201,10 @@ impl Engine {
             Some("not_found") => refused(Refusal::NotFound),
             Some("sale_not_started") => refused(Refusal::NotStarted),
             Some("sale_ended") => refused(Refusal::Ended),
-            Some("sold_out") => refused(Refusal::SoldOut),
+            Some("sold_out") => {
+                self.sold_out.mark(sale);
+                refused(Refusal::SoldOut)
+            }
             Some("limit_exceeded") => refused(Refusal::LimitExceeded),
             Some("backlog_full") => refused(Refusal::BacklogFull),
             _ => Err(EngineError::Protocol(format!("reserve: {reply:?}"))),
@@ -224,10 +231,15 @@ impl Engine {
         Ok(match reply.first().map(String::as_str) {
             Some("ok") => Payment::Paid(order()?),
             Some("dup") => Payment::AlreadyPaid(order()?),
-            Some("order_expired") => Payment::Expired {
-                order: order()?,
-                closed_now,
-            },
+            Some("order_expired") => {
+                if closed_now {
+                    self.sold_out.clear(id.sale());
+                }
+                Payment::Expired {
+                    order: order()?,
+                    closed_now,
+                }
+            }
             Some("order_not_pending") => Payment::NotPending(order()?),
             Some("amount_mismatch") => Payment::AmountMismatch(order()?),
             Some("not_found") => Payment::NotFound,
@@ -247,6 +259,9 @@ impl Engine {
             .await?;
         let order = || order_in(id, &reply);
         let closed_now = reply.get(2).is_some_and(|c| c == "1");
+        if reply.first().is_some_and(|t| t == "ok") || closed_now {
+            self.sold_out.clear(id.sale());
+        }
         Ok(match reply.first().map(String::as_str) {
             Some("ok") => Cancellation::Cancelled(order()?),
             Some("order_not_pending") => Cancellation::NotPending {
@@ -275,10 +290,16 @@ impl Engine {
             .await?;
         let order = || order_in(id, &reply);
         Ok(match reply.first().map(String::as_str) {
-            Some("ok") => Refund::Refunded {
-                order: order()?,
-                now: reply.get(2).is_some_and(|n| n == "1"),
-            },
+            Some("ok") => {
+                let now = reply.get(2).is_some_and(|n| n == "1");
+                if now {
+                    self.sold_out.clear(id.sale());
+                }
+                Refund::Refunded {
+                    order: order()?,
+                    now,
+                }
+            }
             Some("accepted") => Refund::Accepted(order()?),
             Some("order_not_paid") => Refund::NotPaid(order()?),
             Some("not_found") => Refund::NotFound,
@@ -306,6 +327,9 @@ impl Engine {
         let bad = || EngineError::Protocol(format!("expire: {reply:?}"));
         let head = reply.get(..8).ok_or_else(bad)?;
         let (closed, refunded) = (count(head[1]), count(head[5]));
+        if closed + refunded > 0 {
+            self.sold_out.clear(sale);
+        }
         let lateness_ms = reply.get(8..8 + closed).ok_or_else(bad)?.to_vec();
         let refund_wait_ms = reply
             .get(8 + closed..8 + closed + refunded)

@@ -12,6 +12,7 @@ mod lifecycle;
 pub mod order;
 mod sale;
 mod scripts;
+mod sold_out;
 
 use std::time::Duration;
 
@@ -52,6 +53,9 @@ pub struct EngineOptions {
     pub flow_backlog_limit: u64,
     /// How refunds of unsettled orders are retried.
     pub refunds: RefundPolicy,
+    /// How long this process answers a sale sold out from memory after
+    /// Redis said so (zero: always ask Redis).
+    pub sold_out_ttl: Duration,
 }
 
 /// Retries of refunds that wait for their order to settle.
@@ -84,6 +88,7 @@ pub struct Engine {
     timeout: Duration,
     flow_backlog_limit: u64,
     refunds: RefundPolicy,
+    sold_out: std::sync::Arc<sold_out::SoldOut>,
 }
 
 impl Engine {
@@ -108,6 +113,7 @@ impl Engine {
             timeout: opts.timeout,
             flow_backlog_limit: opts.flow_backlog_limit,
             refunds: opts.refunds,
+            sold_out: std::sync::Arc::new(sold_out::SoldOut::new(opts.sold_out_ttl)),
         })
     }
 

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The whole-engine benchmark: every figure beside its reference, measured in
+# one run on this machine, printed as one Markdown table (docs/BENCHMARKS.md
+# keeps the latest). Load goes to loopback only, bounded in count and time.
+#
+#   loadtest/bench.sh            # about 3 minutes
+#   SECS=5 loadtest/bench.sh     # shorter load phases
+#
+# Needs wrk and nginx (installed from Debian's packages when missing),
+# Redis and MariaDB (scripts/services.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS="${SECS:-10}"
+CONC=50
+HTTP_PORT="${HTTP_PORT:-18180}"
+NGINX_PORT="${NGINX_PORT:-18181}"
+scripts/services.sh >/dev/null
+for tool in wrk nginx; do
+    if ! command -v "$tool" >/dev/null; then
+        pkg=$tool; [ "$tool" = nginx ] && pkg=nginx-light
+        sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd=sudo
+        $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$pkg" >/dev/null
+    fi
+done
+cargo build --quiet --release --bin flashsale --example bench_mysql_hotrow \
+    --example bench_expiry --example bench_reconciler
+bin=target/release/flashsale
+work=$(mktemp -d)
+tag="fsbench_$$"
+export REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL="mysql://root@127.0.0.1:3306/$tag"
+export FLASHSALE_KEY_PREFIX="$tag" FLASHSALE_JWT_SECRET=bench-jwt FLASHSALE_ADMIN_TOKEN=bench-admin
+export FLASHSALE_PAYMENT_SECRET=bench-pay FLASHSALE_LISTEN="127.0.0.1:$HTTP_PORT" RUST_LOG=warn
+server=""
+nginx_pid=""
+cleanup() {
+    [ -n "$server" ] && kill "$server" 2>/dev/null || true
+    [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null || true
+    redis-cli --scan --pattern "$tag:*" | xargs -r -n 500 redis-cli del >/dev/null || true
+    mariadb -h 127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS \`$tag\`" || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# wrk's summary -> "req/s p50_ms p99_ms"
+wrk_run() { # label url [extra env...]
+    local out="$work/wrk-$1.txt"; shift
+    local url=$1; shift
+    env "$@" wrk -t2 -c"$CONC" -d"${SECS}s" --latency -s loadtest/wrk/reserve.lua "$url" > "$out"
+    python3 - "$out" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+def ms(v):
+    n, u = re.match(r"([\d.]+)(us|ms|s)", v).groups()
+    return float(n) * {"us": 0.001, "ms": 1, "s": 1000}[u]
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+p50 = ms(re.search(r"50%\s+(\S+)", t).group(1))
+p99 = ms(re.search(r"99%\s+(\S+)", t).group(1))
+print(f"{rps:.0f} {p50:.2f} {p99:.2f}")
+PY
+}
+
+"$bin" migrate >/dev/null
+"$bin" token --user 1 --count 20000 > "$work/tokens.txt"
+"$bin" serve > "$work/server.log" 2>&1 &
+server=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null && break; sleep 0.1; done
+mk_sale() { "$bin" sale create --sku "B-$1" --title bench --price-cents 100 --stock "$1" \
+    --per-user-limit "$2" --payment-window-secs 3600; }
+keys() { local p="$tag:{s$1}"; echo "$p:sale $p:buyers $p:orders $p:deadlines $p:flow $p:idem"; }
+
+# 1. Raw limit: redis-benchmark -P 1 running the reserve script by EVALSHA
+#    on keys of the same shape (a sale of its own).
+raw_sale=$(mk_sale 10000000 1000000)
+sha=$(redis-cli SCRIPT LOAD "$(cat lua/prelude.lua; echo; cat lua/reserve.lua)")
+raw_n=$((25000 * SECS))
+raw=$(redis-benchmark -c "$CONC" -P 1 -n "$raw_n" -r 100000000 -q \
+    EVALSHA "$sha" 6 $(keys "$raw_sale") __rand_int__ 1 "" 1000000000 | tr -d '\r' \
+    | grep -o '[0-9.]* requests per second' | cut -d' ' -f1)
+raw_made=$(redis-cli HLEN "$tag:{s$raw_sale}:orders")
+
+# 2. The HTTP reserve path at full speed (wrk, pre-made tokens, 50 connections).
+sale=$(mk_sale 10000000 1000000)
+read -r http_rps http_p50 http_p99 <<< "$(wrk_run reserve "http://127.0.0.1:$HTTP_PORT" SALE_ID="$sale" TOKENS="$work/tokens.txt")"
+made=$(redis-cli HLEN "$tag:{s$sale}:orders")
+reserve_rate=$(python3 -c "print(round($made / $SECS))")
+
+# 3. The same at half that rate (wrk paced per connection): latency.
+half_delay=$(python3 -c "print(max(1, round($CONC * 1000 / ($reserve_rate / 2))))")
+sale2=$(mk_sale 10000000 1000000)
+read -r half_rps half_p50 half_p99 <<< "$(wrk_run half "http://127.0.0.1:$HTTP_PORT" SALE_ID="$sale2" TOKENS="$work/tokens.txt" DELAY_MS="$half_delay")"
+
+# 4. Redis memory per pending order (sale of step 2), and the server's peak RSS.
+mem() { redis-cli MEMORY USAGE "$1" SAMPLES 0 | tr -d '\r'; }
+p="$tag:{s$sale}"
+bytes_with_flow=$(( $(mem "$p:orders") + $(mem "$p:deadlines") + $(mem "$p:buyers") + $(mem "$p:flow") ))
+bytes_settled=$(( $(mem "$p:orders") + $(mem "$p:deadlines") + $(mem "$p:buyers") ))
+
+# 5. The sold-out flood against nginx's `return 200`, same generator and load.
+soldout=$(mk_sale 1 1)
+TOKEN=$(head -1 "$work/tokens.txt")
+curl -s -X POST "http://127.0.0.1:$HTTP_PORT/api/v1/sales/$soldout/orders" -H "Authorization: Bearer $TOKEN" >/dev/null
+read -r so_rps so_p50 so_p99 <<< "$(wrk_run soldout "http://127.0.0.1:$HTTP_PORT" SALE_ID="$soldout" TOKENS="$work/tokens.txt")"
+rss_kb=$(grep VmHWM "/proc/$server/status" | awk '{print $2}')
+cat > "$work/nginx.conf" <<NGX
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    server { listen 127.0.0.1:$NGINX_PORT; location / { return 200 'ok'; } }
+}
+NGX
+nginx -c "$work/nginx.conf" -p "$work" -g 'daemon off;' &
+nginx_pid=$!
+sleep 0.5
+read -r ng_rps ng_p50 ng_p99 <<< "$(wrk_run nginx "http://127.0.0.1:$NGINX_PORT" SALE_ID=0 TOKENS="$work/tokens.txt")"
+kill "$nginx_pid"; nginx_pid=""
+
+kill "$server"; wait "$server" 2>/dev/null || true; server=""
+
+# 6. Without Redis: MySQL hot row + order insert per transaction, 64 in flight.
+hotrow=$(target/release/examples/bench_mysql_hotrow --concurrency 64 --secs "$SECS")
+
+# 7. Expiry and the reconciler (their own scripts, smaller sizes).
+target/release/examples/bench_expiry --orders 200000 --batches 128 --stream-secs "$SECS" > "$work/expiry.txt"
+drain=$(grep '^| 128 |' "$work/expiry.txt" | awk -F'|' '{gsub(/ /,"",$4); print $4}')
+late=$(grep -o 'p50 [0-9]* ms, p99 [0-9]* ms' "$work/expiry.txt")
+late_p99=$(echo "$late" | grep -o 'p99 [0-9]*' | cut -d' ' -f2)
+target/release/examples/bench_reconciler --records 100000 --lag-secs "$SECS" > "$work/rec.txt"
+rec=$(grep 'records persisted' "$work/rec.txt" | awk -F'|' '{gsub(/ /,"",$3); print $3}')
+
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+verdict() { python3 -c "print('meets' if $1 else 'misses')"; }
+cat <<TABLE
+machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; $(redis-server --version | cut -d' ' -f3); $(mariadb --version | grep -o 'Distrib [^,]*'); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2); nginx $(nginx -v 2>&1 | cut -d/ -f2)
+load phases: ${SECS} s each, ${CONC} connections; command: loadtest/bench.sh
+
+| measurement | figure | reference (same run) | ratio | target | verdict |
+| --- | ---: | ---: | ---: | ---: | --- |
+| HTTP reserve path, reservations/s (created orders counted) | $reserve_rate (wrk $http_rps req/s, p50 $http_p50 ms, p99 $http_p99 ms) | redis-benchmark -P 1 EVALSHA of the reserve script: $raw req/s ($raw_made orders made) | $(ratio "$reserve_rate" "$raw") | >= 1.0 | $(verdict "$reserve_rate >= $raw") |
+| reserve p99 at half the maximum rate | $half_p99 ms ($half_rps req/s, p50 $half_p50 ms) | | | <= 5 ms | $(verdict "$half_p99 <= 5") |
+| sold-out flood, requests/s | $so_rps (p99 $so_p99 ms) | nginx return 200: $ng_rps req/s (p99 $ng_p99 ms) | $(ratio "$so_rps" "$ng_rps") | >= 0.6 | $(verdict "$so_rps >= 0.6 * $ng_rps") |
+| HTTP reserve path against MySQL hot row + insert (64 in flight) | $reserve_rate/s | $hotrow tx/s | $(ratio "$reserve_rate" "$hotrow") | >= 20 | $(verdict "$reserve_rate >= 20 * $hotrow") |
+| reconciler, records/s into MariaDB | $rec | peak reserve rate: $reserve_rate/s | $(ratio "$rec" "$reserve_rate") | >= 1.0 | $(verdict "$rec >= $reserve_rate") |
+| expiry drain (1 worker, batch 128), orders/s | $drain | peak reserve rate: $reserve_rate/s | $(ratio "$drain" "$reserve_rate") | | |
+| expiry lateness, steady 2,000/s | $late | | | p99 <= 25 ms | $(verdict "$late_p99 <= 25") |
+| Redis bytes per pending order (orders + deadlines + buyers) | $((bytes_settled / made)) ($((bytes_with_flow / made)) with its flow record still waiting) | | | <= 200 | $(verdict "$bytes_settled / $made <= 200") |
+| server peak RSS | $((rss_kb / 1024)) MB | | | <= 100 MB | $(verdict "$rss_kb <= 102400") |
+TABLE

@@ -1,0 +1,39 @@
+-- wrk script for the seckill endpoint: POST /api/v1/sales/<SALE_ID>/orders
+-- with buyer tokens read from TOKENS (one JWT per line, made with
+-- `flashsale token --user 1 --count N`), taken in turn by each thread.
+-- DELAY_MS (optional) paces each connection, for a rate below the maximum.
+--
+--   SALE_ID=1 TOKENS=tokens.txt wrk -t2 -c50 -d10s --latency -s reserve.lua http://127.0.0.1:8080
+
+local tokens = {}
+for line in io.lines(os.getenv("TOKENS")) do
+  tokens[#tokens + 1] = line
+end
+local path = "/api/v1/sales/" .. os.getenv("SALE_ID") .. "/orders"
+local pace = tonumber(os.getenv("DELAY_MS") or "0")
+local counter = 0
+local offset = 0
+
+function setup(thread)
+  thread:set("offset", offset)
+  offset = offset + math.floor(#tokens / 4)
+end
+
+function init(args)
+  counter = offset or 0
+end
+
+function request()
+  counter = counter + 1
+  local token = tokens[(counter % #tokens) + 1]
+  return wrk.format("POST", path, {
+    ["Authorization"] = "Bearer " .. token,
+    ["Content-Type"] = "application/json",
+  }, '{"qty":1}')
+end
+
+if pace > 0 then
+  function delay()
+    return pace
+  end
+end
