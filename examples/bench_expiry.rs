@@ -87,7 +87,7 @@ async fn load_due_orders(e: &Engine, sale: SaleId, n: u64) -> anyhow::Result<()>
             p.hset(
                 &k.orders,
                 seq,
-                format!("pending|{seq}|1|100|{}|{deadline}||||", now - 120_000),
+                format!("pending|{seq}|1|100|{}|{deadline}|||||", now - 120_000),
             )
             .ignore();
             p.hset(&k.buyers, seq, 1).ignore();

@@ -6,7 +6,7 @@
 //! ```text
 //! SALE_ID=1 FLASHSALE_JWT_SECRET=dev-jwt-secret \
 //!   cargo run --release -p flashsale-goose -- --host http://127.0.0.1:8080 \
-//!   --users 50 --hatch-rate 50 --run-time 30s
+//!   --users 50 --increase-rate 50 --run-time 30s --threshold "error-rate<1%"
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
