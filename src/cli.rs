@@ -51,6 +51,9 @@ enum Command {
     /// Check that Redis, the flow backlog and MySQL agree (exit 0 clean,
     /// 1 findings, 2 could not run); `--repair` plans fixes, `--yes` applies them.
     Audit(AuditArgs),
+    /// Run a whole sale on the local services: a rush of simulated buyers,
+    /// payments, cancels, expiries, refunds, settlement and the audit.
+    Demo(Box<crate::demo::DemoArgs>),
 }
 
 #[derive(clap::Args, Debug)]
@@ -200,6 +203,7 @@ async fn execute(command: Command) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Audit(args) => audit(args).await,
+        Command::Demo(args) => crate::demo::run(*args).await,
         Command::Sale(SaleCommand::Show { id, store }) => {
             let id: SaleId = id.parse().context("--id")?;
             match engine(&store)?.sale(id).await? {

@@ -11,6 +11,8 @@ pub mod cli;
 pub mod config;
 /// MySQL: pool, migrations, queries.
 pub mod db;
+/// A whole sale, end to end, on the local services.
+pub mod demo;
 /// Validated ids and quantities, parsed once at the edge.
 pub mod domain;
 /// The Redis side: key layout and typed calls of the Lua scripts.

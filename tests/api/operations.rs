@@ -93,3 +93,29 @@ async fn the_cli_creates_a_sale_and_issues_tokens_the_api_accepts() {
     assert_eq!(refused.status.code(), Some(1));
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_a_whole_sale_and_its_audit_is_clean() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args([
+            "demo",
+            "--buyers",
+            "600",
+            "--stock",
+            "100",
+            "--payment-window-secs",
+            "1",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("audit: clean"), "{stdout}");
+    assert!(stdout.contains("pending 0"), "{stdout}");
+}
