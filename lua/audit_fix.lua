@@ -18,22 +18,9 @@
 --
 -- Returns: 1 when applied, 0 when the state had moved on (audit again).
 
-local function last_flow_id()
-  if redis.call('EXISTS', KEYS[5]) == 0 then
-    return ''
-  end
-  local info = redis.call('XINFO', 'STREAM', KEYS[5])
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then
-      return info[i + 1]
-    end
-  end
-  return ''
-end
-
 local op = ARGV[1]
 if op == 'counters' then
-  if last_flow_id() ~= ARGV[2] then
+  if last_generated_id(KEYS[5]) ~= ARGV[2] then
     return 0
   end
   for i = 3, #ARGV, 2 do
@@ -41,7 +28,7 @@ if op == 'counters' then
   end
   return 1
 elseif op == 'buyer' then
-  if last_flow_id() ~= ARGV[2] then
+  if last_generated_id(KEYS[5]) ~= ARGV[2] then
     return 0
   end
   if tonumber(ARGV[4]) > 0 then

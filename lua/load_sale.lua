@@ -11,6 +11,8 @@
 -- ARGV[1]  the reconciler's cursor "<ms>-<seq>", or "" for a new sale
 -- ARGV[2..] field, value, field, value, ... (the whole sale hash)
 --
+-- (Helpers from prelude.lua.)
+--
 -- Returns: 1 when the sale was loaded, 0 when it was there already.
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -27,14 +29,9 @@ if cursor ~= '' then
   -- An entry just past the cursor, removed at once: the stream keeps it as
   -- its last generated id, so every later id sorts after the cursor.
   local floor = string.format('%d-%d', tonumber(ms), tonumber(seq) + 1)
-  local last = '0-0'
-  if redis.call('EXISTS', KEYS[2]) == 1 then
-    local info = redis.call('XINFO', 'STREAM', KEYS[2])
-    for i = 1, #info, 2 do
-      if info[i] == 'last-generated-id' then
-        last = info[i + 1]
-      end
-    end
+  local last = last_generated_id(KEYS[2])
+  if last == '' then
+    last = '0-0'
   end
   local lm, ls = string.match(last, '^(%d+)-(%d+)$')
   lm, ls = tonumber(lm), tonumber(ls)

@@ -125,3 +125,18 @@ local function release(seq, o, status, now)
   redis.call('ZREM', KEYS[4], seq)
   return save(seq, o, status == 'closed' and 'close' or 'cancel')
 end
+
+-- The last id a stream generated ('' when it never had an entry): unlike its
+-- last entry, it survives trimming and deletion.
+local function last_generated_id(stream)
+  if redis.call('EXISTS', stream) == 0 then
+    return ''
+  end
+  local info = redis.call('XINFO', 'STREAM', stream)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      return info[i + 1]
+    end
+  end
+  return ''
+end

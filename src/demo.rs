@@ -153,6 +153,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
 
     let settle = bars.add(ProgressBar::new_spinner());
     settle.set_prefix("settling");
+    let settle_started = Instant::now();
     loop {
         let s = engine.audit_snapshot(sale_id.parse()?).await?;
         let (pending, waiting, backlog) = s.as_ref().map_or((0, 0, 0), |s| {
@@ -164,6 +165,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         settle.tick();
         if pending == 0 && waiting == 0 && backlog == 0 {
             break;
+        }
+        if server.is_finished() || settle_started.elapsed() > Duration::from_secs(120) {
+            settle.abandon_with_message("did not settle within 2 minutes");
+            stop.cancel();
+            anyhow::bail!("the sale did not settle: {pending} pending, {waiting} refunds waiting, {backlog} records waiting");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -221,14 +227,20 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let clean = report.is_clean() && t.other.load(Ordering::Relaxed) == 0;
     crate::db::drop_database(&store.database_url).await.ok();
     let mut c = engine.connection();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*", store.key_prefix))
+    let k = engine.keys().sale(sale_id.parse()?);
+    let _: redis::RedisResult<()> = redis::cmd("DEL")
+        .arg(&[
+            k.sale,
+            k.buyers,
+            k.orders,
+            k.deadlines,
+            k.flow,
+            k.idem,
+            k.dead_refunds,
+        ])
+        .arg(engine.keys().sales_index())
         .query_async(&mut c)
-        .await
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
-    }
+        .await;
     Ok(if clean { 0 } else { 1 })
 }
 

@@ -9,7 +9,7 @@ use sqlx::MySqlPool;
 use super::{Finding, Fix, Report, Truth};
 use crate::db::{audit as q, ledger};
 use crate::domain::{OrderId, SaleId};
-use crate::engine::{Engine, Order};
+use crate::engine::{Engine, FlowId, Order};
 
 /// What happened to one planned repair.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -82,13 +82,11 @@ pub async fn apply(
     report: &Report,
 ) -> anyhow::Result<Vec<Applied>> {
     let mut plan: Vec<(&Finding, &Fix, &str)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for s in &report.sales {
         for f in &s.findings {
             if let Some(fix) = &f.fix {
-                if !plan
-                    .iter()
-                    .any(|(p, x, _)| p.sale_id == f.sale_id && *x == fix)
-                {
+                if seen.insert((f.sale_id.as_str(), format!("{fix:?}"))) {
                     plan.push((f, fix, &s.last_flow));
                 }
             }
@@ -149,17 +147,25 @@ async fn apply_one(
             let Some(order) = engine.order(OrderId::new(sale, *seq)).await? else {
                 return Ok(false);
             };
+            // Safe only when no record of this order can still reach MySQL:
+            // it is settled, or (a lost record) none of its records waits.
+            let settled = order.last_flow.parse::<FlowId>().is_ok_and(|l| l <= cursor);
+            let safe =
+                settled || (*mark_settled && !backlog_has(engine, sale, cursor, *seq).await?);
+            if !safe {
+                return Ok(false);
+            }
             q::force_order(&mut tx, &order).await?;
             q::recompute_inventory(&mut tx, sale).await?;
             tx.commit().await?;
             if *mark_settled {
-                cas(vec![
+                return Ok(cas(vec![
                     "mark_settled".into(),
                     seq.to_string(),
                     order.pack(),
                     cursor.to_string(),
                 ])
-                .await?;
+                .await?);
             }
             true
         }
@@ -176,13 +182,14 @@ async fn apply_one(
             let Some(mut order) = rows.get(seq).cloned() else {
                 return Ok(false);
             };
-            let cursor: Option<(u64, u64)> =
+            ledger::ensure_cursor(db, sale).await?;
+            let (ms, last): (u64, u64) =
                 sqlx::query_as("SELECT last_ms, last_seq FROM reconcile_cursors WHERE sale_id = ?")
                     .bind(sale.get())
-                    .fetch_optional(db)
+                    .fetch_one(db)
                     .await?;
             // Settled: MySQL holds all of it.
-            order.last_flow = cursor.map_or(String::new(), |(ms, s)| format!("{ms}-{s}"));
+            order.last_flow = FlowId { ms, seq: last }.to_string();
             cas(vec!["restore_order".into(), seq.to_string(), order.pack()]).await?
         }
         Fix::RecomputeRedisCounters => recompute_redis_counters(engine, sale).await?,
@@ -211,6 +218,26 @@ async fn apply_one(
         }
         Fix::LoadSale => crate::sales::load_missing(db, engine, Some(sale)).await? > 0,
     })
+}
+
+/// Whether a flow record of order `seq` waits after `cursor`.
+async fn backlog_has(
+    engine: &Engine,
+    sale: SaleId,
+    cursor: FlowId,
+    seq: u64,
+) -> anyhow::Result<bool> {
+    let mut after = cursor;
+    loop {
+        let page = engine.read_flow(sale, after, 1000).await?;
+        if page.iter().any(|r| r.order.id.seq() == seq) {
+            return Ok(true);
+        }
+        match page.last() {
+            Some(r) if page.len() == 1000 => after = r.id,
+            _ => return Ok(false),
+        }
+    }
 }
 
 /// Sums Redis's orders (paged) and sets the counters, unless the sale moved

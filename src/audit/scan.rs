@@ -79,19 +79,25 @@ pub(super) async fn audit_sale(
             ..SaleReport::default()
         },
     };
-    ledger::ensure_cursor(db, sale).await.ok();
+    // A missing sale (foreign key) makes this fail; the inventory read tells.
+    let has_cursor = ledger::ensure_cursor(db, sale).await.is_ok();
 
     // 1. One consistent moment: the cursor locked, Redis read atomically,
     //    MySQL's inventory and order sums, and the records in between.
     let mut tx = db.begin().await?;
-    let cursor = q::lock_cursor(&mut tx, sale).await;
+    let cursor = if has_cursor {
+        Some(q::lock_cursor(&mut tx, sale).await?)
+    } else {
+        None
+    };
     let snap = engine.audit_snapshot(sale).await?;
     let inventory = q::inventory(&mut tx, sale).await?;
-    let (Ok(cursor), Some((inv, end_ms))) = (cursor, inventory) else {
+    let (Some(cursor), Some((inv, end_ms))) = (cursor, inventory) else {
         tx.rollback().await?;
-        if let Some(s) = snap {
-            cx.report.redis = Some(redis_counters(&s));
-        }
+        let Some(s) = snap else {
+            anyhow::bail!("no sale {sale} in Redis or MySQL");
+        };
+        cx.report.redis = Some(redis_counters(&s));
         cx.find(
             "sale_missing_in_mysql",
             None,
@@ -117,7 +123,7 @@ pub(super) async fn audit_sale(
         return Ok(cx.report);
     };
     let mysql_sums = q::order_sums(&mut tx, sale, inv.total).await?;
-    let mut plus = inv;
+    let mut pending_changes = ledger::Deltas::default();
     let mut backlog = 0u64;
     let mut oldest: Option<FlowId> = None;
     let last: Option<FlowId> = snap.last_flow.parse().ok();
@@ -126,14 +132,7 @@ pub(super) async fn audit_sale(
         let page = engine.read_flow(sale, after, PAGE as usize).await?;
         let mut done = page.is_empty();
         for r in page.iter().filter(|r| r.id <= last) {
-            let d = ledger::Deltas::of(r);
-            plus.available += d.available;
-            plus.pending += d.pending;
-            plus.paid += d.paid;
-            plus.cancelled += d.cancelled;
-            plus.closed += d.closed;
-            plus.refunded += d.refunded;
-            plus.restocked += d.restocked;
+            pending_changes.add(ledger::Deltas::of(r));
             backlog += 1;
             oldest.get_or_insert(r.id);
         }
@@ -146,6 +145,7 @@ pub(super) async fn audit_sale(
         }
     }
     tx.rollback().await?;
+    let plus = inv.plus(&pending_changes);
 
     let redis = redis_counters(&snap);
     cx.report.last_flow = snap.last_flow.clone();
@@ -157,7 +157,22 @@ pub(super) async fn audit_sale(
     check_counters(&mut cx, &redis, &inv, &mysql_sums, &plus);
 
     // 2. Order by order, MySQL read before Redis (see `compare_order`).
-    let max_seq = snap.num("seq").max(0) as u64;
+    // Orders MySQL holds beyond Redis's counter (a Redis that lost writes)
+    // are scanned too.
+    let mysql_max = q::max_seq(db, sale).await?;
+    let redis_max = snap.num("seq").max(0) as u64;
+    if mysql_max > redis_max {
+        cx.find(
+            "order_seq_behind",
+            None,
+            format!("Redis's order counter is {redis_max}, MySQL holds orders up to {mysql_max}: new orders would reuse ids"),
+            Some(json!({"seq": redis_max})),
+            Some(json!({"max_seq": mysql_max})),
+            None,
+            None,
+        );
+    }
+    let max_seq = redis_max.max(mysql_max);
     let bar = progress(opts.progress, max_seq);
     let mut sums = q::Counters {
         total: redis.total,
@@ -243,7 +258,25 @@ pub(super) async fn audit_sale(
                 | "flow_record_lost"
         )
     });
+    let before_buyers = cx.report.findings.len();
     check_buyers(&mut cx, limit, still && backlog == 0 && mirrored).await?;
+    let moved = engine
+        .audit_snapshot(sale)
+        .await?
+        .is_none_or(|a| a.last_flow != snap.last_flow);
+    if moved && cx.report.findings.len() > before_buyers {
+        // A reserve or cancel between the reads: those differences are not findings.
+        let kept: Vec<_> = cx
+            .report
+            .findings
+            .drain(before_buyers..)
+            .filter(|f| f.kind != "buyer_units")
+            .collect();
+        cx.report.findings.extend(kept);
+        cx.report
+            .skipped
+            .push("buyers' units against their orders: the sale changed during the check".into());
+    }
     check_due_queue(&mut cx).await?;
     check_dead_refunds(&mut cx, snap.now_ms).await?;
     if backlog > 0 && cx.report.oldest_backlog_ms > grace_ms {
@@ -339,7 +372,12 @@ fn check_counters(
             ),
             Some(json!(redis)),
             Some(json!(plus)),
-            Some(Fix::RecomputeMysqlInventory),
+            // MySQL that adds up to its own orders is not the side that drifted.
+            Some(if inv == mysql_sums {
+                Fix::RecomputeRedisCounters
+            } else {
+                Fix::RecomputeMysqlInventory
+            }),
             Some(Truth::RedisOrders),
         );
     }

@@ -37,6 +37,20 @@ impl Counters {
         self.available + self.pending + self.paid + self.refunded - self.restocked
     }
 
+    /// These counters moved by `d` (the total stays).
+    pub fn plus(&self, d: &crate::db::ledger::Deltas) -> Self {
+        Self {
+            total: self.total,
+            available: self.available + d.available,
+            pending: self.pending + d.pending,
+            paid: self.paid + d.paid,
+            cancelled: self.cancelled + d.cancelled,
+            closed: self.closed + d.closed,
+            refunded: self.refunded + d.refunded,
+            restocked: self.restocked + d.restocked,
+        }
+    }
+
     /// The counters' names and values, in a fixed order.
     pub fn fields(&self) -> [(&'static str, i64); 8] {
         [
@@ -163,6 +177,17 @@ pub async fn order_sums(
     }
     c.available = total - c.pending - c.paid - c.refunded + c.restocked;
     Ok(c)
+}
+
+/// The highest order seq MySQL holds for `sale` (0 when none).
+pub async fn max_seq(pool: &MySqlPool, sale: SaleId) -> sqlx::Result<u64> {
+    let (m,): (u64,) = sqlx::query_as(
+        "SELECT CAST(COALESCE(MAX(seq), 0) AS UNSIGNED) FROM orders WHERE sale_id = ?",
+    )
+    .bind(sale.get())
+    .fetch_one(pool)
+    .await?;
+    Ok(m)
 }
 
 /// Orders of `sale` with seq in `from..=to`, by seq.

@@ -114,7 +114,8 @@ impl Deltas {
         d
     }
 
-    fn add(&mut self, o: Self) {
+    /// Adds another change's deltas.
+    pub fn add(&mut self, o: Self) {
         self.available += o.available;
         self.pending += o.pending;
         self.paid += o.paid;

@@ -2,7 +2,7 @@
 //!
 //! `redis::Script` sends EVALSHA and falls back to sending the source when
 //! Redis answers NOSCRIPT, so a restarted Redis needs no special handling.
-//! Order scripts get `lua/prelude.lua` (shared helpers) prepended.
+//! Scripts that share helpers get `lua/prelude.lua` prepended.
 
 use redis::Script;
 use std::sync::Arc;
@@ -41,9 +41,9 @@ impl Default for Scripts {
             expire: order_script(include_str!("../../lua/expire.lua")),
             refund: order_script(include_str!("../../lua/refund.lua")),
             settle: plain(include_str!("../../lua/settle.lua")),
-            audit_snapshot: plain(include_str!("../../lua/audit_snapshot.lua")),
+            audit_snapshot: order_script(include_str!("../../lua/audit_snapshot.lua")),
             audit_fix: order_script(include_str!("../../lua/audit_fix.lua")),
-            load_sale: plain(include_str!("../../lua/load_sale.lua")),
+            load_sale: order_script(include_str!("../../lua/load_sale.lua")),
             sale_snapshot: plain(include_str!("../../lua/sale_snapshot.lua")),
         }
     }

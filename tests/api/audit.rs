@@ -143,7 +143,7 @@ async fn a_settled_sale_audits_clean_and_stays_clean_under_live_traffic() {
     .await;
     let sale = app
         .create_sale(SaleSpec {
-            stock: 20_000,
+            stock: 40_000,
             payment_window_secs: 1,
             ..SaleSpec::default()
         })
@@ -160,18 +160,17 @@ async fn a_settled_sale_audits_clean_and_stays_clean_under_live_traffic() {
     // Reserves, payments, cancels and expiries run while the audit reads.
     let engine = app.engine.clone();
     let sale_id = sale.parse().unwrap();
-    let traffic = tokio::spawn(async move { run_sale(&engine, sale_id, 12_000, 1_000).await });
-    let mut audits = 0;
+    let traffic = tokio::spawn(async move { run_sale(&engine, sale_id, 30_000, 1_000).await });
+    let mut within = 0;
     while !traffic.is_finished() {
         let (code, out) = audit(&app.target, &["--json"]).await;
         assert_eq!(code, 0, "a false finding under live traffic: {out}");
-        audits += 1;
+        if !traffic.is_finished() {
+            within += 1; // this audit began and ended while the traffic ran
+        }
     }
     traffic.await.unwrap();
-    assert!(
-        audits >= 2,
-        "the audit ran during the traffic ({audits} times)"
-    );
+    assert!(within >= 1, "no audit ran wholly during the traffic");
     wait_quiet(&app, &sale, Duration::from_secs(60)).await;
     let (code, out) = audit(&app.target, &[]).await;
     assert_eq!(code, 0, "{out}");

@@ -301,15 +301,7 @@ async fn an_unpaid_unit_is_buyable_again_soon_after_its_deadline() {
         "closed {late} ms after its deadline"
     );
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("flashsale_orders_total{event=\"closed\"} 1"),
         "{metrics}"

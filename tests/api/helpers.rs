@@ -267,6 +267,12 @@ impl TestApp {
         c.hget(self.sale_keys(sale).sale, field).await.unwrap()
     }
 
+    /// The `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        let res = self.client.get(self.url("/metrics")).send().await.unwrap();
+        res.text().await.unwrap()
+    }
+
     /// Stops the app gracefully and waits for it.
     pub async fn stop(&mut self) {
         self.shutdown.cancel();

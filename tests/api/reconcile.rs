@@ -324,15 +324,7 @@ async fn the_sweep_closes_an_overdue_order_that_redis_lost() {
         .await
         .unwrap();
     assert_eq!(logged.0, 1);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("flashsale_sweep_corrections_total 1"),
         "{metrics}"

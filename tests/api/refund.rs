@@ -103,15 +103,7 @@ async fn refunds_before_settlement_are_accepted_and_done_once_the_orders_settle(
     // Someone can buy again.
     let (s, _) = app.reserve(&sale, 9_999, None).await;
     assert_eq!(s, 201);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("flashsale_refunds_total{outcome=\"after_settlement\"} 500"),
         "{metrics}"
@@ -231,15 +223,7 @@ async fn a_refund_that_never_settles_reaches_the_dead_letter_and_changes_nothing
     assert_eq!(app.sale_field(&sale, "refunds_waiting").await, 0);
     let order = app.orders(&sale).await.into_values().next().unwrap();
     assert_eq!(order.status.as_str(), "refund_pending");
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("flashsale_refunds_dead_lettered_total 1"),
         "{metrics}"
