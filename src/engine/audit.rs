@@ -88,21 +88,55 @@ impl Engine {
         Ok(applied == 1)
     }
 
+    /// `command key item...` (HMGET, ZMSCORE): one answer per item.
+    async fn many<I, T>(
+        &self,
+        command: &str,
+        key: String,
+        items: &[I],
+    ) -> Result<Vec<T>, EngineError>
+    where
+        I: redis::ToRedisArgs + Sync,
+        T: redis::FromRedisValue,
+    {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd(command);
+        cmd.arg(&key).arg(items);
+        self.timed(async move { cmd.query_async(&mut c).await })
+            .await
+    }
+
+    /// `command key cursor COUNT 1000` (ZSCAN, HSCAN): the next cursor and the
+    /// page's field, value pairs.
+    async fn scan_page(
+        &self,
+        command: &str,
+        key: String,
+        cursor: u64,
+    ) -> Result<(u64, Vec<(String, String)>), EngineError> {
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd(command);
+        cmd.arg(&key).arg(cursor).arg("COUNT").arg(1000);
+        let (next, flat): (u64, Vec<String>) = self
+            .timed(async move { cmd.query_async(&mut c).await })
+            .await?;
+        let pairs = flat
+            .chunks_exact(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect();
+        Ok((next, pairs))
+    }
+
     /// The packed orders with these seqs (None where missing).
     pub async fn packed_orders(
         &self,
         sale: SaleId,
         seqs: &[u64],
     ) -> Result<Vec<Option<String>>, EngineError> {
-        if seqs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let key = self.keys.sale(sale).orders;
-        let mut c = self.conn.clone();
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(&key).arg(seqs);
-        self.timed(async move { cmd.query_async(&mut c).await })
-            .await
+        self.many("HMGET", self.keys.sale(sale).orders, seqs).await
     }
 
     /// The due-queue scores of these members (None where absent).
@@ -111,14 +145,7 @@ impl Engine {
         sale: SaleId,
         members: &[String],
     ) -> Result<Vec<Option<f64>>, EngineError> {
-        if members.is_empty() {
-            return Ok(Vec::new());
-        }
-        let key = self.keys.sale(sale).deadlines;
-        let mut c = self.conn.clone();
-        let mut cmd = redis::cmd("ZMSCORE");
-        cmd.arg(&key).arg(members);
-        self.timed(async move { cmd.query_async(&mut c).await })
+        self.many("ZMSCORE", self.keys.sale(sale).deadlines, members)
             .await
     }
 
@@ -128,16 +155,12 @@ impl Engine {
         sale: SaleId,
         cursor: u64,
     ) -> Result<(u64, Vec<(String, f64)>), EngineError> {
-        let key = self.keys.sale(sale).deadlines;
-        let mut c = self.conn.clone();
-        let mut cmd = redis::cmd("ZSCAN");
-        cmd.arg(&key).arg(cursor).arg("COUNT").arg(1000);
-        let (next, flat): (u64, Vec<String>) = self
-            .timed(async move { cmd.query_async(&mut c).await })
+        let (next, page) = self
+            .scan_page("ZSCAN", self.keys.sale(sale).deadlines, cursor)
             .await?;
-        let pairs = flat
-            .chunks_exact(2)
-            .map(|p| (p[0].clone(), p[1].parse().unwrap_or(0.0)))
+        let pairs = page
+            .into_iter()
+            .map(|(m, s)| (m, s.parse().unwrap_or(0.0)))
             .collect();
         Ok((next, pairs))
     }
@@ -148,16 +171,12 @@ impl Engine {
         sale: SaleId,
         cursor: u64,
     ) -> Result<(u64, Vec<(u64, i64)>), EngineError> {
-        let key = self.keys.sale(sale).buyers;
-        let mut c = self.conn.clone();
-        let mut cmd = redis::cmd("HSCAN");
-        cmd.arg(&key).arg(cursor).arg("COUNT").arg(1000);
-        let (next, flat): (u64, Vec<String>) = self
-            .timed(async move { cmd.query_async(&mut c).await })
+        let (next, page) = self
+            .scan_page("HSCAN", self.keys.sale(sale).buyers, cursor)
             .await?;
-        let pairs = flat
-            .chunks_exact(2)
-            .filter_map(|p| Some((p[0].parse().ok()?, p[1].parse().ok()?)))
+        let pairs = page
+            .into_iter()
+            .filter_map(|(u, n)| Some((u.parse().ok()?, n.parse().ok()?)))
             .collect();
         Ok((next, pairs))
     }
@@ -168,15 +187,7 @@ impl Engine {
         sale: SaleId,
         users: &[u64],
     ) -> Result<Vec<Option<i64>>, EngineError> {
-        if users.is_empty() {
-            return Ok(Vec::new());
-        }
-        let key = self.keys.sale(sale).buyers;
-        let mut c = self.conn.clone();
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(&key).arg(users);
-        self.timed(async move { cmd.query_async(&mut c).await })
-            .await
+        self.many("HMGET", self.keys.sale(sale).buyers, users).await
     }
 
     /// The dead-lettered refunds: seq -> "requested_ms|attempts".

@@ -304,13 +304,7 @@ pub struct OwnRedis {
 
 impl OwnRedis {
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(unique("fstest-redis"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let (port, dir) = (free_port(), fresh_dir("fstest-redis"));
         let mut r = Self {
             port,
             dir,
@@ -513,13 +507,7 @@ pub struct OwnMariaDb {
 
 impl OwnMariaDb {
     pub async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(unique("fstest-mariadb"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let (port, dir) = (free_port(), fresh_dir("fstest-mariadb"));
         let mut install = Command::new("mariadb-install-db");
         install
             .arg("--no-defaults")
@@ -595,4 +583,17 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// A TCP port nothing listens on right now.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A new empty directory under the system's temporary directory.
+fn fresh_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(tag));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
