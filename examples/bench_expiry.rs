@@ -51,6 +51,7 @@ fn engine(url: &str, prefix: &str) -> anyhow::Result<Engine> {
         flow_backlog_limit: u64::MAX,
         refunds: Default::default(),
         sold_out_ttl: Duration::ZERO,
+        batching: Default::default(),
     })
 }
 

@@ -66,10 +66,10 @@ fn invocation<'a>(
         .key(&k.deadlines)
         .key(&k.flow)
         .key(&k.idem)
+        .arg(u64::MAX)
         .arg(user)
         .arg(1)
-        .arg("")
-        .arg(u64::MAX);
+        .arg("");
     inv
 }
 
@@ -89,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         flow_backlog_limit: u64::MAX,
         refunds: Default::default(),
         sold_out_ttl: Duration::ZERO,
+        batching: Default::default(),
     })?;
     let script = redis::Script::new(RESERVE);
     let n = args.requests;
@@ -103,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
         .for_each_concurrent(conc, |u| {
             let (mut c, script, e) = (manager.clone(), &script, &e);
             async move {
-                let _: Vec<String> = invocation(script, e, s1, u)
+                let _: Vec<Vec<String>> = invocation(script, e, s1, u)
                     .invoke_async(&mut c)
                     .await
                     .unwrap();
@@ -127,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
             let (pool, script, e) = (&pool, &script, &e);
             async move {
                 let mut c = pool.get().await.unwrap();
-                let _: Vec<String> = invocation(script, e, s2, u)
+                let _: Vec<Vec<String>> = invocation(script, e, s2, u)
                     .invoke_async(&mut *c)
                     .await
                     .unwrap();
@@ -153,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
             let (pool, script, e) = (&pool, &script, &e);
             async move {
                 let mut c = pool.get().await.unwrap();
-                let _: Vec<String> = invocation(script, e, s3, u)
+                let _: Vec<Vec<String>> = invocation(script, e, s3, u)
                     .invoke_async(&mut *c)
                     .await
                     .unwrap();

@@ -87,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         flow_backlog_limit: u64::MAX,
         refunds: Default::default(),
         sold_out_ttl: Duration::ZERO,
+        batching: Default::default(),
     })?;
     e.load_scripts().await?;
     let reconciler = || {

@@ -54,6 +54,15 @@ pub struct StoreConfig {
     #[arg(long, env = "FLASHSALE_SOLD_OUT_TTL_MS", default_value_t = 100)]
     pub sold_out_ttl_ms: u64,
 
+    /// Most reservations of one sale combined into one Redis script call
+    /// (1: one call per reservation). Calls never wait to fill up.
+    #[arg(long, env = "FLASHSALE_RESERVE_BATCH", default_value_t = 32)]
+    pub reserve_batch: usize,
+
+    /// Combined reserve calls per sale on the wire at once.
+    #[arg(long, env = "FLASHSALE_RESERVE_IN_FLIGHT", default_value_t = 2)]
+    pub reserve_in_flight: usize,
+
     /// First retry of a refund waiting for its order to settle, in ms
     /// (doubling per attempt, with a spread per order).
     #[arg(long, env = "FLASHSALE_REFUND_RETRY_MS", default_value_t = 200)]
@@ -82,6 +91,10 @@ impl StoreConfig {
             timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
             flow_backlog_limit: self.flow_backlog_limit,
             sold_out_ttl: Duration::from_millis(self.sold_out_ttl_ms),
+            batching: crate::engine::Batching {
+                max: self.reserve_batch.max(1),
+                in_flight: self.reserve_in_flight.max(1),
+            },
             refunds: crate::engine::RefundPolicy {
                 first_retry: Duration::from_millis(self.refund_retry_ms.max(1)),
                 max_retry: Duration::from_millis(self.refund_retry_max_ms.max(1)),

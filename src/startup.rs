@@ -61,12 +61,14 @@ impl App {
             cfg.http.admin_token.clone(),
             cfg.http.payment_secret.clone(),
         );
+        let metrics = Metrics::default();
+        metrics.register_reserve_stats(engine.reserve_stats());
         Ok(Self {
             state: AppState {
                 engine,
                 db,
                 auth: Arc::new(auth),
-                metrics: Arc::new(Metrics::default()),
+                metrics: Arc::new(metrics),
                 wakeup: Arc::new(Wakeup::default()),
             },
             listener,

@@ -241,6 +241,21 @@ impl Metrics {
         out
     }
 
+    /// Adds the engine's reserve call counters to this registry.
+    pub fn register_reserve_stats(&self, stats: &crate::engine::ReserveStats) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.register(
+            "reserve_script_calls",
+            "Reserve script calls sent to Redis (each carries one or more reservations)",
+            stats.calls.clone(),
+        );
+        registry.register(
+            "reserve_script_reservations",
+            "Reservations carried by reserve script calls",
+            stats.reservations.clone(),
+        );
+    }
+
     /// Counts orders reaching `event` (`paid`, `cancelled`, `closed`).
     pub fn order_event(&self, event: &'static str, n: u64) {
         self.order_events

@@ -171,19 +171,9 @@ impl Engine {
         if idem.is_none() && self.sold_out.is_marked(sale) {
             return Ok(Reservation::Refused(Refusal::SoldOut));
         }
-        let idem_key = self.keys.sale(sale).idem;
         let reply = self
-            .run_order_script(
-                &self.scripts.reserve,
-                sale,
-                &[&idem_key],
-                &[
-                    &user.to_string(),
-                    &qty.get().to_string(),
-                    idem.map_or("", |k| k.as_str()),
-                    &self.flow_backlog_limit.to_string(),
-                ],
-            )
+            .combiner
+            .reserve(sale, || self.keys.sale(sale), user, qty, idem)
             .await?;
         let refused = |r| Ok(Reservation::Refused(r));
         let with_order = |make: fn(Order) -> Reservation| {

@@ -6,6 +6,7 @@
 //! the flow records that the scripts write to the system of record.
 
 mod audit;
+mod combiner;
 mod flow;
 pub mod keys;
 mod lifecycle;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use audit::AuditSnapshot;
+pub use combiner::{Batching, ReserveStats};
 pub use flow::{FlowEvent, FlowId, FlowRecord};
 pub use keys::{Keys, SaleKeys};
 pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reservation};
@@ -38,6 +40,9 @@ pub enum EngineError {
     /// A script answered with a shape its contract does not allow.
     #[error("unexpected reply from redis: {0}")]
     Protocol(String),
+    /// A combined reserve call failed (the message of the call's error).
+    #[error("{0}")]
+    Combined(String),
 }
 
 /// Connection settings for the engine.
@@ -56,6 +61,8 @@ pub struct EngineOptions {
     /// How long this process answers a sale sold out from memory after
     /// Redis said so (zero: always ask Redis).
     pub sold_out_ttl: Duration,
+    /// How concurrent reservations of one sale are combined.
+    pub batching: Batching,
 }
 
 /// Retries of refunds that wait for their order to settle.
@@ -86,9 +93,9 @@ pub struct Engine {
     keys: Keys,
     scripts: Scripts,
     timeout: Duration,
-    flow_backlog_limit: u64,
     refunds: RefundPolicy,
     sold_out: std::sync::Arc<sold_out::SoldOut>,
+    combiner: std::sync::Arc<combiner::Combiner>,
 }
 
 impl Engine {
@@ -106,20 +113,37 @@ impl Engine {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(200));
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let scripts = Scripts::default();
+        let combiner = combiner::Combiner::new(
+            combiner::ReserveCall {
+                conn: conn.clone(),
+                script: scripts.reserve.clone(),
+                timeout: opts.timeout,
+                backlog_limit: opts.flow_backlog_limit,
+                stats: ReserveStats::default(),
+            },
+            opts.batching,
+        );
         Ok(Self {
             conn,
             keys: Keys::new(&opts.key_prefix)?,
-            scripts: Scripts::default(),
+            scripts,
             timeout: opts.timeout,
-            flow_backlog_limit: opts.flow_backlog_limit,
             refunds: opts.refunds,
             sold_out: std::sync::Arc::new(sold_out::SoldOut::new(opts.sold_out_ttl)),
+            combiner: std::sync::Arc::new(combiner),
         })
     }
 
     /// The key layout in use.
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// Reserve script calls and the reservations they carried (their ratio
+    /// is how many reservations one call combines).
+    pub fn reserve_stats(&self) -> &ReserveStats {
+        self.combiner.stats()
     }
 
     /// A clone of the multiplexed connection, for callers outside the hot path

@@ -72,6 +72,8 @@ impl Target {
                 redis_timeout_ms: 1000,
                 flow_backlog_limit: 1_000_000,
                 sold_out_ttl_ms: 100,
+                reserve_batch: 32,
+                reserve_in_flight: 2,
                 refund_retry_ms: 100,
                 refund_retry_max_ms: 1000,
                 refund_dead_letter_secs: 3600,

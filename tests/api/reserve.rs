@@ -211,3 +211,145 @@ async fn an_order_is_seen_by_its_owner_and_the_admin_only() {
     assert_eq!(code(&body), "not_found");
     app.finish().await;
 }
+
+/// The reserve script as the engine sends it (prelude + reserve).
+fn reserve_script() -> redis::Script {
+    redis::Script::new(&format!(
+        "{}\n{}",
+        include_str!("../../lua/prelude.lua"),
+        include_str!("../../lua/reserve.lua")
+    ))
+}
+
+#[tokio::test]
+async fn one_combined_call_judges_each_reservation_as_if_it_came_alone() {
+    let app = spawn_app().await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 5,
+            per_user_limit: 2,
+            ..SaleSpec::default()
+        })
+        .await;
+    let k = app.sale_keys(&sale);
+    // (user, qty, idempotency key) -> the reply each must get.
+    let batch: [(u64, u32, &str, &str); 9] = [
+        (1, 1, "a", "ok"),            // seq 1
+        (1, 1, "a", "dup"),           // same key: the order of seq 1
+        (1, 1, "", "ok"),             // seq 2, user 1 now holds 2
+        (1, 1, "", "limit_exceeded"), // a third unit for user 1
+        (2, 2, "", "ok"),             // seq 3, 1 unit left
+        (3, 2, "", "sold_out"),       // wants 2, 1 left
+        (3, 1, "", "ok"),             // seq 4, stock gone
+        (4, 1, "", "sold_out"),
+        (1, 1, "a", "dup"), // a retry still finds its order
+    ];
+    let script = reserve_script();
+    let mut inv = script.prepare_invoke();
+    for key in [
+        &k.sale,
+        &k.buyers,
+        &k.orders,
+        &k.deadlines,
+        &k.flow,
+        &k.idem,
+    ] {
+        inv.key(key);
+    }
+    inv.arg(1_000_000);
+    for (user, qty, idem, _) in batch {
+        inv.arg(user).arg(qty).arg(idem);
+    }
+    let mut c = app.engine.connection();
+    let replies: Vec<Vec<String>> = inv.invoke_async(&mut c).await.unwrap();
+    assert_eq!(replies.len(), batch.len());
+    let seqs: Vec<Option<&str>> = replies
+        .iter()
+        .map(|r| r.get(1).map(String::as_str))
+        .collect();
+    for (i, (reply, (_, _, _, want))) in replies.iter().zip(batch).enumerate() {
+        assert_eq!(reply[0], want, "reservation {i}: {reply:?}");
+    }
+    assert_eq!(
+        seqs,
+        [
+            Some("1"),
+            Some("1"),
+            Some("2"),
+            None,
+            Some("3"),
+            None,
+            Some("4"),
+            None,
+            Some("1")
+        ]
+    );
+    // Each new order carries its own buyer, quantity and amount.
+    let order3 = flashsale::engine::Order::unpack(
+        flashsale::domain::OrderId::new(sale.parse().unwrap(), 3),
+        &replies[4][2],
+    )
+    .unwrap();
+    assert_eq!(
+        (order3.user.get(), order3.qty, order3.amount_cents),
+        (2, 2, 2 * 1999)
+    );
+
+    // The sale's counters, the buyers, the deadlines and the flow moved by
+    // exactly the four new orders.
+    assert_eq!(app.sale_field(&sale, "avail").await, 0);
+    assert_eq!(app.sale_field(&sale, "pending").await, 5);
+    assert_eq!(app.sale_field(&sale, "seq").await, 4);
+    let buyers: BTreeMap<String, i64> = c.hgetall(&k.buyers).await.unwrap();
+    let want: BTreeMap<String, i64> = [("1", 2), ("2", 2), ("3", 1)]
+        .into_iter()
+        .map(|(u, n)| (u.to_owned(), n))
+        .collect();
+    assert_eq!(buyers, want);
+    let due: i64 = c.zcard(&k.deadlines).await.unwrap();
+    let records: i64 = c.xlen(&k.flow).await.unwrap();
+    let orders: i64 = c.hlen(&k.orders).await.unwrap();
+    let keys_kept: i64 = c.hlen(&k.idem).await.unwrap();
+    assert_eq!((due, records, orders, keys_kept), (4, 4, 4, 1));
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_on_one_sale_is_combined_into_fewer_script_calls() {
+    let app = spawn_app().await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 300,
+            ..SaleSpec::default()
+        })
+        .await;
+    let id: flashsale::domain::SaleId = sale.parse().unwrap();
+    let stats = app.engine.reserve_stats().clone();
+    let (calls0, carried0) = (stats.calls.get(), stats.reservations.get());
+    // 600 buyers at once straight into the engine, limit 1 each, 300 units.
+    let results = join_all((1..=600u64).map(|user| {
+        let engine = app.engine.clone();
+        async move {
+            let user = flashsale::domain::UserId::new(user).unwrap();
+            let qty = flashsale::domain::Qty::new(1).unwrap();
+            engine.reserve(id, user, qty, None).await.unwrap()
+        }
+    }))
+    .await;
+    let created = results
+        .iter()
+        .filter(|r| matches!(r, flashsale::engine::Reservation::Created(_)))
+        .count();
+    assert_eq!(created, 300);
+    let calls = stats.calls.get() - calls0;
+    let carried = stats.reservations.get() - carried0;
+    // Refusals answered from the sold-out memory never reach Redis.
+    assert!(carried >= 300, "{carried}");
+    assert!(
+        calls * 2 < carried,
+        "{calls} calls for {carried} reservations"
+    );
+    assert_eq!(app.orders(&sale).await.len(), 300);
+    assert_eq!(app.sale_field(&sale, "avail").await, 0);
+    app.finish().await;
+}
