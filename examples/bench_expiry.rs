@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flashsale::domain::{Qty, SaleId, UserId};
+use flashsale::engine::keys::DUE_BUCKET;
 use flashsale::engine::{Engine, EngineOptions, Order, SaleTerms};
 use flashsale::telemetry::Metrics;
 use flashsale::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
@@ -81,6 +82,8 @@ async fn load_due_orders(e: &Engine, sale: SaleId, n: u64) -> anyhow::Result<()>
     let mut c = e.connection();
     let now = e.now_ms().await?;
     let chunk = 10_000;
+    // Each due-queue bucket is indexed by its earliest deadline.
+    let mut heads = std::collections::BTreeMap::<u64, i64>::new();
     for start in (1..=n).step_by(chunk) {
         let mut p = redis::pipe();
         for seq in start..(start + chunk as u64).min(n + 1) {
@@ -92,9 +95,14 @@ async fn load_due_orders(e: &Engine, sale: SaleId, n: u64) -> anyhow::Result<()>
             )
             .ignore();
             p.hset(&k.buyers, seq, 1).ignore();
-            p.zadd(&k.deadlines, seq, deadline).ignore();
+            p.zadd(k.due_bucket(seq), seq, deadline).ignore();
+            let head = heads.entry(seq / DUE_BUCKET).or_insert(deadline);
+            *head = (*head).min(deadline);
         }
         p.query_async::<()>(&mut c).await?;
+    }
+    for (bucket, head) in heads {
+        let _: () = c.zadd(&k.deadlines, bucket, head).await?;
     }
     let _: () = redis::pipe()
         .hset(&k.sale, "avail", 0)
@@ -106,12 +114,7 @@ async fn load_due_orders(e: &Engine, sale: SaleId, n: u64) -> anyhow::Result<()>
 }
 
 async fn drop_sale(e: &Engine, sale: SaleId) -> anyhow::Result<()> {
-    let k = e.keys().sale(sale);
-    let mut c = e.connection();
-    let _: () = c
-        .del(&[k.sale, k.buyers, k.orders, k.deadlines, k.flow, k.idem])
-        .await?;
-    let _: () = c.srem(e.keys().sales_index(), sale.get()).await?;
+    e.drop_sale_keys(sale).await?;
     Ok(())
 }
 

@@ -185,10 +185,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     for s in [sale, sale2] {
-        let k = e.keys().sale(s);
-        let _: () = c
-            .del(&[k.sale, k.buyers, k.orders, k.deadlines, k.flow, k.idem])
-            .await?;
+        e.drop_sale_keys(s).await?;
     }
     let _: () = c.del(e.keys().sales_index()).await?;
     pool.close().await;

@@ -2,7 +2,7 @@
 -- audit saw is still so (compare-and-set), so a repair never overwrites a
 -- change that live traffic made after the audit looked.
 --
--- KEYS[1..5]  sale, buyers, orders, deadlines, flow (see prelude.lua)
+-- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     refund dead-letter hash
 -- ARGV[1]     the repair:
 --   "counters"       ARGV[2] the flow stream's last-generated id the audit saw,
@@ -44,7 +44,7 @@ elseif op == 'restore_order' then
   redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
   local o = unpack_order(ARGV[3])
   if o.status == 'pending' then
-    redis.call('ZADD', KEYS[4], o.deadline, ARGV[2])
+    due_add(ARGV[2], ARGV[2], o.deadline)
   end
   return 1
 elseif op == 'drop_deadline' then
@@ -58,7 +58,7 @@ elseif op == 'drop_deadline' then
   if packed and unpack_order(packed).status == waiting then
     return 0
   end
-  return redis.call('ZREM', KEYS[4], member)
+  return due_remove(seq, member)
 elseif op == 'mark_settled' then
   if redis.call('HGET', KEYS[3], ARGV[2]) ~= ARGV[3] then
     return 0
@@ -74,18 +74,18 @@ elseif op == 'requeue_refund' then
   local now = now_ms()
   redis.call('HINCRBY', KEYS[1], 'refunds_dead', -1)
   redis.call('HINCRBY', KEYS[1], 'refunds_waiting', 1)
-  redis.call('ZADD', KEYS[4], now, refund_member(ARGV[2], 0, int(now)))
+  due_add(ARGV[2], refund_member(ARGV[2], 0, int(now)), now)
   return 1
 elseif op == 'add_deadline' then
   local packed = redis.call('HGET', KEYS[3], ARGV[2])
-  if not packed or redis.call('ZSCORE', KEYS[4], ARGV[2]) then
+  if not packed or redis.call('ZSCORE', due_key(due_bucket(ARGV[2])), ARGV[2]) then
     return 0
   end
   local o = unpack_order(packed)
   if o.status ~= 'pending' then
     return 0
   end
-  redis.call('ZADD', KEYS[4], o.deadline, ARGV[2])
+  due_add(ARGV[2], ARGV[2], o.deadline)
   return 1
 end
 return redis.error_reply('unknown repair ' .. tostring(op))

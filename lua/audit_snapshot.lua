@@ -3,7 +3,7 @@
 --
 -- KEYS[1]  sale hash
 -- KEYS[2]  flow stream
--- KEYS[3]  deadlines (due-queue)
+-- KEYS[3]  due-queue index (its buckets are KEYS[3]..':'..n)
 -- KEYS[4]  refund dead-letter hash
 --
 -- (Helpers from prelude.lua.)
@@ -16,7 +16,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   return {}
 end
 local now = int(now_ms())
-local out = {now, last_generated_id(KEYS[2]), redis.call('XLEN', KEYS[2]), redis.call('ZCARD', KEYS[3]),
+local due = 0
+for _, bucket in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  due = due + redis.call('ZCARD', KEYS[3] .. ':' .. bucket)
+end
+local out = {now, last_generated_id(KEYS[2]), redis.call('XLEN', KEYS[2]), due,
   redis.call('HLEN', KEYS[4])}
 local fields = redis.call('HGETALL', KEYS[1])
 for _, v in ipairs(fields) do

@@ -1,7 +1,7 @@
 -- cancel.lua: the buyer gives up a pending order; its units go back on sale.
 -- At or past the deadline the order is closed instead (the deadline decides).
 --
--- KEYS[1..5]  sale, buyers, orders, deadlines, flow (see prelude.lua)
+-- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- ARGV[1]     order seq
 -- ARGV[2]     the caller's user id (only the owner may cancel)
 --

@@ -5,9 +5,10 @@
 -- Claiming (ZREM) and acting happen in one call, so any number of workers in
 -- any number of processes can run this without locks, and a worker that dies
 -- between calls leaves nothing half done. Members are an order seq (its
--- payment deadline) or "r<seq>:<attempt>:<requested_ms>" (a refund retry).
+-- payment deadline) or "r<seq>:<attempt>:<requested_ms>" (a refund retry);
+-- buckets are worked off earliest first (see the due-queue in prelude.lua).
 --
--- KEYS[1..5]  sale, buyers, orders, deadlines (the due-queue), flow (see prelude.lua)
+-- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     refund dead-letter hash (seq -> "<requested_ms>|<attempts>")
 -- ARGV[1]     most entries to claim
 -- ARGV[2]     refund retry: first delay in ms (doubles per attempt)
@@ -17,11 +18,13 @@
 -- Returns: {claimed, closed, still_due, next_due_ms or -1, now_ms, refunded,
 --           dead_lettered, refunds_waiting,
 --           lateness_ms of each closed order..., wait_ms of each refund...}
+--          (still_due counts the due entries of the 16 earliest due buckets
+--          only: exact up to about a thousand, a lower bound beyond)
 
 local limit, first, longest, max_age =
   tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
-local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, limit)
+local claimed = 0
 local lateness, waits, dead = {}, {}, 0
 
 local function retry_refund(member)
@@ -48,25 +51,43 @@ local function retry_refund(member)
     -- Capped exponential backoff, with a spread that differs per order.
     local delay = math.min(longest, first * 2 ^ (attempt + 1))
     local spread = (now + tonumber(seq) * 7919) % (math.floor(delay / 4) + 1)
-    redis.call('ZADD', KEYS[4], now + delay + spread,
-      refund_member(seq, attempt + 1, int(requested)))
+    due_add(seq, refund_member(seq, attempt + 1, int(requested)), now + delay + spread)
   end
 end
 
-for _, member in ipairs(due) do
-  redis.call('ZREM', KEYS[4], member)
+local function work_off(member)
   if string.sub(member, 1, 1) == 'r' then
     retry_refund(member)
-  else
-    local packed = redis.call('HGET', KEYS[3], member)
-    if packed then
-      local o = unpack_order(packed)
-      if o.status == 'pending' then
-        release(member, o, 'closed', now)
-        table.insert(lateness, now - o.deadline)
-      end
+    return
+  end
+  local packed = redis.call('HGET', KEYS[3], member)
+  if packed then
+    local o = unpack_order(packed)
+    if o.status == 'pending' then
+      release(member, o, 'closed', now)
+      table.insert(lateness, now - o.deadline)
     end
   end
+end
+
+-- The earliest bucket first; each pass claims its due entries (all of them,
+-- up to the limit) and rescores it, so the loop ends.
+while claimed < limit do
+  local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  if not head[1] or tonumber(head[2]) > now then
+    break
+  end
+  local bucket = head[1]
+  local key = due_key(bucket)
+  local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, limit - claimed)
+  if #due > 0 then
+    redis.call('ZREM', key, unpack(due))
+  end
+  for _, member in ipairs(due) do
+    work_off(member)
+  end
+  claimed = claimed + #due
+  due_reindex(bucket)
 end
 
 local next_due = -1
@@ -74,7 +95,11 @@ local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
 if head[2] then
   next_due = tonumber(head[2])
 end
-local out = {#due, #lateness, redis.call('ZCOUNT', KEYS[4], '-inf', now), next_due, now,
+local still_due = 0
+for _, bucket in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 16)) do
+  still_due = still_due + redis.call('ZCOUNT', due_key(bucket), '-inf', now)
+end
+local out = {claimed, #lateness, still_due, next_due, now,
   #waits, dead, tonumber(redis.call('HGET', KEYS[1], 'refunds_waiting') or '0')}
 for _, l in ipairs(lateness) do
   table.insert(out, l)

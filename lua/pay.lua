@@ -2,7 +2,7 @@
 -- deadline has passed by Redis's clock (then the order is closed here and
 -- now, whether or not an expiry worker got to it: the deadline decides).
 --
--- KEYS[1..5]  sale, buyers, orders, deadlines, flow (see prelude.lua)
+-- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- ARGV[1]     order seq
 -- ARGV[2]     the gateway's payment id
 -- ARGV[3]     amount paid, in cents
@@ -44,5 +44,5 @@ o.paid = int(now)
 o.payment_id = payment_id
 redis.call('HINCRBY', KEYS[1], 'pending', -o.qty)
 redis.call('HINCRBY', KEYS[1], 'paid', o.qty)
-redis.call('ZREM', KEYS[4], seq)
+due_remove(seq, seq)
 return {'ok', save(seq, o, 'pay')}

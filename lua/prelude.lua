@@ -2,7 +2,7 @@
 --
 -- Order scripts share one KEYS layout, so the helpers below can name keys:
 --   KEYS[1] sale hash, KEYS[2] buyers hash, KEYS[3] orders hash,
---   KEYS[4] deadlines zset, KEYS[5] flow stream (KEYS[6]+ are script-specific).
+--   KEYS[4] due-queue index, KEYS[5] flow stream (KEYS[6]+ are script-specific).
 -- A packed order is
 --   status|user|qty|amount|created|deadline|paid|closed|refunded|flow|payment_id
 -- (times in ms by Redis's clock, empty when unset; flow is the id of the order's
@@ -21,6 +21,52 @@ end
 -- %d keeps large integers out of Lua's exponent notation.
 local function int(n)
   return string.format('%d', n)
+end
+
+-- The due-queue holds payment deadlines (member: the order seq) and refund
+-- retries (member: "r<seq>:<attempt>:<requested_ms>"), scored by when they
+-- fall due, in ms by Redis's clock. It is kept in buckets of DUE_BUCKET
+-- consecutive order seqs: the entries of order seq live in the sorted set
+-- KEYS[4]..':'..floor(seq / DUE_BUCKET), and KEYS[4] itself holds every
+-- non-empty bucket scored by its earliest entry. An order has one entry at
+-- most, so a bucket stays small enough for Redis's compact (listpack)
+-- encoding: about 15 bytes an entry, where one large sorted set takes ~100.
+-- (Mirrored in src/engine/keys.rs.)
+local DUE_BUCKET = 64
+
+local function due_bucket(seq)
+  return string.format('%d', math.floor(tonumber(seq) / DUE_BUCKET))
+end
+
+local function due_key(bucket)
+  return KEYS[4] .. ':' .. bucket
+end
+
+-- Scores bucket b in the index by its earliest entry, or drops it when empty.
+local function due_reindex(b)
+  local head = redis.call('ZRANGE', due_key(b), 0, 0, 'WITHSCORES')
+  if head[1] then
+    redis.call('ZADD', KEYS[4], head[2], b)
+  else
+    redis.call('ZREM', KEYS[4], b)
+  end
+end
+
+-- Queues `member` of order `seq`, due at `at` (ms).
+local function due_add(seq, member, at)
+  local b = due_bucket(seq)
+  redis.call('ZADD', due_key(b), at, member)
+  redis.call('ZADD', KEYS[4], 'LT', at, b)
+end
+
+-- Takes `member` of order `seq` off the queue; 1 if it was there, else 0.
+local function due_remove(seq, member)
+  local b = due_bucket(seq)
+  local removed = redis.call('ZREM', due_key(b), member)
+  if removed == 1 then
+    due_reindex(b)
+  end
+  return removed
 end
 
 local function unpack_order(packed)
@@ -122,7 +168,7 @@ local function release(seq, o, status, now)
   if redis.call('HINCRBY', KEYS[2], o.user, -o.qty) <= 0 then
     redis.call('HDEL', KEYS[2], o.user)
   end
-  redis.call('ZREM', KEYS[4], seq)
+  due_remove(seq, seq)
   return save(seq, o, status == 'closed' and 'close' or 'cancel')
 end
 

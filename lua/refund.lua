@@ -1,9 +1,8 @@
 -- refund.lua: refund a paid order, at once when MySQL has all of its flow
 -- records (the order is settled), otherwise accept it: the order becomes
--- refund_pending and a retry is queued in the sale's due-queue (the deadline
--- set), where the expiry workers carry it out once the order settles.
+-- refund_pending and a retry is queued in the sale's due-queue , where the expiry workers carry it out once the order settles.
 --
--- KEYS[1..5]  sale, buyers, orders, deadlines (the due-queue), flow (see prelude.lua)
+-- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     refund dead-letter hash (asking again takes a refund out of it)
 -- ARGV[1]     order seq
 -- ARGV[2]     the caller's user id, or "" for the admin
@@ -31,7 +30,7 @@ elseif o.status == 'refund_pending' then
     local now = now_ms()
     redis.call('HINCRBY', KEYS[1], 'refunds_dead', -1)
     redis.call('HINCRBY', KEYS[1], 'refunds_waiting', 1)
-    redis.call('ZADD', KEYS[4], now + delay, refund_member(seq, 0, int(now)))
+    due_add(seq, refund_member(seq, 0, int(now)), now + delay)
   end
   return {'accepted', packed}
 elseif o.status ~= 'paid' then
@@ -44,5 +43,5 @@ if settled(o) then
 end
 o.status = 'refund_pending'
 redis.call('HINCRBY', KEYS[1], 'refunds_waiting', 1)
-redis.call('ZADD', KEYS[4], now + delay, refund_member(seq, 0, int(now)))
+due_add(seq, refund_member(seq, 0, int(now)), now + delay)
 return {'accepted', save(seq, o, 'refund_request')}

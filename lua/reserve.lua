@@ -8,7 +8,7 @@
 -- own clock, never the caller's. One call with one reservation is the
 -- plain, unbatched reserve.
 --
--- KEYS[1..5]  sale, buyers, orders, deadlines, flow (see prelude.lua)
+-- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     idempotency hash ("<user>:<key>" -> order seq)
 -- ARGV[1]     flow backlog bound: at this many records waiting for MySQL,
 --             new reservations are refused
@@ -82,7 +82,6 @@ for i = 1, n do
       if idem ~= '' then
         redis.call('HSET', KEYS[6], idem_field, id)
       end
-      due[#due + 1] = deadline
       due[#due + 1] = id
       local order = {
         status = 'pending', user = user, qty = qty, amount = price * qty,
@@ -101,6 +100,18 @@ if reserved > 0 then
   for _, user in ipairs(buyers) do
     redis.call('HSET', KEYS[2], user, int(held[user]))
   end
-  redis.call('ZADD', KEYS[4], unpack(due))
+  -- One deadline for all (one clock reading): one ZADD per bucket touched.
+  local i = 1
+  while i <= #due do
+    local bucket = due_bucket(due[i])
+    local entries = {}
+    while i <= #due and due_bucket(due[i]) == bucket do
+      entries[#entries + 1] = deadline
+      entries[#entries + 1] = due[i]
+      i = i + 1
+    end
+    redis.call('ZADD', due_key(bucket), unpack(entries))
+    redis.call('ZADD', KEYS[4], 'LT', deadline, bucket)
+  end
 end
 return replies

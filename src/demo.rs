@@ -226,21 +226,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     server.await??;
     let clean = report.is_clean() && t.other.load(Ordering::Relaxed) == 0;
     crate::db::drop_database(&store.database_url).await.ok();
-    let mut c = engine.connection();
-    let k = engine.keys().sale(sale_id.parse()?);
-    let _: redis::RedisResult<()> = redis::cmd("DEL")
-        .arg(&[
-            k.sale,
-            k.buyers,
-            k.orders,
-            k.deadlines,
-            k.flow,
-            k.idem,
-            k.dead_refunds,
-        ])
-        .arg(engine.keys().sales_index())
-        .query_async(&mut c)
-        .await;
+    engine.drop_sale_keys(sale_id.parse()?).await.ok();
     Ok(if clean { 0 } else { 1 })
 }
 

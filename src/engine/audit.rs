@@ -145,24 +145,42 @@ impl Engine {
         sale: SaleId,
         members: &[String],
     ) -> Result<Vec<Option<f64>>, EngineError> {
-        self.many("ZMSCORE", self.keys.sale(sale).deadlines, members)
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = self.keys.sale(sale);
+        let mut pipe = redis::pipe();
+        for m in members {
+            // A member names its order: "<seq>" or "r<seq>:...".
+            let seq = m.trim_start_matches('r').split(':').next().unwrap_or("");
+            pipe.zscore(k.due_bucket(seq.parse().unwrap_or(0)), m);
+        }
+        let mut c = self.conn.clone();
+        self.timed(async move { pipe.query_async(&mut c).await })
             .await
     }
 
-    /// One page of the due-queue: (next cursor, members with scores).
+    /// One page of the due-queue: (next cursor, members with scores). A page
+    /// is a page of buckets, each read whole.
     pub async fn due_page(
         &self,
         sale: SaleId,
         cursor: u64,
     ) -> Result<(u64, Vec<(String, f64)>), EngineError> {
-        let (next, page) = self
-            .scan_page("ZSCAN", self.keys.sale(sale).deadlines, cursor)
+        let k = self.keys.sale(sale);
+        let (next, buckets) = self.scan_page("ZSCAN", k.deadlines.clone(), cursor).await?;
+        if buckets.is_empty() {
+            return Ok((next, Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for (bucket, _) in &buckets {
+            pipe.zrange_withscores(format!("{}:{bucket}", k.deadlines), 0, -1);
+        }
+        let mut c = self.conn.clone();
+        let pages: Vec<Vec<(String, f64)>> = self
+            .timed(async move { pipe.query_async(&mut c).await })
             .await?;
-        let pairs = page
-            .into_iter()
-            .map(|(m, s)| (m, s.parse().unwrap_or(0.0)))
-            .collect();
-        Ok((next, pairs))
+        Ok((next, pages.into_iter().flatten().collect()))
     }
 
     /// One page of the buyers hash: (next cursor, user -> units).

@@ -6,6 +6,10 @@
 
 use crate::domain::SaleId;
 
+/// Orders per due-queue bucket (`DUE_BUCKET` in `lua/prelude.lua`): small
+/// enough that a bucket keeps Redis's compact sorted-set encoding.
+pub const DUE_BUCKET: u64 = 64;
+
 /// Builds key names under one deployment prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -23,12 +27,43 @@ pub struct SaleKeys {
     pub idem: String,
     /// Hash: order sequence -> packed order.
     pub orders: String,
-    /// Sorted set: order sequence scored by payment deadline (ms).
+    /// The due-queue's index: sorted set of bucket numbers, each scored by
+    /// its bucket's earliest entry. Bucket `n` is the sorted set
+    /// `<deadlines>:<n>` of the entries (payment deadlines: the order seq;
+    /// refund retries: `r<seq>:<attempt>:<requested_ms>`) of orders
+    /// `n * DUE_BUCKET .. (n + 1) * DUE_BUCKET`, scored by when they fall
+    /// due (ms); see `lua/prelude.lua`.
     pub deadlines: String,
     /// Stream: flow records waiting for the reconciler.
     pub flow: String,
     /// Hash: refunds that never settled in time (seq -> requested ms|attempts).
     pub dead_refunds: String,
+}
+
+impl SaleKeys {
+    /// The due-queue bucket that holds the entries of order `seq`.
+    pub fn due_bucket(&self, seq: u64) -> String {
+        self.due_bucket_no(seq / DUE_BUCKET)
+    }
+
+    /// Due-queue bucket number `n`.
+    pub fn due_bucket_no(&self, n: u64) -> String {
+        format!("{}:{n}", self.deadlines)
+    }
+
+    /// A SCAN pattern that matches every key of the sale and no other.
+    pub fn pattern(&self) -> String {
+        let base = self.sale.strip_suffix(":sale").unwrap_or(&self.sale);
+        let mut out = String::with_capacity(base.len() + 3);
+        for c in base.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push_str(":*");
+        out
+    }
 }
 
 impl Keys {
@@ -90,5 +125,13 @@ mod tests {
             assert_eq!(&k[open..=close], "{s42}", "{k}");
         }
         assert!(Keys::new("a{b").is_err());
+        assert_eq!(keys.due_bucket(130), "fs:{s42}:deadlines:2");
+        assert_eq!(
+            Keys::new("a*b")
+                .unwrap()
+                .sale(SaleId::new(7).unwrap())
+                .pattern(),
+            "a\\*b:{s7}:*"
+        );
     }
 }

@@ -223,4 +223,36 @@ impl Engine {
             .filter_map(|id| SaleId::new(id).ok())
             .collect())
     }
+
+    /// Deletes every Redis key of `sale` and takes it off the sales index
+    /// (for throw-away sales: demo, benchmarks). Returns the keys deleted.
+    pub async fn drop_sale_keys(&self, sale: SaleId) -> Result<u64, EngineError> {
+        let pattern = self.keys.sale(sale).pattern();
+        let index = self.keys.sales_index();
+        let mut c = self.conn.clone();
+        self.timed(async move {
+            let mut deleted = 0;
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut c)
+                    .await?;
+                if !keys.is_empty() {
+                    deleted += c.del::<_, u64>(&keys).await?;
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            c.srem::<_, _, ()>(&index, sale.get()).await?;
+            Ok(deleted)
+        })
+        .await
+    }
 }

@@ -280,10 +280,27 @@ async fn a_stale_deadline_entry_is_found_and_dropped() {
     let k = app.sale_keys(&sale);
     let mut c = app.engine.connection();
     let later = app.redis_now_ms().await + 3_600_000;
-    let _: () = c.zadd(&k.deadlines, paid_seq, later).await.unwrap();
+    // An entry for the paid order in its bucket, the bucket indexed.
+    let _: () = c
+        .zadd(k.due_bucket(paid_seq), paid_seq, later)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(&k.deadlines)
+        .arg("LT")
+        .arg(later)
+        .arg(paid_seq / flashsale::engine::keys::DUE_BUCKET)
+        .query_async(&mut c)
+        .await
+        .unwrap();
     expect_found_and_repaired(&app, "stale_due_entry").await;
-    let score: Option<f64> = c.zscore(&k.deadlines, paid_seq).await.unwrap();
-    assert_eq!(score, None);
+    let id = sale.parse().unwrap();
+    let score = app
+        .engine
+        .due_scores(id, &[paid_seq.to_string()])
+        .await
+        .unwrap();
+    assert_eq!(score, [None]);
     app.finish().await;
 }
 

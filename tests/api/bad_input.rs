@@ -17,7 +17,7 @@ async fn sale_state(app: &TestApp, sale: &str) -> (HashMap<String, String>, i64,
         c.hgetall(&k.sale).await.unwrap(),
         c.hlen(&k.orders).await.unwrap(),
         c.hlen(&k.buyers).await.unwrap(),
-        c.zcard(&k.deadlines).await.unwrap(),
+        app.due_len(sale).await,
         c.xlen(&k.flow).await.unwrap(),
     )
 }

@@ -198,8 +198,14 @@ async fn a_worker_killed_mid_drain_leaves_nothing_half_done() {
         .await;
     let keys = app.sale_keys(&sale);
     let mut c = app.engine.connection();
-    let last: Vec<(String, i64)> = c.zrange_withscores(&keys.deadlines, -1, -1).await.unwrap();
-    while app.redis_now_ms().await <= last[0].1 {
+    let last = app
+        .due(&sale)
+        .await
+        .into_iter()
+        .map(|(_, at)| at as i64)
+        .max()
+        .unwrap();
+    while app.redis_now_ms().await <= last {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -224,7 +230,7 @@ async fn a_worker_killed_mid_drain_leaves_nothing_half_done() {
         || async { app.sale_field(&sale, "pending").await == 0 },
     )
     .await;
-    let overdue: i64 = c.zcard(&keys.deadlines).await.unwrap();
+    let overdue = app.due_len(&sale).await;
     assert_eq!(overdue, 0);
     assert_eq!(app.sale_field(&sale, "avail").await, N as i64);
     assert_eq!(app.sale_field(&sale, "closed").await, N as i64);
@@ -311,5 +317,115 @@ async fn an_unpaid_unit_is_buyable_again_soon_after_its_deadline() {
         "{metrics}"
     );
     assert!(metrics.contains("flashsale_expiry_due"), "{metrics}");
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bucketed_due_queue_stays_exact_compact_and_drains_to_nothing() {
+    let app = spawn_app().await; // no workers: expiry is driven by hand here
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 1_000,
+            per_user_limit: 1,
+            payment_window_secs: 1,
+            ..SaleSpec::default()
+        })
+        .await;
+    let id: flashsale::domain::SaleId = sale.parse().unwrap();
+    let k = app.sale_keys(&sale);
+    let mut c = app.engine.connection();
+    // 300 orders: five buckets of 64 order seqs, the last one partly filled.
+    let orders: Vec<flashsale::engine::Order> = stream::iter(1..=300u64)
+        .map(|u| {
+            let e = app.engine.clone();
+            async move {
+                match e
+                    .reserve(id, UserId::new(u).unwrap(), Qty::new(1).unwrap(), None)
+                    .await
+                    .unwrap()
+                {
+                    flashsale::engine::Reservation::Created(o) => o,
+                    other => panic!("{other:?}"),
+                }
+            }
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    // Every third order paid, every fifth (unpaid) cancelled.
+    let mut pending = HashSet::new();
+    for o in &orders {
+        let seq = o.id.seq();
+        if seq % 3 == 0 {
+            let r = app
+                .engine
+                .pay(o.id, &format!("p{seq}"), o.amount_cents)
+                .await;
+            assert!(
+                matches!(r, Ok(flashsale::engine::Payment::Paid(_))),
+                "{r:?}"
+            );
+        } else if seq % 5 == 0 {
+            let r = app.engine.cancel(o.id, o.user).await;
+            assert!(
+                matches!(r, Ok(flashsale::engine::Cancellation::Cancelled(_))),
+                "{r:?}"
+            );
+        } else {
+            pending.insert(seq.to_string());
+        }
+    }
+
+    // One entry per pending order, each in its order's bucket, every bucket
+    // in Redis's compact encoding and indexed by its earliest entry.
+    let due = app.due(&sale).await;
+    let members: HashSet<String> = due.iter().map(|(m, _)| m.clone()).collect();
+    assert_eq!(members, pending);
+    let index: Vec<(u64, f64)> = c.zrange_withscores(&k.deadlines, 0, -1).await.unwrap();
+    assert_eq!(index.len(), 5);
+    for (bucket, head) in &index {
+        let key = k.due_bucket_no(*bucket);
+        let encoding: String = redis::cmd("OBJECT")
+            .arg("ENCODING")
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert_eq!(encoding, "listpack", "{key}");
+        let first: Vec<(String, f64)> = c.zrange_withscores(&key, 0, 0).await.unwrap();
+        assert_eq!(first[0].1, *head, "{key} is indexed by its earliest entry");
+        for (member, _) in c
+            .zrange_withscores::<_, Vec<(String, f64)>>(&key, 0, -1)
+            .await
+            .unwrap()
+        {
+            let seq: u64 = member.parse().unwrap();
+            assert_eq!(seq / flashsale::engine::keys::DUE_BUCKET, *bucket);
+        }
+    }
+
+    // Past the deadlines, small batches close exactly the pending orders.
+    let last = due.iter().map(|(_, at)| *at as i64).max().unwrap();
+    while app.redis_now_ms().await <= last {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut closed = 0;
+    loop {
+        let b = app.engine.expire(id, 7).await.unwrap();
+        assert!(b.claimed <= 7);
+        closed += b.closed;
+        if b.still_due == 0 {
+            assert_eq!(b.next_deadline_ms, None);
+            break;
+        }
+    }
+    assert_eq!(closed, pending.len());
+    assert_eq!(app.sale_field(&sale, "closed").await, pending.len() as i64);
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", k.deadlines))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
     app.finish().await;
 }

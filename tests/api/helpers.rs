@@ -423,6 +423,26 @@ impl TestApp {
         (status, res.json().await.unwrap_or(Value::Null))
     }
 
+    /// Every entry of a sale's due-queue (all buckets): (member, due ms).
+    pub async fn due(&self, sale: &str) -> Vec<(String, f64)> {
+        let id = sale.parse().unwrap();
+        let mut all = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let (next, page) = self.engine.due_page(id, cursor).await.unwrap();
+            all.extend(page);
+            cursor = next;
+            if cursor == 0 {
+                return all;
+            }
+        }
+    }
+
+    /// How many entries a sale's due-queue holds.
+    pub async fn due_len(&self, sale: &str) -> i64 {
+        self.due(sale).await.len() as i64
+    }
+
     /// Every order of a sale as Redis holds it, by sequence number.
     pub async fn orders(&self, sale: &str) -> std::collections::BTreeMap<u64, Order> {
         let k = self.sale_keys(sale);

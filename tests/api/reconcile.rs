@@ -302,7 +302,7 @@ async fn the_sweep_closes_an_overdue_order_that_redis_lost() {
     let k = app.sale_keys(&sale);
     let mut c = app.engine.connection();
     let _: () = c.hdel(&k.orders, id.seq()).await.unwrap();
-    let _: () = c.zrem(&k.deadlines, id.seq()).await.unwrap();
+    let _: () = c.zrem(k.due_bucket(id.seq()), id.seq()).await.unwrap();
 
     let until = std::time::Instant::now() + Duration::from_secs(15);
     while status(pool.clone()).await.as_deref() != Some("closed") {
@@ -464,15 +464,8 @@ async fn a_sale_redis_lost_resumes_from_mysql_without_reusing_ids() {
     let mut app = app;
     app.stop().await;
     // Redis loses everything it held for the sale.
-    let _: () = c
-        .del(&[
-            &k.sale,
-            &k.buyers,
-            &k.orders,
-            &k.deadlines,
-            &k.flow,
-            &k.idem,
-        ])
+    app.engine
+        .drop_sale_keys(sale.parse().unwrap())
         .await
         .unwrap();
 

@@ -74,7 +74,7 @@ async fn two_instances_sell_exactly_the_stock_to_2000_buyers() {
     let k = a.sale_keys(&sale);
     let mut c = a.engine.connection();
     let orders: i64 = c.hlen(&k.orders).await.unwrap();
-    let deadlines: i64 = c.zcard(&k.deadlines).await.unwrap();
+    let deadlines = a.due_len(&sale).await;
     let flows: i64 = c.xlen(&k.flow).await.unwrap();
     let held: Vec<i64> = c.hvals(&k.buyers).await.unwrap();
     assert_eq!((orders, deadlines, flows), (100, 100, 100));
@@ -306,7 +306,7 @@ async fn one_combined_call_judges_each_reservation_as_if_it_came_alone() {
         .map(|(u, n)| (u.to_owned(), n))
         .collect();
     assert_eq!(buyers, want);
-    let due: i64 = c.zcard(&k.deadlines).await.unwrap();
+    let due = app.due_len(&sale).await;
     let records: i64 = c.xlen(&k.flow).await.unwrap();
     let orders: i64 = c.hlen(&k.orders).await.unwrap();
     let keys_kept: i64 = c.hlen(&k.idem).await.unwrap();
