@@ -56,6 +56,9 @@ fn engine(url: &str, prefix: &str) -> anyhow::Result<Engine> {
     })
 }
 
+/// How long before the benchmark's clock its sales started.
+const SALE_AGE_MS: i64 = 3_600_000;
+
 async fn load_sale(e: &Engine, id: u64, stock: i64, window_ms: i64) -> anyhow::Result<SaleId> {
     let id = SaleId::new(id)?;
     let now = e.now_ms().await?;
@@ -68,7 +71,7 @@ async fn load_sale(e: &Engine, id: u64, stock: i64, window_ms: i64) -> anyhow::R
         resume: None,
         per_user_limit: 1,
         payment_window_ms: window_ms,
-        start_ms: now - 1000,
+        start_ms: now - SALE_AGE_MS,
         end_ms: now + 3_600_000,
     })
     .await?;
@@ -87,13 +90,15 @@ async fn load_due_orders(e: &Engine, sale: SaleId, n: u64) -> anyhow::Result<()>
     for start in (1..=n).step_by(chunk) {
         let mut p = redis::pipe();
         for seq in start..(start + chunk as u64).min(n + 1) {
-            let deadline = now - 60_000 + (seq % 1000) as i64;
-            p.hset(
-                &k.orders,
-                seq,
-                format!("pending|{seq}|1|100|{}|{deadline}|||||", now - 120_000),
-            )
-            .ignore();
+            // Created 61 s ago (give or take 1 s) with a 1 s window: overdue.
+            let created = now - 61_000 + (seq % 1000) as i64;
+            let deadline = created + 1000;
+            // The orders hash's stored form (see store_order in
+            // lua/prelude.lua): status letter + user, qty, times since the
+            // sale's start.
+            let since_start = created - (now - SALE_AGE_MS);
+            p.hset(&k.orders, seq, format!("p{seq}|1|{since_start}|||||"))
+                .ignore();
             p.hset(&k.buyers, seq, 1).ignore();
             p.zadd(k.due_bucket(seq), seq, deadline).ignore();
             let head = heads.entry(seq / DUE_BUCKET).or_insert(deadline);
@@ -245,10 +250,12 @@ async fn steady_stream(e: &Engine, sale: SaleId, rate: u64, secs: u64) -> anyhow
     }
     stop.cancel();
     handle.await?;
-    let all: std::collections::HashMap<u64, String> = c.hgetall(&k.orders).await?;
-    let mut late: Vec<i64> = all
+    let seqs: Vec<u64> = c.hkeys(&k.orders).await?;
+    let packed = e.packed_orders(sale, &seqs).await?;
+    let mut late: Vec<i64> = seqs
         .into_iter()
-        .filter_map(|(seq, p)| Order::unpack(flashsale::domain::OrderId::new(sale, seq), &p))
+        .zip(packed)
+        .filter_map(|(seq, p)| Order::unpack(flashsale::domain::OrderId::new(sale, seq), &p?))
         .filter_map(|o| o.closed_ms.map(|c| c - o.deadline_ms))
         .collect();
     late.sort_unstable();

@@ -41,8 +41,8 @@ elseif op == 'restore_order' then
   if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
     return 0
   end
-  redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
   local o = unpack_order(ARGV[3])
+  store_order(ARGV[2], o)
   if o.status == 'pending' then
     due_add(ARGV[2], ARGV[2], o.deadline)
   end
@@ -50,22 +50,22 @@ elseif op == 'restore_order' then
 elseif op == 'drop_deadline' then
   local member = ARGV[2]
   local seq = string.match(member, '^r(%d+):') or member
-  local packed = redis.call('HGET', KEYS[3], seq)
+  local o = load_order(seq)
   local waiting = 'pending'
   if string.sub(member, 1, 1) == 'r' then
     waiting = 'refund_pending'
   end
-  if packed and unpack_order(packed).status == waiting then
+  if o and o.status == waiting then
     return 0
   end
   return due_remove(seq, member)
 elseif op == 'mark_settled' then
-  if redis.call('HGET', KEYS[3], ARGV[2]) ~= ARGV[3] then
+  local o, packed = load_order(ARGV[2])
+  if packed ~= ARGV[3] then
     return 0
   end
-  local o = unpack_order(ARGV[3])
   o.flow = ARGV[4]
-  redis.call('HSET', KEYS[3], ARGV[2], pack_order(o))
+  store_order(ARGV[2], o)
   return 1
 elseif op == 'requeue_refund' then
   if redis.call('HDEL', KEYS[6], ARGV[2]) == 0 then
@@ -77,11 +77,10 @@ elseif op == 'requeue_refund' then
   due_add(ARGV[2], refund_member(ARGV[2], 0, int(now)), now)
   return 1
 elseif op == 'add_deadline' then
-  local packed = redis.call('HGET', KEYS[3], ARGV[2])
-  if not packed or redis.call('ZSCORE', due_key(due_bucket(ARGV[2])), ARGV[2]) then
+  local o = load_order(ARGV[2])
+  if not o or redis.call('ZSCORE', due_key(due_bucket(ARGV[2])), ARGV[2]) then
     return 0
   end
-  local o = unpack_order(packed)
   if o.status ~= 'pending' then
     return 0
   end

@@ -11,11 +11,10 @@
 --          {"not_found"}                  no such order, or not the caller's
 
 local seq, user = ARGV[1], ARGV[2]
-local packed = redis.call('HGET', KEYS[3], seq)
-if not packed then
+local o, packed = load_order(seq)
+if not o then
   return {'not_found'}
 end
-local o = unpack_order(packed)
 if o.user ~= user then
   return {'not_found'}
 end

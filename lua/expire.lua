@@ -30,12 +30,8 @@ local lateness, waits, dead = {}, {}, 0
 local function retry_refund(member)
   local seq, attempt, requested = string.match(member, '^r(%d+):(%d+):(%d+)$')
   attempt, requested = tonumber(attempt), tonumber(requested)
-  local packed = redis.call('HGET', KEYS[3], seq)
-  if not packed then
-    return
-  end
-  local o = unpack_order(packed)
-  if o.status ~= 'refund_pending' then
+  local o = load_order(seq)
+  if not o or o.status ~= 'refund_pending' then
     return
   end
   if settled(o) then
@@ -60,13 +56,10 @@ local function work_off(member)
     retry_refund(member)
     return
   end
-  local packed = redis.call('HGET', KEYS[3], member)
-  if packed then
-    local o = unpack_order(packed)
-    if o.status == 'pending' then
-      release(member, o, 'closed', now)
-      table.insert(lateness, now - o.deadline)
-    end
+  local o = load_order(member)
+  if o and o.status == 'pending' then
+    release(member, o, 'closed', now)
+    table.insert(lateness, now - o.deadline)
   end
 end
 

@@ -16,11 +16,10 @@
 --          {"not_found"}
 
 local seq, payment_id, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local packed = redis.call('HGET', KEYS[3], seq)
-if not packed then
+local o, packed = load_order(seq)
+if not o then
   return {'not_found'}
 end
-local o = unpack_order(packed)
 
 if o.status ~= 'pending' then
   if o.paid ~= '' and o.payment_id == payment_id then

@@ -53,7 +53,8 @@ for i = 1, n do
   local idem_field = user .. ':' .. idem
   local made = idem ~= '' and redis.call('HGET', KEYS[6], idem_field)
   if made then
-    replies[i] = {'dup', made, redis.call('HGET', KEYS[3], made)}
+    local _, packed = load_order(made)
+    replies[i] = {'dup', made, packed}
   elseif too_early then
     replies[i] = {'sale_not_started'}
   elseif too_late then

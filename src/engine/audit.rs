@@ -136,7 +136,22 @@ impl Engine {
         sale: SaleId,
         seqs: &[u64],
     ) -> Result<Vec<Option<String>>, EngineError> {
-        self.many("HMGET", self.keys.sale(sale).orders, seqs).await
+        let k = self.keys.sale(sale);
+        let mut out = Vec::with_capacity(seqs.len());
+        // A thousand orders a call keeps each call short for Redis.
+        for chunk in seqs.chunks(1000) {
+            let mut inv = self.scripts.read_orders.prepare_invoke();
+            for key in k.order_script_keys() {
+                inv.key(key);
+            }
+            for seq in chunk {
+                inv.arg(*seq);
+            }
+            let mut c = self.conn.clone();
+            let part: Vec<Option<String>> = self.timed(inv.invoke_async(&mut c)).await?;
+            out.extend(part);
+        }
+        Ok(out)
     }
 
     /// The due-queue scores of these members (None where absent).

@@ -25,7 +25,7 @@ pub struct SaleKeys {
     pub buyers: String,
     /// Hash: `"<user>:<idempotency key>"` -> order sequence.
     pub idem: String,
-    /// Hash: order sequence -> packed order.
+    /// Hash: order sequence -> order, in the stored form of `lua/prelude.lua`.
     pub orders: String,
     /// The due-queue's index: sorted set of bucket numbers, each scored by
     /// its bucket's earliest entry. Bucket `n` is the sorted set

@@ -1,8 +1,6 @@
 //! An order's life in Redis: reserve, pay, cancel and expire, each one
 //! script call. Every change writes its flow record in the same call.
 
-use redis::AsyncCommands;
-
 use super::{Engine, EngineError, Order, SaleKeys};
 use crate::domain::{IdempotencyKey, OrderId, Qty, SaleId, UserId};
 
@@ -120,7 +118,7 @@ pub struct ExpiryBatch {
 
 impl SaleKeys {
     /// The keys every order script takes first (see `lua/prelude.lua`).
-    fn order_script_keys(&self) -> [&str; 5] {
+    pub(crate) fn order_script_keys(&self) -> [&str; 5] {
         [
             &self.sale,
             &self.buyers,
@@ -341,12 +339,11 @@ impl Engine {
 
     /// Reads one order; `None` when Redis does not know it.
     pub async fn order(&self, id: OrderId) -> Result<Option<Order>, EngineError> {
-        let k = self.keys.sale(id.sale());
-        let mut c = self.conn.clone();
-        let packed: Option<String> = self
-            .timed(async move { c.hget(&k.orders, id.seq()).await })
-            .await?;
+        let packed = self.packed_orders(id.sale(), &[id.seq()]).await?;
         packed
+            .into_iter()
+            .next()
+            .flatten()
             .map(|p| {
                 Order::unpack(id, &p)
                     .ok_or_else(|| EngineError::Protocol(format!("order {id}: {p:?}")))

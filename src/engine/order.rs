@@ -1,10 +1,12 @@
 //! The packed order layout shared with the Lua scripts.
 //!
-//! An order lives in its sale's orders hash as one string,
+//! Scripts reply with an order packed as one string,
 //! `status|user|qty|amount|created|deadline|paid|closed|refunded|flow|payment_id`
 //! (times in ms by Redis's clock, empty when unset; `flow` is the id of the
-//! order's last flow record), which keeps the hot path's memory per order
-//! small. This module only parses; scripts do all writes.
+//! order's last flow record), and flow records carry the same form. The
+//! orders hash itself keeps a shorter form that only the scripts read and
+//! write (`store_order`/`load_order` in `lua/prelude.lua`; readers outside
+//! the scripts go through `lua/read_orders.lua`). This module only parses.
 
 use crate::domain::{OrderId, UserId};
 

@@ -22,6 +22,7 @@ pub(crate) struct Scripts {
     pub audit_fix: Arc<Script>,
     pub load_sale: Arc<Script>,
     pub sale_snapshot: Arc<Script>,
+    pub read_orders: Arc<Script>,
 }
 
 fn plain(src: &str) -> Arc<Script> {
@@ -45,13 +46,14 @@ impl Default for Scripts {
             audit_fix: order_script(include_str!("../../lua/audit_fix.lua")),
             load_sale: order_script(include_str!("../../lua/load_sale.lua")),
             sale_snapshot: plain(include_str!("../../lua/sale_snapshot.lua")),
+            read_orders: order_script(include_str!("../../lua/read_orders.lua")),
         }
     }
 }
 
 impl Scripts {
     /// Every script, for loading them all at start.
-    pub fn all(&self) -> [Arc<Script>; 10] {
+    pub fn all(&self) -> [Arc<Script>; 11] {
         [
             self.reserve.clone(),
             self.pay.clone(),
@@ -63,6 +65,7 @@ impl Scripts {
             self.audit_fix.clone(),
             self.load_sale.clone(),
             self.sale_snapshot.clone(),
+            self.read_orders.clone(),
         ]
     }
 }

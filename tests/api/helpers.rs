@@ -447,10 +447,13 @@ impl TestApp {
     pub async fn orders(&self, sale: &str) -> std::collections::BTreeMap<u64, Order> {
         let k = self.sale_keys(sale);
         let mut c = self.engine.connection();
-        let all: std::collections::HashMap<u64, String> = c.hgetall(&k.orders).await.unwrap();
+        let seqs: Vec<u64> = c.hkeys(&k.orders).await.unwrap();
         let sale_id = sale.parse().unwrap();
-        all.into_iter()
+        let packed = self.engine.packed_orders(sale_id, &seqs).await.unwrap();
+        seqs.into_iter()
+            .zip(packed)
             .map(|(seq, packed)| {
+                let packed = packed.expect("an order listed by HKEYS");
                 let id = OrderId::new(sale_id, seq);
                 (
                     seq,

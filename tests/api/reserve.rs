@@ -294,6 +294,11 @@ async fn one_combined_call_judges_each_reservation_as_if_it_came_alone() {
         (order3.user.get(), order3.qty, order3.amount_cents),
         (2, 2, 2 * 1999)
     );
+    // The orders hash keeps a short form; reading it back gives the same order.
+    let stored: String = c.hget(&k.orders, 3).await.unwrap();
+    assert!(stored.starts_with("p2|2|"), "{stored}");
+    assert!(stored.len() < replies[4][2].len() / 2, "{stored}");
+    assert_eq!(app.engine.order(order3.id).await.unwrap(), Some(order3));
 
     // The sale's counters, the buyers, the deadlines and the flow moved by
     // exactly the four new orders.
