@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Role, ServeConfig};
 use crate::engine::Engine;
-use crate::http::{self, AppState, Authenticator, Limits};
+use crate::http::{self, AppState, Authenticator, Limits, Shared};
 use crate::telemetry::Metrics;
 use crate::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
 use crate::workers::reconciler::{Reconciler, ReconcilerOptions};
@@ -64,13 +64,13 @@ impl App {
         let metrics = Metrics::default();
         metrics.register_reserve_stats(engine.reserve_stats());
         Ok(Self {
-            state: AppState {
+            state: AppState::new(Shared {
                 engine,
                 db,
                 auth: Arc::new(auth),
                 metrics: Arc::new(metrics),
                 wakeup: Arc::new(Wakeup::default()),
-            },
+            }),
             listener,
             limits: Limits {
                 max_in_flight: cfg.http.max_in_flight.max(1),

@@ -86,9 +86,13 @@ impl Default for RefundPolicy {
     }
 }
 
-/// Typed calls of the scripts over one multiplexed connection (cheap to clone).
+/// Typed calls of the scripts over one multiplexed connection. A clone is
+/// one reference count: the HTTP layer clones it for every request.
 #[derive(Clone)]
-pub struct Engine {
+pub struct Engine(std::sync::Arc<EngineInner>);
+
+/// What an [`Engine`] shares between its clones.
+pub struct EngineInner {
     conn: ConnectionManager,
     keys: Keys,
     scripts: Scripts,
@@ -96,6 +100,14 @@ pub struct Engine {
     refunds: RefundPolicy,
     sold_out: std::sync::Arc<sold_out::SoldOut>,
     combiner: std::sync::Arc<combiner::Combiner>,
+}
+
+impl std::ops::Deref for Engine {
+    type Target = EngineInner;
+
+    fn deref(&self) -> &EngineInner {
+        &self.0
+    }
 }
 
 impl Engine {
@@ -124,7 +136,7 @@ impl Engine {
             },
             opts.batching,
         );
-        Ok(Self {
+        Ok(Self(std::sync::Arc::new(EngineInner {
             conn,
             keys: Keys::new(&opts.key_prefix)?,
             scripts,
@@ -132,7 +144,7 @@ impl Engine {
             refunds: opts.refunds,
             sold_out: std::sync::Arc::new(sold_out::SoldOut::new(opts.sold_out_ttl)),
             combiner: std::sync::Arc::new(combiner),
-        })
+        })))
     }
 
     /// The key layout in use.

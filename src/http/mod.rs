@@ -33,9 +33,27 @@ pub use error::ApiError;
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 16 * 1024;
 
-/// What every handler shares.
+/// What every handler shares (a clone is one reference count).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    /// Shares `parts` between every handler.
+    pub fn new(parts: Shared) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     /// The Redis side.
     pub engine: Engine,
     /// The MySQL side (admin and readiness only; never the hot path).
