@@ -70,14 +70,20 @@ local function due_remove(seq, member)
   return removed
 end
 
-local function unpack_order(packed)
+-- The first n '|'-separated fields of s, and the rest after them.
+local function split_fields(s, n)
   local f = {}
-  local rest = packed
-  for i = 1, 10 do
+  local rest = s
+  for i = 1, n do
     local bar = string.find(rest, '|', 1, true)
     f[i] = string.sub(rest, 1, bar - 1)
     rest = string.sub(rest, bar + 1)
   end
+  return f, rest
+end
+
+local function unpack_order(packed)
+  local f, rest = split_fields(packed, 10)
   return {
     status = f[1], user = f[2], qty = tonumber(f[3]), amount = tonumber(f[4]),
     created = f[5], deadline = tonumber(f[6]), paid = f[7], closed = f[8],
@@ -141,13 +147,7 @@ local function load_order(seq)
   if not stored then
     return nil, nil
   end
-  local f = {}
-  local rest = stored
-  for i = 1, 7 do
-    local bar = string.find(rest, '|', 1, true)
-    f[i] = string.sub(rest, 1, bar - 1)
-    rest = string.sub(rest, bar + 1)
-  end
+  local f, rest = split_fields(stored, 7)
   local t = sale_terms()
   local qty = tonumber(f[2])
   local created = from_start(f[3])
