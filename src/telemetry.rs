@@ -34,9 +34,9 @@ pub fn init_logging() {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// The matched route template.
-    pub route: String,
+    pub route: &'static str,
     /// The HTTP method.
-    pub method: String,
+    pub method: &'static str,
     /// The response status.
     pub status: u16,
 }
@@ -45,7 +45,39 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     /// The matched route template.
-    pub route: String,
+    pub route: &'static str,
+}
+
+/// The route template as a `&'static str` label: each distinct template is
+/// stored once for the life of the process (the router has a fixed few), so
+/// labelling a request allocates nothing.
+pub fn route_label(template: &str) -> &'static str {
+    static ROUTES: std::sync::RwLock<Vec<&'static str>> = std::sync::RwLock::new(Vec::new());
+    let find = |routes: &[&'static str]| routes.iter().copied().find(|r| *r == template);
+    if let Some(r) = find(&ROUTES.read().unwrap_or_else(|p| p.into_inner())) {
+        return r;
+    }
+    let mut routes = ROUTES.write().unwrap_or_else(|p| p.into_inner());
+    find(&routes).unwrap_or_else(|| {
+        let r: &'static str = Box::leak(template.to_owned().into_boxed_str());
+        routes.push(r);
+        r
+    })
+}
+
+/// The HTTP method as a label (`OTHER` for extension methods).
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
 }
 
 /// Labels of an order event counter.

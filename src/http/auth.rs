@@ -4,6 +4,9 @@
 //! Secrets are compared in constant time and never logged. This module only
 //! authenticates; what a caller may touch is decided by the handlers.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use axum::extract::FromRequestParts;
 use axum::http::{header, request::Parts};
 use hmac::{Hmac, Mac};
@@ -44,10 +47,27 @@ pub fn issue_token(secret: &SecretString, user: UserId, ttl_secs: u64) -> anyhow
     )?)
 }
 
+/// A buyer token that passed verification: its buyer and expiry.
+#[derive(Clone, Copy)]
+struct Verified {
+    user: UserId,
+    exp: u64,
+}
+
+/// Verified tokens kept at most; past it the memory starts over.
+const VERIFIED_MAX: usize = 100_000;
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The keys and secrets that authenticate callers.
 pub struct Authenticator {
     decoding: DecodingKey,
     validation: Validation,
+    verified: Mutex<HashMap<Box<str>, Verified>>,
     admin_token: SecretString,
     payment_secret: SecretString,
 }
@@ -65,6 +85,7 @@ impl Authenticator {
         Self {
             decoding: DecodingKey::from_secret(jwt_secret.expose_secret().as_bytes()),
             validation,
+            verified: Mutex::default(),
             admin_token,
             payment_secret,
         }
@@ -75,10 +96,37 @@ impl Authenticator {
         bool::from(token.as_bytes().ct_eq(expected))
     }
 
+    /// The buyer a token names. A buyer retrying through a flood sends the
+    /// same token again and again: a token that verified once is remembered
+    /// (the exact string, so nothing else can match it) until its `exp`,
+    /// judged as `jsonwebtoken` judges it, and is not verified again.
     fn buyer(&self, token: &str) -> Result<UserId, ApiError> {
+        let now = unix_secs();
+        let lock = || self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = lock().get(token).copied() {
+            if v.exp >= now {
+                return Ok(v.user);
+            }
+        }
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|_| ApiError::Unauthorized)?;
-        data.claims.sub.parse().map_err(|_| ApiError::Unauthorized)
+        let user: UserId = data
+            .claims
+            .sub
+            .parse()
+            .map_err(|_| ApiError::Unauthorized)?;
+        let mut verified = lock();
+        if verified.len() >= VERIFIED_MAX {
+            verified.clear();
+        }
+        verified.insert(
+            token.into(),
+            Verified {
+                user,
+                exp: data.claims.exp,
+            },
+        );
+        Ok(user)
     }
 
     /// Checks `X-Signature: sha256=<hex>` against the raw body.
@@ -187,6 +235,22 @@ mod tests {
         let forged = issue_token(&SecretString::from("other"), user, 60).unwrap();
         assert!(auth().buyer(&forged).is_err());
         assert!(auth().buyer("not.a.jwt").is_err());
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires_and_forgeries_never_match_it() {
+        let a = auth();
+        let user = UserId::new(9).unwrap();
+        // exp = this second: valid now, expired once the clock moves on.
+        let token = issue_token(&SecretString::from("jwt"), user, 0).unwrap();
+        assert_eq!(a.buyer(&token).unwrap(), user);
+        assert_eq!(a.buyer(&token).unwrap(), user, "answered from memory");
+        let mut forged = token.clone();
+        forged.pop();
+        forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert!(a.buyer(&forged).is_err());
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert!(a.buyer(&token).is_err(), "expired, though remembered");
     }
 
     #[test]

@@ -119,10 +119,17 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut body = serde_json::json!({"error": {"code": self.code(), "message": message}});
-        if let Self::OrderNotPending(status) | Self::OrderNotPaid(status) = &self {
-            body["error"]["status"] = status.as_str().into();
-        }
+        let status = match &self {
+            Self::OrderNotPending(s) | Self::OrderNotPaid(s) => Some(s.as_str()),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message: &message,
+                status,
+            },
+        };
         let mut res = (self.status_code(), Json(body)).into_response();
         if matches!(self, Self::Unavailable(_) | Self::RateLimited) {
             res.headers_mut()
@@ -130,6 +137,20 @@ impl IntoResponse for ApiError {
         }
         res
     }
+}
+
+/// The contract's error body: `{"error": {"code", "message", "status"?}}`.
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorDetail<'a> {
+    code: &'static str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'static str>,
 }
 
 impl From<InvalidValue> for ApiError {

@@ -25,7 +25,7 @@ use sqlx::MySqlPool;
 use tower::ServiceBuilder;
 
 use crate::engine::Engine;
-use crate::telemetry::{Metrics, RequestLabels, RouteLabels};
+use crate::telemetry::{method_label, route_label, Metrics, RequestLabels, RouteLabels};
 use crate::workers::expiry::Wakeup;
 pub use auth::Authenticator;
 pub use error::ApiError;
@@ -112,19 +112,17 @@ async fn overloaded(err: tower::BoxError) -> ApiError {
 
 /// Counts and times every request by its route template.
 async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |p| p.as_str())
-        .to_owned();
-    let method = req.method().to_string();
+    let route = route_label(
+        req.extensions()
+            .get::<MatchedPath>()
+            .map_or("unmatched", |p| p.as_str()),
+    );
+    let method = method_label(req.method());
     let started = Instant::now();
     let res = next.run(req).await;
     let m = &state.metrics;
     m.latency
-        .get_or_create(&RouteLabels {
-            route: route.clone(),
-        })
+        .get_or_create(&RouteLabels { route })
         .observe(started.elapsed().as_secs_f64());
     m.requests
         .get_or_create(&RequestLabels {
