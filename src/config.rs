@@ -94,6 +94,7 @@ impl StoreConfig {
             batching: crate::engine::Batching {
                 max: self.reserve_batch.max(1),
                 in_flight: self.reserve_in_flight.max(1),
+                ..Default::default()
             },
             refunds: crate::engine::RefundPolicy {
                 first_retry: Duration::from_millis(self.refund_retry_ms.max(1)),

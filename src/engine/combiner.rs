@@ -9,7 +9,10 @@
 //! out at once, and under a flood the calls grow by themselves, because
 //! reservations pile up while earlier calls are in flight. The script judges
 //! each reservation in turn exactly as if it had come alone, so batching
-//! changes the cost per order, not the outcome.
+//! changes the cost per order, not the outcome. A sale's task ends after
+//! `idle` without reservations, and at once when Redis does not know the
+//! sale (so probing ids, or sales long over, leave nothing behind); the
+//! next reservation starts a new one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +36,8 @@ pub struct Batching {
     pub max: usize,
     /// Script calls per sale on the wire at once.
     pub in_flight: usize,
+    /// How long a sale's queue and task live without reservations.
+    pub idle: Duration,
 }
 
 impl Default for Batching {
@@ -40,6 +45,7 @@ impl Default for Batching {
         Self {
             max: 32,
             in_flight: 2,
+            idle: Duration::from_secs(30),
         }
     }
 }
@@ -70,16 +76,28 @@ pub struct ReserveStats {
     pub reservations: Counter,
 }
 
+type Queues = Mutex<HashMap<SaleId, mpsc::UnboundedSender<Job>>>;
+
 /// The per-sale queues of one engine.
 pub(crate) struct Combiner {
     call: ReserveCall,
     batching: Batching,
-    queues: Mutex<HashMap<SaleId, mpsc::UnboundedSender<Job>>>,
+    queues: Arc<Queues>,
 }
 
 impl Combiner {
     pub fn stats(&self) -> &ReserveStats {
         &self.call.stats
+    }
+
+    /// Sales with a live queue in this process.
+    pub fn queues(&self) -> usize {
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|q| !q.is_closed())
+            .count()
     }
 
     pub fn new(call: ReserveCall, batching: Batching) -> Self {
@@ -88,8 +106,9 @@ impl Combiner {
             batching: Batching {
                 max: batching.max.max(1),
                 in_flight: batching.in_flight.max(1),
+                idle: batching.idle.max(Duration::from_millis(1)),
             },
-            queues: Mutex::default(),
+            queues: Arc::default(),
         }
     }
 
@@ -111,7 +130,8 @@ impl Combiner {
             reply: tx,
         };
         let mut keys = Some(keys);
-        // A queue whose task is gone (its runtime shut down) is replaced once.
+        // A queue whose task is gone (idle, or its runtime shut down) is
+        // replaced.
         for _ in 0..2 {
             let queue = {
                 let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -121,6 +141,8 @@ impl Combiner {
                         let Some(make_keys) = keys.take() else { break };
                         let (q, jobs) = mpsc::unbounded_channel();
                         tokio::spawn(run_sale(
+                            sale,
+                            Arc::downgrade(&self.queues),
                             jobs,
                             self.call.clone(),
                             make_keys(),
@@ -133,9 +155,19 @@ impl Combiner {
             };
             match queue.send(job) {
                 Ok(()) => {
-                    return rx.await.unwrap_or_else(|_| {
+                    let reply = rx.await.unwrap_or_else(|_| {
                         Err(EngineError::Combined("the reserve task stopped".into()))
-                    })
+                    });
+                    if matches!(&reply, Ok(r) if r.first().is_some_and(|c| c == "not_found")) {
+                        // No such sale: its queue goes at once (the task ends
+                        // when the last sender does), so probing ids leaves
+                        // nothing behind.
+                        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                        if queues.get(&sale).is_some_and(|q| q.same_channel(&queue)) {
+                            queues.remove(&sale);
+                        }
+                    }
+                    return reply;
                 }
                 Err(mpsc::error::SendError(back)) => job = back,
             }
@@ -144,9 +176,11 @@ impl Combiner {
     }
 }
 
-/// A sale's task: drains its queue into script calls until every sender
-/// (the engine) is gone.
+/// A sale's task: drains its queue into script calls until the engine is
+/// gone or no reservation came for `batching.idle`.
 async fn run_sale(
+    sale: SaleId,
+    queues: std::sync::Weak<Queues>,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     call: ReserveCall,
     keys: SaleKeys,
@@ -154,7 +188,31 @@ async fn run_sale(
 ) {
     let keys = Arc::new(keys);
     let slots = Arc::new(Semaphore::new(batching.in_flight));
-    while let Some(first) = jobs.recv().await {
+    loop {
+        let first = match tokio::time::timeout(batching.idle, jobs.recv()).await {
+            Ok(Some(job)) => job,
+            Ok(None) => break,
+            Err(_) => {
+                // Idle: refuse new sends (their callers start a new queue),
+                // leave the map, and serve what came in before the close.
+                jobs.close();
+                if let Some(queues) = queues.upgrade() {
+                    let mut queues = queues.lock().unwrap_or_else(|p| p.into_inner());
+                    if queues.get(&sale).is_some_and(|q| q.is_closed()) {
+                        queues.remove(&sale);
+                    }
+                }
+                let mut rest = Vec::new();
+                while let Ok(job) = jobs.try_recv() {
+                    rest.push(job);
+                }
+                while !rest.is_empty() {
+                    let batch: Vec<Job> = rest.drain(..rest.len().min(batching.max)).collect();
+                    call.run(&keys, batch).await;
+                }
+                break;
+            }
+        };
         // Waiting for a slot lets the next batch gather while calls are out.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;

@@ -158,6 +158,12 @@ impl Engine {
         self.combiner.stats()
     }
 
+    /// Sales with a live reserve queue in this process (a queue ends after
+    /// a while without reservations).
+    pub fn reserve_queues(&self) -> usize {
+        self.combiner.queues()
+    }
+
     /// A clone of the multiplexed connection, for callers outside the hot path
     /// (tests, audit) that need plain commands.
     pub fn connection(&self) -> ConnectionManager {

@@ -358,3 +358,42 @@ async fn a_flood_on_one_sale_is_combined_into_fewer_script_calls() {
     assert_eq!(app.sale_field(&sale, "avail").await, 0);
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_queues_of_idle_or_unknown_sales_go_away() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let mut opts = app.target.config().store.engine_options();
+    opts.batching.idle = Duration::from_millis(200);
+    let engine = flashsale::engine::Engine::connect(&opts).unwrap();
+    let user = flashsale::domain::UserId::new(5).unwrap();
+    let qty = flashsale::domain::Qty::new(1).unwrap();
+    // Buyers probing ids that name no sale leave no queue behind.
+    for id in 1_000_000..1_000_200u64 {
+        let id = flashsale::domain::SaleId::new(id).unwrap();
+        let r = engine.reserve(id, user, qty, None).await.unwrap();
+        assert_eq!(
+            r,
+            flashsale::engine::Reservation::Refused(flashsale::engine::Refusal::NotFound)
+        );
+    }
+    assert_eq!(engine.reserve_queues(), 0);
+    // A real sale keeps its queue while buyers come, and loses it when idle;
+    // a reservation after that starts a new one.
+    let id = sale.parse().unwrap();
+    let r = engine.reserve(id, user, qty, None).await.unwrap();
+    assert!(
+        matches!(r, flashsale::engine::Reservation::Created(_)),
+        "{r:?}"
+    );
+    assert_eq!(engine.reserve_queues(), 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(engine.reserve_queues(), 0);
+    let r = engine.reserve(id, user, qty, None).await.unwrap();
+    assert_eq!(
+        r,
+        flashsale::engine::Reservation::Refused(flashsale::engine::Refusal::LimitExceeded)
+    );
+    assert_eq!(engine.reserve_queues(), 1);
+    app.finish().await;
+}
