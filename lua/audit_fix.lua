@@ -18,6 +18,8 @@
 --
 -- Returns: 1 when applied, 0 when the state had moved on (audit again).
 
+check_layout()
+
 local op = ARGV[1]
 if op == 'counters' then
   if last_generated_id(KEYS[5]) ~= ARGV[2] then

@@ -10,6 +10,8 @@
 --                                            closed it (it was overdue), else "0"
 --          {"not_found"}                  no such order, or not the caller's
 
+check_layout()
+
 local seq, user = ARGV[1], ARGV[2]
 local o, packed = load_order(seq)
 if not o then

@@ -21,6 +21,8 @@
 --          (still_due counts the due entries of the 16 earliest due buckets
 --          only: exact up to about a thousand, a lower bound beyond)
 
+check_layout()
+
 local limit, first, longest, max_age =
   tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()

@@ -15,6 +15,8 @@
 --          {"amount_mismatch", packed}    nothing changed
 --          {"not_found"}
 
+check_layout()
+
 local seq, payment_id, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local o, packed = load_order(seq)
 if not o then

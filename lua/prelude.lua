@@ -14,6 +14,25 @@
 -- The buyers hash holds each buyer's units in pending, paid and
 -- refund_pending orders.
 
+-- The Redis layout these scripts read and write: the due-queue in buckets
+-- and the short stored order form below. A sale hash carries it in its
+-- `layout` field (src/engine/keys.rs); a sale written by another layout is
+-- refused with an error before anything is read or written, never misread.
+local LAYOUT = '2'
+
+local function layout_error()
+  error({err = 'flashsale: sale ' .. KEYS[1] .. ' was written by another Redis layout than ' ..
+    LAYOUT .. '; settle it with the build that made it'})
+end
+
+-- Refuses a sale of another layout (a missing sale passes: scripts answer
+-- not_found for it).
+local function check_layout()
+  if redis.call('HGET', KEYS[1], 'layout') ~= LAYOUT and redis.call('EXISTS', KEYS[1]) == 1 then
+    layout_error()
+  end
+end
+
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -105,7 +124,10 @@ local STATUS_NAME = {p = 'pending', a = 'paid', c = 'cancelled', x = 'closed',
 local terms
 local function sale_terms()
   if not terms then
-    local t = redis.call('HMGET', KEYS[1], 'start_ms', 'window_ms', 'price')
+    local t = redis.call('HMGET', KEYS[1], 'start_ms', 'window_ms', 'price', 'layout')
+    if t[4] ~= LAYOUT then
+      layout_error()
+    end
     terms = {start = tonumber(t[1]), window = tonumber(t[2]), price = tonumber(t[3])}
   end
   return terms

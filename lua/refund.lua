@@ -13,6 +13,8 @@
 --          {"order_not_paid", packed} pending, cancelled or closed
 --          {"not_found"}              no such order, or not the caller's
 
+check_layout()
+
 local seq, user, delay = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local o, packed = load_order(seq)
 if not o then

@@ -31,9 +31,13 @@ local function refuse_all(code)
   return replies
 end
 
-local sale = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'avail', 'limit', 'price', 'window_ms', 'seq')
+local sale = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'avail', 'limit', 'price', 'window_ms',
+  'seq', 'layout')
 if not sale[1] then
   return refuse_all('not_found')
+end
+if sale[8] ~= LAYOUT then
+  layout_error()
 end
 local now = now_ms()
 local too_early, too_late = now < tonumber(sale[1]), now >= tonumber(sale[2])
@@ -42,12 +46,21 @@ local deadline = now + tonumber(sale[6])
 local seq = tonumber(sale[7] or '0')
 local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[5])
 
+-- Two passes. The first judges every reservation with reads only; the
+-- second writes. Redis does not roll back a script that fails part-way, so
+-- nothing that reads stored data (an earlier order) comes after the first
+-- write, and the stock counters move before the orders they cover.
+
 -- Units each buyer of this call holds, read once, kept up to date here.
 local held = {}
 -- Buyers whose units change, in order of first reservation (and as a set).
 local buyers = {}
 local reserved = 0
-local due = {}
+-- The reservations that make an order: {i, id, user, qty, idem_field}.
+local accepted = {}
+-- Idempotency fields claimed by an order of this call, and the replies of
+-- later reservations with the same key (filled in once the order is made).
+local claimed, echoes = {}, {}
 for i = 1, n do
   local user, qty, idem = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), ARGV[3 * i + 1]
   local idem_field = user .. ':' .. idem
@@ -55,6 +68,9 @@ for i = 1, n do
   if made then
     local _, packed = load_order(made)
     replies[i] = {'dup', made, packed}
+  elseif idem ~= '' and claimed[idem_field] then
+    replies[i] = {'dup'}
+    echoes[#echoes + 1] = {replies[i], claimed[idem_field]}
   elseif too_early then
     replies[i] = {'sale_not_started'}
   elseif too_late then
@@ -79,40 +95,51 @@ for i = 1, n do
       held[user] = held[user] + qty
       room = room - 1
       seq = seq + 1
-      local id = int(seq)
+      local order = {i = i, id = int(seq), user = user, qty = qty}
       if idem ~= '' then
-        redis.call('HSET', KEYS[6], idem_field, id)
+        order.idem_field = idem_field
+        claimed[idem_field] = order
       end
-      due[#due + 1] = id
-      local order = {
-        status = 'pending', user = user, qty = qty, amount = price * qty,
-        created = int(now), deadline = deadline, paid = '', closed = '',
-        refunded = '', flow = '', payment_id = '',
-      }
-      replies[i] = {'ok', id, save(id, order, 'reserve')}
+      accepted[#accepted + 1] = order
+      replies[i] = {'ok', order.id}
     end
   end
 end
 
-if reserved > 0 then
-  redis.call('HINCRBY', KEYS[1], 'avail', -reserved)
-  redis.call('HINCRBY', KEYS[1], 'pending', reserved)
-  redis.call('HSET', KEYS[1], 'seq', int(seq))
-  for _, user in ipairs(buyers) do
-    redis.call('HSET', KEYS[2], user, int(held[user]))
+if #accepted == 0 then
+  return replies
+end
+redis.call('HINCRBY', KEYS[1], 'avail', -reserved)
+redis.call('HINCRBY', KEYS[1], 'pending', reserved)
+redis.call('HSET', KEYS[1], 'seq', int(seq))
+for _, user in ipairs(buyers) do
+  redis.call('HSET', KEYS[2], user, int(held[user]))
+end
+for _, a in ipairs(accepted) do
+  if a.idem_field then
+    redis.call('HSET', KEYS[6], a.idem_field, a.id)
   end
-  -- One deadline for all (one clock reading): one ZADD per bucket touched.
-  local i = 1
-  while i <= #due do
-    local bucket = due_bucket(due[i])
-    local entries = {}
-    while i <= #due and due_bucket(due[i]) == bucket do
-      entries[#entries + 1] = deadline
-      entries[#entries + 1] = due[i]
-      i = i + 1
-    end
-    redis.call('ZADD', due_key(bucket), unpack(entries))
-    redis.call('ZADD', KEYS[4], 'LT', deadline, bucket)
+  a.packed = save(a.id, {
+    status = 'pending', user = a.user, qty = a.qty, amount = price * a.qty,
+    created = int(now), deadline = deadline, paid = '', closed = '',
+    refunded = '', flow = '', payment_id = '',
+  }, 'reserve')
+  replies[a.i][3] = a.packed
+end
+for _, e in ipairs(echoes) do
+  e[1][2], e[1][3] = e[2].id, e[2].packed
+end
+-- One deadline for all (one clock reading): one ZADD per bucket touched.
+local i = 1
+while i <= #accepted do
+  local bucket = due_bucket(accepted[i].id)
+  local entries = {}
+  while i <= #accepted and due_bucket(accepted[i].id) == bucket do
+    entries[#entries + 1] = deadline
+    entries[#entries + 1] = accepted[i].id
+    i = i + 1
   end
+  redis.call('ZADD', due_key(bucket), unpack(entries))
+  redis.call('ZADD', KEYS[4], 'LT', deadline, bucket)
 end
 return replies

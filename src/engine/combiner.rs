@@ -204,7 +204,9 @@ async fn run_sale(
                 }
                 let mut rest = Vec::new();
                 while let Ok(job) = jobs.try_recv() {
-                    rest.push(job);
+                    if !job.reply.is_closed() {
+                        rest.push(job);
+                    }
                 }
                 while !rest.is_empty() {
                     let batch: Vec<Job> = rest.drain(..rest.len().min(batching.max)).collect();
@@ -213,6 +215,11 @@ async fn run_sale(
                 break;
             }
         };
+        // A caller that gave up (request timeout, client gone) is not
+        // reserved for: its buyer got an error and may well retry.
+        if first.reply.is_closed() {
+            continue;
+        }
         // Waiting for a slot lets the next batch gather while calls are out.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
@@ -221,6 +228,7 @@ async fn run_sale(
         batch.push(first);
         while batch.len() < batching.max {
             match jobs.try_recv() {
+                Ok(job) if job.reply.is_closed() => {}
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }

@@ -6,6 +6,11 @@
 
 use crate::domain::SaleId;
 
+/// The Redis layout of a sale that this build reads and writes (the sale
+/// hash's `layout` field, `LAYOUT` in `lua/prelude.lua`). Scripts refuse a
+/// sale of another layout instead of misreading it.
+pub const LAYOUT: u32 = 2;
+
 /// Orders per due-queue bucket (`DUE_BUCKET` in `lua/prelude.lua`): small
 /// enough that a bucket keeps Redis's compact sorted-set encoding.
 pub const DUE_BUCKET: u64 = 64;

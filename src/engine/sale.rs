@@ -128,7 +128,8 @@ impl Engine {
             available: t.stock_total,
             ..ResumePoint::default()
         });
-        let fields: [(&str, String); 18] = [
+        let fields: [(&str, String); 19] = [
+            ("layout", super::keys::LAYOUT.to_string()),
             ("sku", t.sku.clone()),
             ("title", t.title.clone()),
             ("price", t.price_cents.to_string()),

@@ -297,3 +297,33 @@ async fn unknown_ids_and_routes_answer_in_the_contract_format() {
     expect(wrong_method, 404, "not_found", "unknown method").await;
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sale_of_another_redis_layout_is_refused_not_misread() {
+    let app = spawn_app().await;
+    let sale = app
+        .create_sale(SaleSpec {
+            per_user_limit: 2,
+            ..SaleSpec::default()
+        })
+        .await;
+    let (s, order) = app.reserve(&sale, 1, None).await;
+    assert_eq!(s, 201);
+    let order_id = order["order_id"].as_str().unwrap().to_owned();
+    // The sale as a build with another layout would have left it.
+    let k = app.sale_keys(&sale);
+    let mut c = app.engine.connection();
+    let _: () = c.hset(&k.sale, "layout", "1").await.unwrap();
+    let before = sale_state(&app, &sale).await;
+
+    let (s, body) = app.reserve(&sale, 2, None).await;
+    assert_eq!((s, code(&body)), (503, "unavailable"), "{body}");
+    let (s, body) = app.pay(&order_id, "pay-1", 1999).await;
+    assert_eq!(s, 503, "{body}");
+    let (s, body) = app.cancel(&order_id, 1).await;
+    assert_eq!(s, 503, "{body}");
+    let expired = app.engine.expire(sale.parse().unwrap(), 100).await;
+    assert!(expired.is_err(), "{expired:?}");
+    assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
+    app.finish().await;
+}

@@ -284,6 +284,9 @@ async fn one_combined_call_judges_each_reservation_as_if_it_came_alone() {
             Some("1")
         ]
     );
+    // A repeated key in the same call answers with the order it made.
+    assert_eq!(replies[1][2], replies[0][2]);
+    assert_eq!(replies[8][2], replies[0][2]);
     // Each new order carries its own buyer, quantity and amount.
     let order3 = flashsale::engine::Order::unpack(
         flashsale::domain::OrderId::new(sale.parse().unwrap(), 3),
