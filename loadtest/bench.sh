@@ -72,6 +72,12 @@ PY
 # The HTTP role alone, like the reference (one Redis script, nothing else);
 # the reconciler's and the expiry's own rates are measured below, each
 # against the same peak reserve rate.
+for p in "$HTTP_PORT" "$ONE_PORT" "$NGINX_PORT"; do
+    if curl -s -o /dev/null "http://127.0.0.1:$p/"; then
+        echo "bench: something already listens on 127.0.0.1:$p (set HTTP_PORT, ONE_PORT, NGINX_PORT)" >&2
+        exit 1
+    fi
+done
 FLASHSALE_ROLES=http "$bin" serve > "$work/server.log" 2>&1 &
 server=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null && break; sleep 0.1; done

@@ -29,9 +29,19 @@ fi
 [ -x "$bin" ] || cargo build --quiet --bin flashsale
 cargo build --quiet -p flashsale-goose
 
+# The port must be free: a stale server there would answer for ours.
+if curl -s -o /dev/null "http://127.0.0.1:$port/healthz"; then
+    echo "smoke: something already listens on 127.0.0.1:$port (set SMOKE_PORT)" >&2
+    exit 1
+fi
 "$bin" serve > "$work/server.log" 2>&1 &
 server=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+if ! kill -0 "$server" 2>/dev/null; then
+    echo "smoke: the server did not start:" >&2
+    cat "$work/server.log" >&2
+    exit 1
+fi
 
 echo "== k6 (closed model, 5 s)"
 BASE_URL="http://127.0.0.1:$port" STOCK=500 VUS=10 DURATION=5s SCENARIO=closed \
