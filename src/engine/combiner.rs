@@ -244,15 +244,12 @@ async fn run_sale(
 impl ReserveCall {
     async fn run(&self, keys: &SaleKeys, batch: Vec<Job>) {
         let mut inv = self.script.prepare_invoke();
-        for key in [
-            &keys.sale,
-            &keys.buyers,
-            &keys.orders,
-            &keys.deadlines,
-            &keys.flow,
-            &keys.idem,
-        ] {
-            inv.key(key.as_str());
+        for key in keys
+            .order_script_keys()
+            .into_iter()
+            .chain([keys.idem.as_str()])
+        {
+            inv.key(key);
         }
         inv.arg(self.backlog_limit);
         for job in &batch {
