@@ -66,7 +66,10 @@ fn invocation<'a>(
         .key(&k.deadlines)
         .key(&k.flow)
         .key(&k.idem)
+        .key(&k.calls)
         .arg(u64::MAX)
+        // The call's id: one call per buyer here.
+        .arg(format!("{user:x}"))
         .arg(user)
         .arg(1)
         .arg("");

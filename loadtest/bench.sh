@@ -29,8 +29,8 @@ bin=target/release/flashsale
 work=$(mktemp -d)
 tag="fsbench_$$"
 export REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL="mysql://root@127.0.0.1:3306/$tag"
-export FLASHSALE_KEY_PREFIX="$tag" FLASHSALE_JWT_SECRET=bench-jwt FLASHSALE_ADMIN_TOKEN=bench-admin
-export FLASHSALE_PAYMENT_SECRET=bench-pay FLASHSALE_LISTEN="127.0.0.1:$HTTP_PORT" RUST_LOG=warn
+export FLASHSALE_KEY_PREFIX="$tag" FLASHSALE_JWT_SECRET=bench-jwt-secret-of-at-least-32-bytes FLASHSALE_ADMIN_TOKEN=bench-admin-token-of-at-least-32-bytes
+export FLASHSALE_PAYMENT_SECRET=bench-payment-secret-of-at-least-32-bytes FLASHSALE_LISTEN="127.0.0.1:$HTTP_PORT" RUST_LOG=warn
 server=""
 server1=""
 nginx_pid=""
@@ -83,15 +83,16 @@ server=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null && break; sleep 0.1; done
 mk_sale() { "$bin" sale create --sku "B-$1" --title bench --price-cents 100 --stock "$1" \
     --per-user-limit "$2" --payment-window-secs 3600; }
-keys() { local p="$tag:{s$1}"; echo "$p:sale $p:buyers $p:orders $p:deadlines $p:flow $p:idem"; }
+keys() { local p="$tag:{s$1}"; echo "$p:sale $p:buyers $p:orders $p:deadlines $p:flow $p:idem $p:calls"; }
 
 # 1. Raw limit: redis-benchmark -P 1 running the reserve script by EVALSHA
-#    on keys of the same shape (a sale of its own).
+#    on keys of the same shape (a sale of its own). Each call carries an id
+#    (a random 12-digit number here, like the buyer) as the service's do.
 raw_sale=$(mk_sale 10000000 1000000)
 sha=$(redis-cli SCRIPT LOAD "$(cat lua/prelude.lua; echo; cat lua/reserve.lua)")
 raw_n=$((25000 * SECS))
 raw=$(redis-benchmark -c "$CONC" -P 1 -n "$raw_n" -r 100000000 -q \
-    EVALSHA "$sha" 6 $(keys "$raw_sale") 1000000000 __rand_int__ 1 "" | tr -d '\r' \
+    EVALSHA "$sha" 7 $(keys "$raw_sale") 1000000000 __rand_int__ __rand_int__ 1 "" | tr -d '\r' \
     | grep -o '[0-9.]* requests per second' | cut -d' ' -f1)
 raw_made=$(redis-cli HLEN "$tag:{s$raw_sale}:orders")
 
@@ -129,6 +130,9 @@ per_order() { # key-prefix orders -> bytes of orders + due-queue + buyers per or
 p="$tag:{s$sale}"
 bytes_settled=$(per_order "$p" "$made")
 bytes_with_flow=$(python3 -c "print(round($bytes_settled + $(mem "$p:flow") / $made))")
+# What each reserve call leaves (its id and outcome, for retries): per order.
+bytes_calls=$(python3 -c "print(round($(mem "$p:calls") / $made))")
+bytes_calls_unique=$(python3 -c "print(round($(mem "$tag:{s$raw_sale}:calls") / $raw_made))")
 # One order per buyer: the reference's sale (random 12-digit user ids).
 bytes_unique=$(per_order "$tag:{s$raw_sale}" "$raw_made")
 raw_buyers=$(redis-cli HLEN "$tag:{s$raw_sale}:buyers" | tr -d '\r')
@@ -186,5 +190,6 @@ load phases: ${SECS} s each, ${CONC} connections; command: loadtest/bench.sh
 | expiry lateness, steady 2,000/s | $late | | | p99 <= 25 ms | $(verdict "$late_p99 <= 25") |
 | Redis bytes per pending order (orders + due-queue + buyers), HTTP sale ($made orders of 20,000 buyers) | $bytes_settled ($bytes_with_flow with its flow record, while no reconciler runs) | | | <= 200 | $(verdict "$bytes_settled <= 200") |
 | the same, one order per buyer (the reference's sale: $raw_made orders, $raw_buyers buyers) | $bytes_unique | | | <= 200 | $(verdict "$bytes_unique <= 200") |
+| reserve call records per order (the calls hash: HTTP sale, combined calls / reference, one call per order) | $bytes_calls / $bytes_calls_unique | | | | |
 | server peak RSS | $((rss_kb / 1024)) MB | | | <= 100 MB | $(verdict "$rss_kb <= 102400") |
 TABLE

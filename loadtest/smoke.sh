@@ -11,8 +11,8 @@ port="${SMOKE_PORT:-18190}"
 tag="fssmoke_$$"
 work=$(mktemp -d)
 export REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL="mysql://root@127.0.0.1:3306/$tag"
-export FLASHSALE_KEY_PREFIX="$tag" FLASHSALE_JWT_SECRET=smoke-jwt FLASHSALE_ADMIN_TOKEN=smoke-admin
-export FLASHSALE_PAYMENT_SECRET=smoke-pay FLASHSALE_LISTEN="127.0.0.1:$port" RUST_LOG=warn
+export FLASHSALE_KEY_PREFIX="$tag" FLASHSALE_JWT_SECRET=smoke-jwt-secret-of-at-least-32-bytes FLASHSALE_ADMIN_TOKEN=smoke-admin-token-of-at-least-32-bytes
+export FLASHSALE_PAYMENT_SECRET=smoke-payment-secret-of-at-least-32-bytes FLASHSALE_LISTEN="127.0.0.1:$port" RUST_LOG=warn
 server=""
 cleanup() {
     [ -n "$server" ] && kill "$server" 2>/dev/null || true

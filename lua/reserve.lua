@@ -8,27 +8,97 @@
 -- own clock, never the caller's. One call with one reservation is the
 -- plain, unbatched reserve.
 --
+-- Every call carries an id, unique per process and call. What a call did
+-- is kept in the calls hash, so that the same call arriving again (resent
+-- after a dropped connection, or late after its caller gave up) changes
+-- nothing and answers what the first one did. The reservation i of call c
+-- that had no idempotency key can be found again with the retry key
+-- "rk-<c>-<i>" (src/engine/combiner.rs hands it to a caller whose call
+-- failed): a reservation with that key finds the order the call made for
+-- the same buyer, or, when the call made none (or has not run yet), is a
+-- new reservation under that key, which the late call then finds and does
+-- not repeat. So each request reserves at most once, whatever the timing.
+--
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     idempotency hash ("<user>:<key>" -> order seq)
+-- KEYS[7]     calls hash (call id -> "<first new seq>|<one letter per
+--             reservation>", letters in OUTCOME below; kept only for calls
+--             that made an order)
 -- ARGV[1]     flow backlog bound: at this many records waiting for MySQL,
 --             new reservations are refused
--- ARGV[2+3i], ARGV[3+3i], ARGV[4+3i]  (i = 0, 1, ...) one reservation:
+-- ARGV[2]     the call's id ([0-9a-f]+)
+-- ARGV[3+3i], ARGV[4+3i], ARGV[5+3i]  (i = 0, 1, ...) one reservation:
 --             buyer's user id (decimal), quantity (>= 1), idempotency key
 --             or "" for none
 --
 -- Returns one reply per reservation, in order:
---          {"ok", seq, packed_order}   a new pending order
---          {"dup", seq, packed_order}  the order this idempotency key made before
+--          {"ok", seq, packed_order}   a new pending order (also when the
+--                                      same call comes again)
+--          {"dup", seq, packed_order}  the order this idempotency or retry
+--                                      key made before
+--          {"sold_out", avail}         not enough units: avail is what is
+--                                      left ("0": the sale is sold out)
 --          {"<error code>"}            not_found | sale_not_started | sale_ended
---                                      | sold_out | limit_exceeded | backlog_full
+--                                      | limit_exceeded | backlog_full
 
-local n = math.floor((#ARGV - 1) / 3)
+local n = math.floor((#ARGV - 2) / 3)
+local call_id = ARGV[2]
 local replies = {}
 local function refuse_all(code)
   for i = 1, n do
     replies[i] = {code}
   end
   return replies
+end
+
+-- The letters of a call's record: o made an order, d found an earlier one,
+-- the rest are refusals.
+local OUTCOME = {sale_not_started = 'n', sale_ended = 'e', limit_exceeded = 'l',
+  backlog_full = 'b', sold_out = 's'}
+local REFUSAL = {}
+for code, letter in pairs(OUTCOME) do
+  REFUSAL[letter] = code
+end
+
+-- The seq of the order made by reservation `index` of a call record, or nil.
+local function made_by(record, index)
+  local first, letters = string.match(record, '^(%d+)|(.*)$')
+  if string.sub(letters, index, index) ~= 'o' then
+    return nil
+  end
+  local _, before = string.gsub(string.sub(letters, 1, index - 1), 'o', 'o')
+  return int(tonumber(first) + before)
+end
+
+-- The order seq that `user`'s key made before, or nil. A buyer's own key
+-- (`own`) may be the retry key of another call: then that call's record
+-- is looked at too.
+local function made_before(user, key, own)
+  local made = redis.call('HGET', KEYS[6], user .. ':' .. key)
+  if made or not own then
+    return made
+  end
+  local call, index = string.match(key, '^rk%-(%x+)%-(%d+)$')
+  local record = call and redis.call('HGET', KEYS[7], call)
+  if not record then
+    return nil
+  end
+  made = made_by(record, tonumber(index))
+  local o = made and load_order(made)
+  if o and o.user == user then
+    return made
+  end
+  return nil
+end
+
+-- The key a reservation is judged under: the buyer's idempotency key, or
+-- for none this call's retry key of it (found only if a retry came first).
+local function key_of(i)
+  local idem = ARGV[3 * i + 2]
+  if idem ~= '' then
+    return idem, true
+  end
+  return 'rk-' .. call_id .. '-' .. i, false
 end
 
 local sale = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'avail', 'limit', 'price', 'window_ms',
@@ -39,6 +109,31 @@ end
 if sale[8] ~= LAYOUT then
   layout_error()
 end
+
+-- The same call again: answer what it did the first time.
+local record = redis.call('HGET', KEYS[7], call_id)
+if record then
+  local letters = string.match(record, '|(.*)$')
+  for i = 1, n do
+    local letter = string.sub(letters, i, i)
+    if letter == 'o' then
+      local seq = made_by(record, i)
+      local _, packed = load_order(seq)
+      replies[i] = {'ok', seq, packed}
+    elseif letter == 'd' then
+      local user = ARGV[3 * i]
+      local seq = made_before(user, key_of(i))
+      local _, packed = load_order(seq)
+      replies[i] = {'dup', seq, packed}
+    elseif letter == 's' then
+      replies[i] = {'sold_out', '-1'}
+    else
+      replies[i] = {REFUSAL[letter]}
+    end
+  end
+  return replies
+end
+
 local now = now_ms()
 local too_early, too_late = now < tonumber(sale[1]), now >= tonumber(sale[2])
 local avail, limit, price = tonumber(sale[3]), tonumber(sale[4]), tonumber(sale[5])
@@ -61,28 +156,32 @@ local accepted = {}
 -- Idempotency fields claimed by an order of this call, and the replies of
 -- later reservations with the same key (filled in once the order is made).
 local claimed, echoes = {}, {}
+local letters = {}
 for i = 1, n do
-  local user, qty, idem = ARGV[3 * i - 1], tonumber(ARGV[3 * i]), ARGV[3 * i + 1]
-  local idem_field = user .. ':' .. idem
-  local made = idem ~= '' and redis.call('HGET', KEYS[6], idem_field)
+  local user, qty = ARGV[3 * i], tonumber(ARGV[3 * i + 1])
+  local key, own_key = key_of(i)
+  local idem_field = user .. ':' .. key
+  local made = made_before(user, key, own_key)
   if made then
     local _, packed = load_order(made)
     replies[i] = {'dup', made, packed}
-  elseif idem ~= '' and claimed[idem_field] then
+  elseif claimed[idem_field] then
     replies[i] = {'dup'}
     echoes[#echoes + 1] = {replies[i], claimed[idem_field]}
   elseif too_early then
     replies[i] = {'sale_not_started'}
   elseif too_late then
     replies[i] = {'sale_ended'}
-  elseif avail < qty then
-    replies[i] = {'sold_out'}
   else
     if held[user] == nil then
       held[user] = tonumber(redis.call('HGET', KEYS[2], user) or '0')
     end
+    -- The buyer's limit first: one buyer's oversized ask is theirs to be
+    -- refused, and never reads as the sale being sold out.
     if held[user] + qty > limit then
       replies[i] = {'limit_exceeded'}
+    elseif avail < qty then
+      replies[i] = {'sold_out', int(avail)}
     elseif room <= 0 then
       replies[i] = {'backlog_full'}
     else
@@ -96,7 +195,7 @@ for i = 1, n do
       room = room - 1
       seq = seq + 1
       local order = {i = i, id = int(seq), user = user, qty = qty}
-      if idem ~= '' then
+      if own_key then
         order.idem_field = idem_field
         claimed[idem_field] = order
       end
@@ -104,6 +203,8 @@ for i = 1, n do
       replies[i] = {'ok', order.id}
     end
   end
+  local tag = replies[i][1]
+  letters[i] = tag == 'ok' and 'o' or tag == 'dup' and 'd' or OUTCOME[tag]
 end
 
 if #accepted == 0 then
@@ -112,6 +213,7 @@ end
 redis.call('HINCRBY', KEYS[1], 'avail', -reserved)
 redis.call('HINCRBY', KEYS[1], 'pending', reserved)
 redis.call('HSET', KEYS[1], 'seq', int(seq))
+redis.call('HSET', KEYS[7], call_id, accepted[1].id .. '|' .. table.concat(letters))
 for _, user in ipairs(buyers) do
   redis.call('HSET', KEYS[2], user, int(held[user]))
 end

@@ -9,9 +9,9 @@ cd "$(dirname "$0")/.."
 
 scripts/services.sh
 
-export FLASHSALE_JWT_SECRET="${FLASHSALE_JWT_SECRET:-dev-jwt-secret}"
-export FLASHSALE_ADMIN_TOKEN="${FLASHSALE_ADMIN_TOKEN:-dev-admin-token}"
-export FLASHSALE_PAYMENT_SECRET="${FLASHSALE_PAYMENT_SECRET:-dev-payment-secret}"
+export FLASHSALE_JWT_SECRET="${FLASHSALE_JWT_SECRET:-dev-jwt-secret-change-me-32-bytes-min}"
+export FLASHSALE_ADMIN_TOKEN="${FLASHSALE_ADMIN_TOKEN:-dev-admin-token-change-me-32-bytes-min}"
+export FLASHSALE_PAYMENT_SECRET="${FLASHSALE_PAYMENT_SECRET:-dev-payment-secret-change-me-32-bytes}"
 
 cargo build --release --bin flashsale
 bin=target/release/flashsale

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{JwtConfig, ServeConfig, StoreConfig};
+use crate::config::{ServeConfig, StoreConfig};
 use crate::domain::{SaleId, UserId};
 use crate::engine::Engine;
 use crate::sales::SaleRequest;
@@ -40,10 +40,9 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
         /// Print tokens for this many buyers from --user on, one per line.
+        /// The signing secret is read from FLASHSALE_JWT_SECRET.
         #[arg(long, default_value_t = 1)]
         count: u64,
-        #[command(flatten)]
-        jwt: JwtConfig,
     },
     /// Manage sales.
     #[command(subcommand)]
@@ -149,12 +148,8 @@ async fn execute(command: Command) -> anyhow::Result<i32> {
             println!("database ready and migrated");
             Ok(0)
         }
-        Command::Token {
-            user,
-            ttl,
-            count,
-            jwt,
-        } => {
+        Command::Token { user, ttl, count } => {
+            let jwt_secret = crate::config::secret_from_env("FLASHSALE_JWT_SECRET")?;
             let first: UserId = user.parse().context("--user")?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for n in 0..count {
@@ -162,7 +157,7 @@ async fn execute(command: Command) -> anyhow::Result<i32> {
                 writeln!(
                     out,
                     "{}",
-                    crate::http::auth::issue_token(&jwt.jwt_secret, user, ttl)?
+                    crate::http::auth::issue_token(&jwt_secret, user, ttl)?
                 )?;
             }
             Ok(0)

@@ -9,11 +9,47 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-fn secret(s: &str) -> Result<SecretString, String> {
-    if s.is_empty() {
-        return Err("must not be empty".into());
+/// Shortest secret accepted, in bytes (HS256 and HMAC-SHA256 keys shorter
+/// than the hash are guessable).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Reads secret `name` from the environment (never from a flag: flags show
+/// in `ps`), refusing a missing or short one with a message naming it.
+pub fn secret_from_env(name: &str) -> anyhow::Result<SecretString> {
+    let value = std::env::var(name).map_err(|_| anyhow::anyhow!("{name} must be set"))?;
+    secret_value(name, &value)
+}
+
+/// Checks a secret's length; `name` is the variable it came from.
+pub fn secret_value(name: &str, value: &str) -> anyhow::Result<SecretString> {
+    anyhow::ensure!(
+        value.len() >= MIN_SECRET_BYTES,
+        "{name} must be at least {MIN_SECRET_BYTES} bytes long (it has {})",
+        value.len()
+    );
+    Ok(SecretString::from(value.to_owned()))
+}
+
+/// The three secrets of the HTTP role, read from the environment only.
+#[derive(Debug, Clone)]
+pub struct Secrets {
+    /// `FLASHSALE_JWT_SECRET`: HS256 secret that signs buyer tokens.
+    pub jwt_secret: SecretString,
+    /// `FLASHSALE_ADMIN_TOKEN`: bearer token of the admin.
+    pub admin_token: SecretString,
+    /// `FLASHSALE_PAYMENT_SECRET`: secret of the gateway's callback signature.
+    pub payment_secret: SecretString,
+}
+
+impl Secrets {
+    /// Reads all three from the environment.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Ok(Self {
+            jwt_secret: secret_from_env("FLASHSALE_JWT_SECRET")?,
+            admin_token: secret_from_env("FLASHSALE_ADMIN_TOKEN")?,
+            payment_secret: secret_from_env("FLASHSALE_PAYMENT_SECRET")?,
+        })
     }
-    Ok(SecretString::from(s.to_owned()))
 }
 
 /// Where the two stores are.
@@ -63,6 +99,13 @@ pub struct StoreConfig {
     #[arg(long, env = "FLASHSALE_RESERVE_IN_FLIGHT", default_value_t = 2)]
     pub reserve_in_flight: usize,
 
+    /// Reservations one sale's queue holds at most in this process; past
+    /// it, 503 at once (default, and never below: the HTTP in-flight limit,
+    /// so that a request the front door admitted is never shed here).
+    #[arg(long, env = "FLASHSALE_RESERVE_QUEUE_LIMIT",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub reserve_queue_limit: Option<u32>,
+
     /// First retry of a refund waiting for its order to settle, in ms
     /// (doubling per attempt, with a spread per order).
     #[arg(long, env = "FLASHSALE_REFUND_RETRY_MS", default_value_t = 200)]
@@ -94,6 +137,11 @@ impl StoreConfig {
             batching: crate::engine::Batching {
                 max: self.reserve_batch.max(1),
                 in_flight: self.reserve_in_flight.max(1),
+                queue_limit: self
+                    .reserve_queue_limit
+                    .map_or(crate::engine::Batching::default().queue_limit, |n| {
+                        n as usize
+                    }),
                 ..Default::default()
             },
             refunds: crate::engine::RefundPolicy {
@@ -105,14 +153,6 @@ impl StoreConfig {
     }
 }
 
-/// The buyer token secret, shared by `serve` and `token`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct JwtConfig {
-    /// HS256 secret that signs buyer tokens.
-    #[arg(long, env = "FLASHSALE_JWT_SECRET", value_parser = secret, hide_env_values = true)]
-    pub jwt_secret: SecretString,
-}
-
 /// What the HTTP server needs beyond the stores.
 #[derive(clap::Args, Debug, Clone)]
 pub struct HttpConfig {
@@ -120,21 +160,60 @@ pub struct HttpConfig {
     #[arg(long, env = "FLASHSALE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Bearer token of the admin.
-    #[arg(long, env = "FLASHSALE_ADMIN_TOKEN", value_parser = secret, hide_env_values = true)]
-    pub admin_token: SecretString,
-
-    /// Secret of the payment gateway's HMAC-SHA256 callback signature.
-    #[arg(long, env = "FLASHSALE_PAYMENT_SECRET", value_parser = secret, hide_env_values = true)]
-    pub payment_secret: SecretString,
+    /// Where a process without the HTTP role serves `/healthz`, `/readyz`
+    /// and `/metrics` (default: `FLASHSALE_LISTEN`).
+    #[arg(long, env = "FLASHSALE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Requests handled at once; past it, new requests get 503 at once.
-    #[arg(long, env = "FLASHSALE_MAX_IN_FLIGHT", default_value_t = 4096)]
-    pub max_in_flight: usize,
+    #[arg(long, env = "FLASHSALE_MAX_IN_FLIGHT", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
 
     /// Longest time one request may take before it gets 503, in ms.
-    #[arg(long, env = "FLASHSALE_REQUEST_TIMEOUT_MS", default_value_t = 5000)]
+    #[arg(long, env = "FLASHSALE_REQUEST_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(100..))]
     pub request_timeout_ms: u64,
+
+    /// Reserve requests per second one buyer (the token's `sub`) may send to
+    /// this process; past it, 429 with Retry-After (0: no limit).
+    #[arg(long, env = "FLASHSALE_BUYER_RATE_PER_SEC", default_value_t = 10)]
+    pub buyer_rate_per_sec: u32,
+
+    /// Reserve requests one buyer may send at once before the rate applies.
+    #[arg(long, env = "FLASHSALE_BUYER_BURST", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub buyer_burst: u32,
+
+    /// API requests per second one client address may send to this process
+    /// (0: no limit, the default: load balancers and load tests share
+    /// addresses). The payment callback is never limited by it.
+    #[arg(long, env = "FLASHSALE_IP_RATE_PER_SEC", default_value_t = 0)]
+    pub ip_rate_per_sec: u32,
+
+    /// Requests one client address may send at once before its rate applies
+    /// (default: twice the rate).
+    #[arg(long, env = "FLASHSALE_IP_BURST",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub ip_burst: Option<u32>,
+
+    /// Seconds a client has to send a whole request head; then the
+    /// connection is closed.
+    #[arg(long, env = "FLASHSALE_HEADER_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_secs: u64,
+
+    /// Seconds an idle keep-alive connection is kept open at most.
+    #[arg(long, env = "FLASHSALE_IDLE_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_secs: u64,
+
+    /// Connections held open at most; more wait in the listen backlog. The
+    /// process raises its open-file limit to fit, or lowers this cap to what
+    /// the system allows and says so.
+    #[arg(long, env = "FLASHSALE_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 }
 
 /// Which parts of the service a `serve` process runs.
@@ -199,9 +278,6 @@ pub struct ServeConfig {
     /// The stores.
     #[command(flatten)]
     pub store: StoreConfig,
-    /// Buyer tokens.
-    #[command(flatten)]
-    pub jwt: JwtConfig,
     /// The HTTP server.
     #[command(flatten)]
     pub http: HttpConfig,
@@ -220,4 +296,30 @@ pub struct ServeConfig {
         default_value = "http,expiry,reconciler"
     )]
     pub roles: Vec<Role>,
+    /// The HTTP role's secrets, from the environment only (see
+    /// [`Secrets::from_env`]); `None` for a process without that role.
+    #[arg(skip)]
+    pub secrets: Option<Secrets>,
+}
+
+/// Parses `ServeConfig` alone (its defaults, with the environment).
+#[derive(clap::Parser, Debug)]
+struct ServeOnly {
+    #[command(flatten)]
+    serve: ServeConfig,
+}
+
+impl ServeConfig {
+    /// The configuration a `flashsale serve` without flags would run with:
+    /// the one source of defaults for tests and the demo, which override
+    /// only what they must.
+    pub fn from_defaults() -> anyhow::Result<Self> {
+        use clap::Parser;
+        Ok(ServeOnly::try_parse_from(["flashsale"])?.serve)
+    }
+
+    /// Whether this process serves the HTTP API.
+    pub fn serves_http(&self) -> bool {
+        self.roles.contains(&Role::Http)
+    }
 }

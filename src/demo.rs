@@ -20,9 +20,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{
-    ExpiryConfig, HttpConfig, JwtConfig, ReconcilerConfig, Role, ServeConfig, StoreConfig,
-};
+use crate::config::{Role, Secrets, ServeConfig, StoreConfig};
 use crate::domain::UserId;
 
 /// The demo's shape.
@@ -74,33 +72,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     url.set_path(&format!("flashsale_demo_{}", std::process::id()));
     store.database_url = url.to_string();
     store.key_prefix = format!("demo{}", std::process::id());
-    let (jwt, admin, pay) = (secret("demo-jwt"), secret("demo-admin"), secret("demo-pay"));
-    let cfg = ServeConfig {
-        store: store.clone(),
-        jwt: JwtConfig {
-            jwt_secret: jwt.clone(),
-        },
-        http: HttpConfig {
-            listen: "127.0.0.1:0".parse()?,
-            admin_token: admin.clone(),
-            payment_secret: pay.clone(),
-            max_in_flight: 4096,
-            request_timeout_ms: 5000,
-        },
-        expiry: ExpiryConfig {
-            expiry_workers: 1,
-            expiry_batch: 128,
-            expiry_max_sleep_ms: 1000,
-        },
-        reconciler: ReconcilerConfig {
-            reconciler_batch: 2000,
-            reconciler_idle_ms: 20,
-            reconciler_max_backoff_ms: 2000,
-            sweep_interval_secs: 60,
-            sweep_grace_secs: 300,
-        },
-        roles: vec![Role::Http, Role::Expiry, Role::Reconciler],
-    };
+    let (jwt, admin, pay) = (
+        secret("demo-jwt-secret-of-thirty-two-bytes"),
+        secret("demo-admin-token-of-thirty-two-bytes"),
+        secret("demo-payment-secret-of-thirty-two-bytes"),
+    );
+    let mut cfg = ServeConfig::from_defaults()?;
+    cfg.store = store.clone();
+    cfg.http.listen = "127.0.0.1:0".parse()?;
+    // The demo's thousands of simulated buyers share one address, and each
+    // asks once.
+    cfg.http.ip_rate_per_sec = 0;
+    cfg.reconciler.reconciler_max_backoff_ms = 2000;
+    cfg.roles = vec![Role::Http, Role::Expiry, Role::Reconciler];
+    cfg.secrets = Some(Secrets {
+        jwt_secret: jwt.clone(),
+        admin_token: admin.clone(),
+        payment_secret: pay.clone(),
+    });
     let app = crate::startup::App::build(cfg).await?;
     let base = format!("http://{}", app.local_addr().expect("HTTP role"));
     let engine = app.state().engine.clone();

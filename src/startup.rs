@@ -16,8 +16,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Role, ServeConfig};
 use crate::engine::Engine;
-use crate::http::{self, AppState, Authenticator, Limits, Shared};
-use crate::telemetry::Metrics;
+use crate::http::server::{self, ConnLimits};
+use crate::http::{self, AppState, Authenticator, Health, Limits, Rate, RateLimits, Shared};
+use crate::telemetry::{Metrics, RoleLabels};
 use crate::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
 use crate::workers::reconciler::{Reconciler, ReconcilerOptions};
 use crate::workers::sweep::{SweepOptions, Sweeper};
@@ -25,8 +26,11 @@ use crate::workers::sweep::{SweepOptions, Sweeper};
 /// A built, not yet running, service.
 pub struct App {
     state: AppState,
-    listener: Option<TcpListener>,
+    listener: TcpListener,
+    /// Whether `listener` serves the whole API or only the operations routes.
+    serves_api: bool,
     limits: Limits,
+    connections: ConnLimits,
     expiry_workers: usize,
     expiry: ExpiryOptions,
     /// Reconciler and sweep settings, when this process runs them.
@@ -37,44 +41,88 @@ impl App {
     /// Connects both stores (creating and migrating the database), loads the
     /// scripts and any unfinished sale Redis lacks, and binds the listener.
     pub async fn build(cfg: ServeConfig) -> anyhow::Result<Self> {
+        let serves_api = cfg.serves_http();
+        let secrets = match (&cfg.secrets, serves_api) {
+            (Some(s), _) => Some(s.clone()),
+            (None, true) => Some(crate::config::Secrets::from_env()?),
+            (None, false) => None,
+        };
+        let h = &cfg.http;
+        let redis_timeout = Duration::from_millis(cfg.store.redis_timeout_ms.max(1));
+        let request_timeout = Duration::from_millis(h.request_timeout_ms);
+        // A reserve may wait for its queue and then for its call, each up to
+        // the Redis timeout; it must still answer (with its retry key)
+        // before the request times out.
+        anyhow::ensure!(
+            request_timeout > redis_timeout * 2,
+            "FLASHSALE_REQUEST_TIMEOUT_MS ({} ms) must be more than twice FLASHSALE_REDIS_TIMEOUT_MS ({} ms)",
+            h.request_timeout_ms,
+            cfg.store.redis_timeout_ms
+        );
         let db = crate::db::connect(&cfg.store.database_url)
             .await
             .context("cannot prepare the MySQL database (DATABASE_URL)")?;
-        let engine = Engine::connect(&cfg.store.engine_options())?;
+        let mut engine_options = cfg.store.engine_options();
+        // The front door admits at most max_in_flight requests: a sale's
+        // queue never refuses one of them.
+        engine_options.batching.queue_limit = engine_options
+            .batching
+            .queue_limit
+            .max(h.max_in_flight as usize);
+        let engine = Engine::connect(&engine_options)?;
         engine
             .load_scripts()
             .await
             .context("cannot reach Redis (REDIS_URL)")?;
         let loaded = crate::sales::load_missing(&db, &engine, None).await?;
         tracing::info!(loaded, "unfinished sales checked against Redis");
-        let listener = if cfg.roles.contains(&Role::Http) {
-            Some(
-                TcpListener::bind(cfg.http.listen)
-                    .await
-                    .with_context(|| format!("cannot listen on {}", cfg.http.listen))?,
-            )
+        // A process without the HTTP role still serves the operations routes.
+        let listen = if serves_api {
+            h.listen
         } else {
-            None
+            h.metrics_listen.unwrap_or(h.listen)
         };
-        let auth = Authenticator::new(
-            &cfg.jwt.jwt_secret,
-            cfg.http.admin_token.clone(),
-            cfg.http.payment_secret.clone(),
-        );
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen on {listen}"))?;
+        let auth = match &secrets {
+            Some(s) => Authenticator::new(
+                &s.jwt_secret,
+                s.admin_token.clone(),
+                s.payment_secret.clone(),
+            ),
+            None => Authenticator::refusing_all(),
+        };
         let metrics = Metrics::default();
         metrics.register_reserve_stats(engine.reserve_stats());
+        let rate = |per_sec, burst| Rate { per_sec, burst };
         Ok(Self {
             state: AppState::new(Shared {
                 engine,
+                health: Health::new(crate::db::probe_pool(&cfg.store.database_url)?),
                 db,
                 auth: Arc::new(auth),
                 metrics: Arc::new(metrics),
                 wakeup: Arc::new(Wakeup::default()),
+                limits: RateLimits::new(
+                    rate(h.buyer_rate_per_sec, h.buyer_burst),
+                    rate(
+                        h.ip_rate_per_sec,
+                        h.ip_burst.unwrap_or(h.ip_rate_per_sec.saturating_mul(2)),
+                    ),
+                ),
             }),
             listener,
+            serves_api,
             limits: Limits {
-                max_in_flight: cfg.http.max_in_flight.max(1),
-                request_timeout: Duration::from_millis(cfg.http.request_timeout_ms.max(1)),
+                max_in_flight: h.max_in_flight as usize,
+                request_timeout,
+            },
+            connections: ConnLimits {
+                header_timeout: Duration::from_secs(h.header_timeout_secs),
+                idle_timeout: Duration::from_secs(h.idle_timeout_secs),
+                max_connections: server::fit_connections(h.max_connections as usize),
+                drain: request_timeout + Duration::from_secs(1),
             },
             expiry_workers: if cfg.roles.contains(&Role::Expiry) {
                 cfg.expiry.expiry_workers
@@ -105,9 +153,20 @@ impl App {
         })
     }
 
-    /// The bound HTTP address, when this process serves HTTP.
+    /// The bound HTTP address, when this process serves the API.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+        self.serves_api
+            .then(|| self.listener.local_addr().ok())
+            .flatten()
+    }
+
+    /// The bound address of the operations routes (`/healthz`, `/readyz`,
+    /// `/metrics`): the API's address, or the metrics address of a process
+    /// without the HTTP role.
+    pub fn ops_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// The shared state (tests reach the stores through it).
@@ -120,17 +179,47 @@ impl App {
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
         let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
-        if let Some(listener) = self.listener {
-            let app = http::router(self.state.clone(), self.limits);
+        let role = |name: &'static str, up: bool| {
+            self.state.health.set_role(name, up);
+            self.state
+                .metrics
+                .role_up
+                .get_or_create(&RoleLabels { role: name })
+                .set(i64::from(up));
+        };
+        {
+            let (app, name) = if self.serves_api {
+                (http::router(self.state.clone(), self.limits), "http")
+            } else {
+                (http::ops::router(self.state.clone()), "ops")
+            };
             let stop = shutdown.clone();
             let ended = ended_tx.clone();
-            let addr = listener.local_addr()?;
+            let addr = self.listener.local_addr()?;
+            let (connections, open) = (
+                self.connections,
+                self.state.metrics.http_connections.clone(),
+            );
+            let listener = self.listener;
+            role(name, true);
             tracker.spawn(async move {
-                tracing::info!(%addr, "HTTP listening");
-                let result = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                let _ = ended.send(("http", result.map_err(anyhow::Error::from)));
+                tracing::info!(%addr, api = name == "http", "HTTP listening");
+                let result = server::serve(listener, app, connections, open, stop).await;
+                let _ = ended.send((name, result.map_err(anyhow::Error::from)));
+            });
+        }
+        if self.serves_api {
+            // Forgets idle buyers and addresses so the limiters stay small.
+            let state = self.state.clone();
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(http::limits::PURGE_EVERY);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => break,
+                        _ = tick.tick() => { state.limits.purge(); }
+                    }
+                }
             });
         }
         for _ in 0..self.expiry_workers {
@@ -143,6 +232,7 @@ impl App {
             );
             let stop = shutdown.clone();
             let ended = ended_tx.clone();
+            role("expiry", true);
             tracker.spawn(async move {
                 worker.run(stop).await;
                 let _ = ended.send(("expiry", Ok(())));
@@ -162,6 +252,7 @@ impl App {
                 ("sweep", tokio::spawn(sw.run(shutdown.clone()))),
             ] {
                 let ended = ended_tx.clone();
+                role(name, true);
                 tracker.spawn(async move {
                     let result = task.await.map_err(anyhow::Error::from);
                     let _ = ended.send((name, result));
@@ -179,6 +270,7 @@ impl App {
         tokio::select! {
             _ = shutdown.cancelled() => tracing::info!("shutdown requested"),
             Some((task, result)) = ended_rx.recv() => {
+                role(task, false);
                 match &result {
                     Ok(()) => tracing::warn!(task, "task ended by itself; stopping the others"),
                     Err(e) => tracing::error!(task, error = %e, "task failed; stopping the others"),
@@ -187,6 +279,7 @@ impl App {
                 shutdown.cancel();
             }
         }
+        self.state.health.shutting_down();
         tracker.wait().await;
         tracing::info!("stopped");
         match first_failure {

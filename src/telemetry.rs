@@ -94,6 +94,27 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of a store's health gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    /// `redis` or `mysql`.
+    pub dependency: &'static str,
+}
+
+/// Labels of a role's health gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabels {
+    /// `http`, `expiry`, `reconciler`, `sweep`, ...
+    pub role: &'static str,
+}
+
+/// Labels of a rate-limit counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    /// `buyer` or `address`.
+    pub scope: &'static str,
+}
+
 /// The service's metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -131,6 +152,17 @@ pub struct Metrics {
     pub refunds_dead_lettered: Counter,
     /// Time from a refund's request to its completion.
     pub refund_wait: Histogram,
+    /// Whether each store answered the last readiness probe (1) or not (0).
+    pub dependency_up: Family<DependencyLabels, Gauge>,
+    /// Whether each role of this process runs (1) or has stopped (0).
+    pub role_up: Family<RoleLabels, Gauge>,
+    /// Requests refused by a rate limit, by scope.
+    pub rate_limited: Family<ScopeLabels, Counter>,
+    /// HTTP connections open.
+    pub http_connections: Gauge,
+    /// Reserve requests answered 5xx with a retry key (the outcome unknown
+    /// to this process when it answered).
+    pub reserve_unsure: Counter,
 }
 
 impl Default for Metrics {
@@ -240,8 +272,43 @@ impl Default for Metrics {
             "Time from a refund request to the refund",
             refund_wait.clone(),
         );
+        let dependency_up = Family::<DependencyLabels, Gauge>::default();
+        let role_up = Family::<RoleLabels, Gauge>::default();
+        let rate_limited = Family::<ScopeLabels, Counter>::default();
+        let http_connections = Gauge::default();
+        let reserve_unsure = Counter::default();
+        registry.register(
+            "dependency_up",
+            "Whether a store answered the last readiness probe (1) or not (0)",
+            dependency_up.clone(),
+        );
+        registry.register(
+            "role_up",
+            "Whether a role of this process runs (1) or has stopped (0)",
+            role_up.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by a rate limit, by scope (buyer, address)",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "http_connections",
+            "HTTP connections open",
+            http_connections.clone(),
+        );
+        registry.register(
+            "reserve_unsure",
+            "Reserve requests answered 5xx with a retry key",
+            reserve_unsure.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
+            dependency_up,
+            role_up,
+            rate_limited,
+            http_connections,
+            reserve_unsure,
             refunds,
             refunds_pending,
             refunds_dead_lettered,

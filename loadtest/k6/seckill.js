@@ -18,8 +18,8 @@ import { check } from 'k6';
 import { Counter } from 'k6/metrics';
 
 const BASE_URL = __ENV.BASE_URL || 'http://127.0.0.1:8080';
-const SECRET = __ENV.FLASHSALE_JWT_SECRET || 'dev-jwt-secret';
-const ADMIN = __ENV.FLASHSALE_ADMIN_TOKEN || 'dev-admin-token';
+const SECRET = __ENV.FLASHSALE_JWT_SECRET || 'dev-jwt-secret-change-me-32-bytes-min';
+const ADMIN = __ENV.FLASHSALE_ADMIN_TOKEN || 'dev-admin-token-change-me-32-bytes-min';
 const STOCK = parseInt(__ENV.STOCK || '1000');
 const VUS = parseInt(__ENV.VUS || '50');
 const DURATION = __ENV.DURATION || '30s';

@@ -213,6 +213,15 @@ pub async fn sales_to_load(
         .collect()
 }
 
+/// A pool of one connection, opened on first use, for health probes: a
+/// probe flood never takes a connection the reconciler needs.
+pub fn probe_pool(url: &str) -> anyhow::Result<MySqlPool> {
+    Ok(MySqlPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy(url)?)
+}
+
 /// `SELECT 1`.
 pub async fn ping(pool: &MySqlPool) -> anyhow::Result<()> {
     sqlx::query("SELECT 1").execute(pool).await?;

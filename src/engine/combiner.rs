@@ -13,8 +13,17 @@
 //! `idle` without reservations, and at once when Redis does not know the
 //! sale (so probing ids, or sales long over, leave nothing behind); the
 //! next reservation starts a new one.
+//!
+//! A sale's queue is bounded (`queue_limit`): past it a reservation fails
+//! at once. Every call carries an id (`lua/reserve.lua` keeps what it did),
+//! and a reservation that fails once its call may have reached Redis
+//! carries the retry key that finds what it made: a buyer is never left
+//! holding a unit they cannot find. A reservation that waited in the queue
+//! longer than `max_wait` is withdrawn before any call carries it.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +36,40 @@ use super::{EngineError, SaleKeys};
 use crate::domain::{IdempotencyKey, Qty, SaleId, UserId};
 
 /// One reservation's reply from the script (see `lua/reserve.lua`).
-pub(crate) type Reply = Result<Vec<String>, EngineError>;
+pub(crate) type Reply = Result<Answer, ReserveFailed>;
+
+/// The script's reply for one reservation, and where it came from.
+pub(crate) struct Answer {
+    /// The reply, as `lua/reserve.lua` describes it.
+    pub reply: Vec<String>,
+    call: Arc<str>,
+    index: usize,
+}
+
+impl Answer {
+    /// The key that finds this reservation again (for a reply this process
+    /// cannot read): the buyer's own key, or the call's retry key.
+    pub fn retry_key(&self, idem: Option<&IdempotencyKey>) -> String {
+        idem.map_or_else(
+            || retry_key(&self.call, self.index),
+            |k| k.as_str().to_owned(),
+        )
+    }
+}
+
+/// A reservation whose outcome this process does not know: its call may
+/// or may not have run in Redis. `retry_key`, sent as the
+/// `Idempotency-Key` of a retry, finds the order if the call made one and
+/// otherwise reserves at most once.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct ReserveFailed {
+    /// Why the call failed.
+    #[source]
+    pub source: EngineError,
+    /// The key that finds this reservation's order, if any.
+    pub retry_key: String,
+}
 
 /// How reservations are combined.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +80,12 @@ pub struct Batching {
     pub in_flight: usize,
     /// How long a sale's queue and task live without reservations.
     pub idle: Duration,
+    /// Reservations one sale's queue holds at most; past it, a reservation
+    /// fails at once.
+    pub queue_limit: usize,
+    /// Longest wait in the queue before a reservation is withdrawn (its
+    /// call, once sent, is bounded by the Redis timeout).
+    pub max_wait: Duration,
 }
 
 impl Default for Batching {
@@ -46,15 +94,74 @@ impl Default for Batching {
             max: 32,
             in_flight: 2,
             idle: Duration::from_secs(30),
+            queue_limit: 4096,
+            max_wait: Duration::from_secs(1),
         }
     }
 }
+
+/// A job waits in its queue, was withdrawn by its caller, or went out in a
+/// call.
+const WAITING: u8 = 0;
+const WITHDRAWN: u8 = 1;
+const SENT: u8 = 2;
 
 struct Job {
     user: UserId,
     qty: Qty,
     idem: Option<IdempotencyKey>,
+    state: Arc<AtomicU8>,
     reply: oneshot::Sender<Reply>,
+}
+
+impl Job {
+    /// Claims the job for a call, unless its caller withdrew or left.
+    fn claim(&self) -> bool {
+        !self.reply.is_closed()
+            && self
+                .state
+                .compare_exchange(WAITING, SENT, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+    }
+}
+
+/// Call ids: a random token of this process and a counter, in hex (the
+/// shape `lua/reserve.lua` expects in a retry key).
+#[derive(Debug)]
+struct CallIds {
+    process: u32,
+    next: AtomicU64,
+}
+
+impl CallIds {
+    fn new() -> Self {
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Self {
+            process: (random >> 32) as u32 ^ random as u32,
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "{:08x}{:x}",
+            self.process,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// A key no call made: for a reservation withdrawn before any call
+    /// carried it (a retry with it is a new reservation, made at most once).
+    fn unused_key(&self) -> String {
+        format!("rq-{}", self.next())
+    }
+}
+
+/// The retry key of reservation `index` (1-based) of call `call`.
+fn retry_key(call: &str, index: usize) -> String {
+    format!("rk-{call}-{index}")
 }
 
 /// What a sale's task needs to call the script.
@@ -65,6 +172,25 @@ pub(crate) struct ReserveCall {
     pub timeout: Duration,
     pub backlog_limit: u64,
     pub stats: ReserveStats,
+    ids: Arc<CallIds>,
+}
+
+impl ReserveCall {
+    pub fn new(
+        conn: ConnectionManager,
+        script: Arc<Script>,
+        timeout: Duration,
+        backlog_limit: u64,
+    ) -> Self {
+        Self {
+            conn,
+            script,
+            timeout,
+            backlog_limit,
+            stats: ReserveStats::default(),
+            ids: Arc::new(CallIds::new()),
+        }
+    }
 }
 
 /// Reserve script calls and the reservations they carried, since start.
@@ -76,7 +202,7 @@ pub struct ReserveStats {
     pub reservations: Counter,
 }
 
-type Queues = Mutex<HashMap<SaleId, mpsc::UnboundedSender<Job>>>;
+type Queues = Mutex<HashMap<SaleId, mpsc::Sender<Job>>>;
 
 /// The per-sale queues of one engine.
 pub(crate) struct Combiner {
@@ -86,6 +212,11 @@ pub(crate) struct Combiner {
 }
 
 impl Combiner {
+    /// A retry key that no call used (for an answer made before any call).
+    pub fn unused_key(&self) -> String {
+        self.call.ids.unused_key()
+    }
+
     pub fn stats(&self) -> &ReserveStats {
         &self.call.stats
     }
@@ -107,6 +238,8 @@ impl Combiner {
                 max: batching.max.max(1),
                 in_flight: batching.in_flight.max(1),
                 idle: batching.idle.max(Duration::from_millis(1)),
+                queue_limit: batching.queue_limit.max(1),
+                max_wait: batching.max_wait.max(Duration::from_millis(1)),
             },
             queues: Arc::default(),
         }
@@ -122,12 +255,21 @@ impl Combiner {
         qty: Qty,
         idem: Option<&IdempotencyKey>,
     ) -> Reply {
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(WAITING));
         let mut job = Job {
             user,
             qty,
             idem: idem.cloned(),
+            state: state.clone(),
             reply: tx,
+        };
+        let failed = |source| {
+            Err(ReserveFailed {
+                source,
+                retry_key: idem
+                    .map_or_else(|| self.call.ids.unused_key(), |k| k.as_str().to_owned()),
+            })
         };
         let mut keys = Some(keys);
         // A queue whose task is gone (idle, or its runtime shut down) is
@@ -139,7 +281,7 @@ impl Combiner {
                     Some(q) if !q.is_closed() => q.clone(),
                     _ => {
                         let Some(make_keys) = keys.take() else { break };
-                        let (q, jobs) = mpsc::unbounded_channel();
+                        let (q, jobs) = mpsc::channel(self.batching.queue_limit);
                         tokio::spawn(run_sale(
                             sale,
                             Arc::downgrade(&self.queues),
@@ -153,12 +295,29 @@ impl Combiner {
                     }
                 }
             };
-            match queue.send(job) {
+            match queue.try_send(job) {
                 Ok(()) => {
-                    let reply = rx.await.unwrap_or_else(|_| {
-                        Err(EngineError::Combined("the reserve task stopped".into()))
-                    });
-                    if matches!(&reply, Ok(r) if r.first().is_some_and(|c| c == "not_found")) {
+                    let reply = tokio::select! {
+                        reply = &mut rx => reply,
+                        () = tokio::time::sleep(self.batching.max_wait) => {
+                            if state
+                                .compare_exchange(WAITING, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
+                                .is_ok()
+                            {
+                                return failed(EngineError::Overloaded(
+                                    "the reservation waited too long in its sale's queue",
+                                ));
+                            }
+                            // Its call is out: the Redis timeout bounds the wait.
+                            rx.await
+                        }
+                    };
+                    let reply = match reply {
+                        Ok(reply) => reply,
+                        Err(_) => failed(EngineError::Combined("the reserve task stopped".into())),
+                    };
+                    if matches!(&reply, Ok(a) if a.reply.first().is_some_and(|c| c == "not_found"))
+                    {
                         // No such sale: its queue goes at once (the task ends
                         // when the last sender does), so probing ids leaves
                         // nothing behind.
@@ -169,10 +328,13 @@ impl Combiner {
                     }
                     return reply;
                 }
-                Err(mpsc::error::SendError(back)) => job = back,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return failed(EngineError::Overloaded("the sale's reserve queue is full"));
+                }
+                Err(mpsc::error::TrySendError::Closed(back)) => job = back,
             }
         }
-        Err(EngineError::Combined("no reserve task for the sale".into()))
+        failed(EngineError::Combined("no reserve task for the sale".into()))
     }
 }
 
@@ -181,7 +343,7 @@ impl Combiner {
 async fn run_sale(
     sale: SaleId,
     queues: std::sync::Weak<Queues>,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
+    mut jobs: mpsc::Receiver<Job>,
     call: ReserveCall,
     keys: SaleKeys,
     batching: Batching,
@@ -204,7 +366,7 @@ async fn run_sale(
                 }
                 let mut rest = Vec::new();
                 while let Ok(job) = jobs.try_recv() {
-                    if !job.reply.is_closed() {
+                    if job.claim() {
                         rest.push(job);
                     }
                 }
@@ -215,21 +377,21 @@ async fn run_sale(
                 break;
             }
         };
-        // A caller that gave up (request timeout, client gone) is not
-        // reserved for: its buyer got an error and may well retry.
-        if first.reply.is_closed() {
-            continue;
-        }
         // Waiting for a slot lets the next batch gather while calls are out.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
+        // A caller that gave up (withdrew, request timeout, client gone) is
+        // not reserved for: its buyer got an error and may well retry.
+        if !first.claim() {
+            continue;
+        }
         let mut batch = Vec::with_capacity(batching.max);
         batch.push(first);
         while batch.len() < batching.max {
             match jobs.try_recv() {
-                Ok(job) if job.reply.is_closed() => {}
-                Ok(job) => batch.push(job),
+                Ok(job) if job.claim() => batch.push(job),
+                Ok(_) => {}
                 Err(_) => break,
             }
         }
@@ -243,15 +405,16 @@ async fn run_sale(
 
 impl ReserveCall {
     async fn run(&self, keys: &SaleKeys, batch: Vec<Job>) {
+        let call: Arc<str> = self.ids.next().into();
         let mut inv = self.script.prepare_invoke();
         for key in keys
             .order_script_keys()
             .into_iter()
-            .chain([keys.idem.as_str()])
+            .chain([keys.idem.as_str(), keys.calls.as_str()])
         {
             inv.key(key);
         }
-        inv.arg(self.backlog_limit);
+        inv.arg(self.backlog_limit).arg(&*call);
         for job in &batch {
             inv.arg(job.user.get())
                 .arg(job.qty.get())
@@ -260,36 +423,41 @@ impl ReserveCall {
         self.stats.calls.inc();
         self.stats.reservations.inc_by(batch.len() as u64);
         let mut conn = self.conn.clone();
-        let result: Result<Vec<Vec<String>>, EngineError> =
-            match tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn)).await {
-                Ok(Ok(replies)) => Ok(replies),
-                Ok(Err(e)) => Err(EngineError::Redis(e)),
-                Err(_) => Err(EngineError::Timeout(self.timeout)),
-            };
+        let result: Result<Vec<Vec<String>>, EngineError> = match tokio::time::timeout(
+            self.timeout,
+            inv.invoke_async::<Vec<Vec<String>>>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(replies)) if replies.len() == batch.len() => Ok(replies),
+            Ok(Ok(replies)) => Err(EngineError::Protocol(format!(
+                "reserve: {} replies for {} reservations",
+                replies.len(),
+                batch.len()
+            ))),
+            Ok(Err(e)) => Err(EngineError::Redis(e)),
+            Err(_) => Err(EngineError::Timeout(self.timeout)),
+        };
         match result {
-            Ok(replies) if replies.len() == batch.len() => {
-                for (job, reply) in batch.into_iter().zip(replies) {
-                    let _ = job.reply.send(Ok(reply));
-                }
-            }
             Ok(replies) => {
-                let msg = format!(
-                    "reserve: {} replies for {} reservations",
-                    replies.len(),
-                    batch.len()
-                );
-                for job in batch {
-                    let _ = job.reply.send(Err(EngineError::Protocol(msg.clone())));
+                for (i, (job, reply)) in batch.into_iter().zip(replies).enumerate() {
+                    let _ = job.reply.send(Ok(Answer {
+                        reply,
+                        call: call.clone(),
+                        index: i + 1,
+                    }));
                 }
             }
             Err(e) => {
-                let shared = e.to_string();
-                for job in batch {
-                    let err = match &e {
-                        EngineError::Timeout(d) => EngineError::Timeout(*d),
-                        _ => EngineError::Combined(shared.clone()),
-                    };
-                    let _ = job.reply.send(Err(err));
+                for (i, job) in batch.into_iter().enumerate() {
+                    let retry_key = job
+                        .idem
+                        .as_ref()
+                        .map_or_else(|| retry_key(&call, i + 1), |k| k.as_str().to_owned());
+                    let _ = job.reply.send(Err(ReserveFailed {
+                        source: e.shared(),
+                        retry_key,
+                    }));
                 }
             }
         }

@@ -43,6 +43,10 @@ pub struct SaleKeys {
     pub flow: String,
     /// Hash: refunds that never settled in time (seq -> requested ms|attempts).
     pub dead_refunds: String,
+    /// Hash: reserve call id -> what the call did (`lua/reserve.lua`), so a
+    /// resent call answers the first one's result and a retry key finds the
+    /// order its failed request made.
+    pub calls: String,
 }
 
 impl SaleKeys {
@@ -105,6 +109,7 @@ impl Keys {
             deadlines: format!("{base}:deadlines"),
             flow: format!("{base}:flow"),
             dead_refunds: format!("{base}:dead_refunds"),
+            calls: format!("{base}:calls"),
         }
     }
 }
@@ -124,6 +129,7 @@ mod tests {
             &keys.deadlines,
             &keys.flow,
             &keys.dead_refunds,
+            &keys.calls,
         ] {
             let open = k.find('{').unwrap();
             let close = k.find('}').unwrap();

@@ -1,7 +1,7 @@
 //! An order's life in Redis: reserve, pay, cancel and expire, each one
 //! script call. Every change writes its flow record in the same call.
 
-use super::{Engine, EngineError, Order, SaleKeys};
+use super::{Engine, EngineError, Order, ReserveFailed, SaleKeys};
 use crate::domain::{IdempotencyKey, OrderId, Qty, SaleId, UserId};
 
 /// Why a reservation was refused.
@@ -157,31 +157,34 @@ impl Engine {
         self.timed(inv.invoke_async(&mut c)).await
     }
 
-    /// Reserves `qty` units of `sale` for `user`: the seckill call.
+    /// Reserves `qty` units of `sale` for `user`: the seckill call. A
+    /// failure carries the key that finds what the call made, if anything.
     pub async fn reserve(
         &self,
         sale: SaleId,
         user: UserId,
         qty: Qty,
         idem: Option<&IdempotencyKey>,
-    ) -> Result<Reservation, EngineError> {
+    ) -> Result<Reservation, ReserveFailed> {
         // A retried key must still find its order, so it always asks Redis.
         if idem.is_none() && self.sold_out.is_marked(sale) {
             return Ok(Reservation::Refused(Refusal::SoldOut));
         }
-        let reply = self
+        let answer = self
             .combiner
             .reserve(sale, || self.keys.sale(sale), user, qty, idem)
             .await?;
+        let reply = &answer.reply;
+        let bad = || ReserveFailed {
+            source: EngineError::Protocol(format!("reserve: {reply:?}")),
+            retry_key: answer.retry_key(idem),
+        };
         let refused = |r| Ok(Reservation::Refused(r));
         let with_order = |make: fn(Order) -> Reservation| {
-            let seq = reply
-                .get(1)
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| EngineError::Protocol(format!("reserve: {reply:?}")))?;
+            let seq = reply.get(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
             let id = OrderId::new(sale, seq);
             let packed: Vec<String> = reply.iter().skip(1).cloned().collect();
-            order_in(id, &packed).map(make)
+            order_in(id, &packed).map(make).map_err(|_| bad())
         };
         match reply.first().map(String::as_str) {
             Some("ok") => with_order(Reservation::Created),
@@ -190,12 +193,16 @@ impl Engine {
             Some("sale_not_started") => refused(Refusal::NotStarted),
             Some("sale_ended") => refused(Refusal::Ended),
             Some("sold_out") => {
-                self.sold_out.mark(sale);
+                // Only a sale with nothing left is remembered as sold out:
+                // an ask larger than what is left refuses that ask alone.
+                if reply.get(1).is_some_and(|left| left == "0") {
+                    self.sold_out.mark(sale);
+                }
                 refused(Refusal::SoldOut)
             }
             Some("limit_exceeded") => refused(Refusal::LimitExceeded),
             Some("backlog_full") => refused(Refusal::BacklogFull),
-            _ => Err(EngineError::Protocol(format!("reserve: {reply:?}"))),
+            _ => Err(bad()),
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use audit::AuditSnapshot;
-pub use combiner::{Batching, ReserveStats};
+pub use combiner::{Batching, ReserveFailed, ReserveStats};
 pub use flow::{FlowEvent, FlowId, FlowRecord};
 pub use keys::{Keys, SaleKeys};
 pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reservation};
@@ -43,6 +43,52 @@ pub enum EngineError {
     /// A combined reserve call failed (the message of the call's error).
     #[error("{0}")]
     Combined(String),
+    /// A script failed inside Redis (a runtime error, or a state it
+    /// refuses): a fault that retrying will not cure.
+    #[error("script fault: {0}")]
+    Script(String),
+    /// This process has no room for the call right now.
+    #[error("overloaded: {0}")]
+    Overloaded(&'static str),
+}
+
+impl EngineError {
+    /// Whether retrying cannot cure it: a script that fails in Redis, or a
+    /// reply the engine does not understand (as opposed to a timeout, a
+    /// lost connection or an overloaded server, which pass).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Redis(e) => script_fault(e),
+            Self::Protocol(_) | Self::Script(_) => true,
+            Self::Timeout(_) | Self::Combined(_) | Self::Overloaded(_) => false,
+        }
+    }
+
+    /// The same error for one more caller (the callers of one combined call
+    /// share its error).
+    pub(crate) fn shared(&self) -> Self {
+        match self {
+            Self::Redis(e) if script_fault(e) => Self::Script(e.to_string()),
+            Self::Redis(e) => Self::Combined(e.to_string()),
+            Self::Timeout(d) => Self::Timeout(*d),
+            Self::Protocol(m) => Self::Protocol(m.clone()),
+            Self::Combined(m) => Self::Combined(m.clone()),
+            Self::Script(m) => Self::Script(m.clone()),
+            Self::Overloaded(m) => Self::Overloaded(m),
+        }
+    }
+}
+
+/// A script's own error: a Lua runtime error ("ERR ... script ...") or a
+/// refusal the scripts raise ("flashsale: ...").
+fn script_fault(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match e.kind() {
+        ErrorKind::Server(ServerErrorKind::ResponseError) => {
+            e.to_string().to_ascii_lowercase().contains("script")
+        }
+        _ => e.code() == Some("flashsale:"),
+    }
 }
 
 /// Connection settings for the engine.
@@ -127,14 +173,16 @@ impl Engine {
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
         let scripts = Scripts::default();
         let combiner = combiner::Combiner::new(
-            combiner::ReserveCall {
-                conn: conn.clone(),
-                script: scripts.reserve.clone(),
-                timeout: opts.timeout,
-                backlog_limit: opts.flow_backlog_limit,
-                stats: ReserveStats::default(),
+            combiner::ReserveCall::new(
+                conn.clone(),
+                scripts.reserve.clone(),
+                opts.timeout,
+                opts.flow_backlog_limit,
+            ),
+            combiner::Batching {
+                max_wait: opts.timeout,
+                ..opts.batching
             },
-            opts.batching,
         );
         Ok(Self(std::sync::Arc::new(EngineInner {
             conn,
@@ -156,6 +204,12 @@ impl Engine {
     /// is how many reservations one call combines).
     pub fn reserve_stats(&self) -> &ReserveStats {
         self.combiner.stats()
+    }
+
+    /// A retry key that no reserve call used: for a reserve answered with
+    /// an error before any call could carry it.
+    pub fn unused_retry_key(&self) -> String {
+        self.combiner.unused_key()
     }
 
     /// Sales with a live reserve queue in this process (a queue ends after

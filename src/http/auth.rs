@@ -91,6 +91,28 @@ impl Authenticator {
         }
     }
 
+    /// A verifier for a process without the HTTP role (which needs no
+    /// secrets): keyed with random secrets nobody holds, so it accepts no
+    /// credential at all.
+    pub fn refusing_all() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        let random = || {
+            (0..4)
+                .map(|_| {
+                    let h = std::collections::hash_map::RandomState::new()
+                        .build_hasher()
+                        .finish();
+                    format!("{h:016x}")
+                })
+                .collect::<String>()
+        };
+        Self::new(
+            &SecretString::from(random()),
+            SecretString::from(random()),
+            SecretString::from(random()),
+        )
+    }
+
     fn is_admin(&self, token: &str) -> bool {
         let expected = self.admin_token.expose_secret().as_bytes();
         bool::from(token.as_bytes().ct_eq(expected))

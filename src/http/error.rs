@@ -53,14 +53,27 @@ pub enum ApiError {
     #[error("the request body is larger than 16 KiB")]
     PayloadTooLarge,
     /// The caller sends too fast.
-    #[error("too many requests")]
-    RateLimited,
+    #[error("too many requests; retry after {retry_after_secs} s")]
+    RateLimited {
+        /// Whole seconds until the caller may send again (at least 1).
+        retry_after_secs: u64,
+    },
     /// A store is unreachable or the service is overloaded.
     #[error("service unavailable: {0}")]
     Unavailable(String),
     /// A fault of the server itself.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+    /// A server-side error (5xx) of a reserve whose outcome is unknown:
+    /// retrying with `Idempotency-Key: <retry_key>` finds its order, if it
+    /// made one, and reserves at most once in all.
+    #[error("{error}")]
+    Unsure {
+        /// The error the caller sees.
+        error: Box<ApiError>,
+        /// The key that finds the reservation again.
+        retry_key: String,
+    },
 }
 
 impl ApiError {
@@ -79,9 +92,10 @@ impl ApiError {
             Self::OrderNotPaid(_) => "order_not_paid",
             Self::AmountMismatch => "amount_mismatch",
             Self::PayloadTooLarge => "payload_too_large",
-            Self::RateLimited => "rate_limited",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
+            Self::Unsure { error, .. } => error.code(),
         }
     }
 
@@ -99,16 +113,34 @@ impl ApiError {
             | Self::OrderExpired
             | Self::OrderNotPaid(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unsure { error, .. } => error.status_code(),
+        }
+    }
+
+    /// Attaches the retry key of a reserve to a server-side error (client
+    /// errors say for sure that nothing was reserved, and stay as they are).
+    pub fn with_retry_key(self, retry_key: String) -> Self {
+        if self.status_code().is_server_error() {
+            Self::Unsure {
+                error: Box::new(self),
+                retry_key,
+            }
+        } else {
+            self
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let message = match &self {
+        let (error, retry_key) = match self {
+            Self::Unsure { error, retry_key } => (*error, Some(retry_key)),
+            other => (other, None),
+        };
+        let message = match &error {
             Self::Unavailable(detail) => {
                 tracing::warn!(detail, "answering 503");
                 "the service is unavailable; retry shortly".to_owned()
@@ -119,21 +151,27 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let status = match &self {
+        let status = match &error {
             Self::OrderNotPending(s) | Self::OrderNotPaid(s) => Some(s.as_str()),
             _ => None,
         };
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code(),
+                code: error.code(),
                 message: &message,
                 status,
+                retry_key: retry_key.as_deref(),
             },
         };
-        let mut res = (self.status_code(), Json(body)).into_response();
-        if matches!(self, Self::Unavailable(_) | Self::RateLimited) {
+        let mut res = (error.status_code(), Json(body)).into_response();
+        let retry_after = match error {
+            Self::Unavailable(_) => Some(1),
+            Self::RateLimited { retry_after_secs } => Some(retry_after_secs.max(1)),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
     }
@@ -151,6 +189,8 @@ struct ErrorDetail<'a> {
     message: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_key: Option<&'a str>,
 }
 
 impl From<InvalidValue> for ApiError {
@@ -160,11 +200,21 @@ impl From<InvalidValue> for ApiError {
 }
 
 impl From<EngineError> for ApiError {
+    /// A fault retrying cannot cure (a script error, a reply of an unknown
+    /// shape) is a 500; a timeout, a lost connection or an overload is a
+    /// 503 that the caller may retry.
     fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::Protocol(_) => Self::Internal(e.into()),
-            other => Self::Unavailable(other.to_string()),
+        if e.is_permanent() {
+            Self::Internal(e.into())
+        } else {
+            Self::Unavailable(e.to_string())
         }
+    }
+}
+
+impl From<crate::engine::ReserveFailed> for ApiError {
+    fn from(f: crate::engine::ReserveFailed) -> Self {
+        Self::from(f.source).with_retry_key(f.retry_key)
     }
 }
 

@@ -1,15 +1,18 @@
 //! The HTTP API (axum): routes, shared state, and the protections at the
-//! front door (body limit, request timeout, load shedding).
+//! front door (body limit, request timeout, load shedding, rate limits;
+//! connection limits in `server.rs`).
 //!
 //! Handlers translate between the contract (`shared/API.md`) and the engine;
 //! they hold no business rules of their own beyond who may see what.
 
 pub mod auth;
 pub mod error;
-mod ops;
+pub mod limits;
+pub mod ops;
 mod orders;
 mod payments;
 mod sales;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +32,8 @@ use crate::telemetry::{method_label, route_label, Metrics, RequestLabels, RouteL
 use crate::workers::expiry::Wakeup;
 pub use auth::Authenticator;
 pub use error::ApiError;
+pub use limits::{Rate, RateLimits};
+pub use ops::Health;
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 16 * 1024;
@@ -64,6 +69,10 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Wakes this process's expiry workers for nearer deadlines and new sales.
     pub wakeup: Arc<Wakeup>,
+    /// Rate limits per buyer and per client address.
+    pub limits: RateLimits,
+    /// Roles, shutdown and the stores, for `/readyz`.
+    pub health: Health,
 }
 
 /// Limits at the front door.
@@ -75,6 +84,9 @@ pub struct Limits {
     pub request_timeout: Duration,
 }
 
+/// The route of the seckill endpoint (its 5xx answers carry a retry key).
+const RESERVE_ROUTE: &str = "/api/v1/sales/{sale_id}/orders";
+
 /// The whole API with its middleware.
 pub fn router(state: AppState, limits: Limits) -> Router {
     let shed = ServiceBuilder::new()
@@ -84,23 +96,29 @@ pub fn router(state: AppState, limits: Limits) -> Router {
             limits.max_in_flight,
         ))
         .timeout(limits.request_timeout);
-    let api = Router::new()
-        .merge(sales::router())
-        .merge(orders::router())
+    let mut buyers = Router::new().merge(sales::router()).merge(orders::router());
+    if state.limits.limits_addresses() {
+        buyers = buyers.layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::per_address,
+        ));
+    }
+    // The gateway's callback is never limited by address.
+    let api = buyers
         .merge(payments::router())
         .layer(shed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
     Router::new()
         .merge(api)
-        .merge(ops::router())
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), track))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(ops::router(state))
 }
 
 /// Turns load-shedding and timeout errors into the contract's 503.
-async fn overloaded(err: tower::BoxError) -> ApiError {
+pub(crate) async fn overloaded(err: tower::BoxError) -> ApiError {
     if err.is::<tower::timeout::error::Elapsed>() {
         ApiError::Unavailable("request timed out".into())
     } else if err.is::<tower::load_shed::error::Overloaded>() {
@@ -119,7 +137,10 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
     );
     let method = method_label(req.method());
     let started = Instant::now();
-    let res = next.run(req).await;
+    let mut res = next.run(req).await;
+    if route == RESERVE_ROUTE && res.status().is_server_error() {
+        res = with_retry_key(&state, res).await;
+    }
     let m = &state.metrics;
     m.latency
         .get_or_create(&RouteLabels { route })
@@ -132,6 +153,25 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
         })
         .inc();
     res
+}
+
+/// A reserve's 5xx answer made before the handler could attach a retry key
+/// (load shedding, the request timeout) gets one that no call used: nothing
+/// was reserved for it, and a retry with it reserves at most once.
+async fn with_retry_key(state: &AppState, res: Response) -> Response {
+    let (mut parts, body) = res.into_parts();
+    let bytes = axum::body::to_bytes(body, BODY_LIMIT)
+        .await
+        .unwrap_or_default();
+    let mut doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    if let Some(error) = doc.get_mut("error").and_then(|e| e.as_object_mut()) {
+        if !error.contains_key("retry_key") {
+            error.insert("retry_key".into(), state.engine.unused_retry_key().into());
+            parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+            return Response::from_parts(parts, axum::body::Body::from(doc.to_string()));
+        }
+    }
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// The raw request body, with the contract's errors for oversized or broken

@@ -1,48 +1,170 @@
 //! Operations routes: liveness, readiness, metrics and the OpenAPI document.
-//! They sit outside load shedding so that probes answer under overload.
+//! They sit outside the API's load shedding, behind a small concurrency cap
+//! of their own, so that probes answer under overload and a probe flood
+//! cannot starve anything else: readiness is computed at most once a second
+//! (concurrent probes share the answer) over its own one-connection MySQL
+//! pool, never the reconciler's.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use sqlx::MySqlPool;
+use tower::ServiceBuilder;
 
 use super::{ApiError, AppState};
+use crate::telemetry::{DependencyLabels, RoleLabels};
 
 /// The published contract.
 const OPENAPI: &str = include_str!("../../docs/openapi.json");
 
-pub(super) fn router() -> Router<AppState> {
+/// Operations requests handled at once; past it, 503 at once.
+const OPS_IN_FLIGHT: usize = 32;
+
+/// How long one readiness answer is reused.
+const READY_FRESH: Duration = Duration::from_secs(1);
+
+/// The routes every process serves, whatever its roles.
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/openapi.json", get(openapi))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(super::overloaded))
+                .load_shed()
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                    OPS_IN_FLIGHT,
+                )),
+        )
+        .with_state(state)
+}
+
+/// What this process knows of its own health: its roles and whether it is
+/// shutting down; `/readyz` adds the stores.
+pub struct Health {
+    shutting_down: AtomicBool,
+    roles: Mutex<Vec<(&'static str, bool)>>,
+    /// The last readiness answer and when it was made.
+    last: tokio::sync::Mutex<Option<(Instant, Readiness)>>,
+    /// A pool of one connection, for probes only.
+    probe_db: MySqlPool,
+}
+
+impl Health {
+    /// Probes MySQL through `probe_db` (its own small pool).
+    pub fn new(probe_db: MySqlPool) -> Self {
+        Self {
+            shutting_down: AtomicBool::new(false),
+            roles: Mutex::default(),
+            last: tokio::sync::Mutex::default(),
+            probe_db,
+        }
+    }
+
+    /// Records whether `role` runs.
+    pub fn set_role(&self, role: &'static str, up: bool) {
+        let mut roles = self.roles.lock().unwrap_or_else(|p| p.into_inner());
+        match roles.iter_mut().find(|(r, _)| *r == role) {
+            Some(entry) => entry.1 = up,
+            None => roles.push((role, up)),
+        }
+    }
+
+    /// The process is shutting down: readiness fails from now on.
+    pub fn shutting_down(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    fn roles(&self) -> Vec<(&'static str, bool)> {
+        self.roles.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The stores as the last probe found them.
+#[derive(Clone, Copy)]
+struct Readiness {
+    redis: bool,
+    mysql: bool,
 }
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+/// 503 only when this process cannot take writes: Redis unreachable, one
+/// of its roles down, or shutting down. MySQL down is reported, not fatal:
+/// selling goes on while the reconciler waits.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let limit = Duration::from_secs(2);
-    let redis = state.engine.ping().await.is_ok();
-    let mysql = matches!(
-        tokio::time::timeout(limit, crate::db::ping(&state.db)).await,
-        Ok(Ok(()))
-    );
-    let status = if redis && mysql {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let health = &state.health;
+    let stores = {
+        let mut last = health.last.lock().await;
+        match *last {
+            Some((at, r)) if at.elapsed() < READY_FRESH => r,
+            _ => {
+                let r = probe(&state).await;
+                *last = Some((Instant::now(), r));
+                r
+            }
+        }
     };
+    let roles = health.roles();
+    let shutting_down = health.shutting_down.load(Ordering::Acquire);
+    let ready = stores.redis && !shutting_down && roles.iter().all(|(_, up)| *up);
     let word = |ok: bool| if ok { "ok" } else { "down" };
+    let roles: serde_json::Map<String, serde_json::Value> = roles
+        .into_iter()
+        .map(|(r, up)| (r.to_owned(), word(up).into()))
+        .collect();
     (
-        status,
-        Json(serde_json::json!({"redis": word(redis), "mysql": word(mysql)})),
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(serde_json::json!({
+            "redis": word(stores.redis),
+            "mysql": word(stores.mysql),
+            "roles": roles,
+            "shutting_down": shutting_down,
+        })),
     )
+}
+
+/// Pings both stores, each within a bound, and records what it found.
+async fn probe(state: &AppState) -> Readiness {
+    let limit = Duration::from_secs(2);
+    let redis = async { state.engine.ping().await.is_ok() };
+    let mysql = async {
+        matches!(
+            tokio::time::timeout(limit, crate::db::ping(&state.health.probe_db)).await,
+            Ok(Ok(()))
+        )
+    };
+    let (redis, mysql) = tokio::join!(redis, mysql);
+    for (dependency, up) in [("redis", redis), ("mysql", mysql)] {
+        state
+            .metrics
+            .dependency_up
+            .get_or_create(&DependencyLabels { dependency })
+            .set(i64::from(up));
+    }
+    for (role, up) in state.health.roles() {
+        state
+            .metrics
+            .role_up
+            .get_or_create(&RoleLabels { role })
+            .set(i64::from(up));
+    }
+    Readiness { redis, mysql }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

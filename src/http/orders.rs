@@ -10,7 +10,7 @@ use super::sales::rfc3339;
 use super::{ApiError, AppState, Body};
 use crate::domain::{IdempotencyKey, OrderId, Qty, SaleId};
 use crate::engine::{Cancellation, Order, OrderStatus, Refund, Reservation};
-use crate::telemetry::OutcomeLabels;
+use crate::telemetry::{OutcomeLabels, ScopeLabels};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -84,6 +84,13 @@ async fn reserve(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<OrderView>), ApiError> {
+    let m = &state.metrics;
+    if let Err(e) = state.limits.admit_buyer(user) {
+        m.rate_limited
+            .get_or_create(&ScopeLabels { scope: "buyer" })
+            .inc();
+        return Err(e);
+    }
     let sale: SaleId = sale.parse()?;
     let key = idempotency_key(&headers)?;
     let qty = match body.json_or_empty::<ReserveRequest>()? {
@@ -91,8 +98,11 @@ async fn reserve(
         None => Qty::default(),
     };
     let outcome = state.engine.reserve(sale, user, qty, key.as_ref()).await;
-    let m = &state.metrics;
-    match outcome? {
+    let outcome = outcome.map_err(|failed| {
+        m.reserve_unsure.inc();
+        ApiError::from(failed)
+    })?;
+    match outcome {
         Reservation::Created(order) => {
             m.reservation("created");
             state.wakeup.deadline_added(order.deadline_ms);

@@ -316,12 +316,14 @@ async fn a_sale_of_another_redis_layout_is_refused_not_misread() {
     let _: () = c.hset(&k.sale, "layout", "1").await.unwrap();
     let before = sale_state(&app, &sale).await;
 
+    // A script's refusal is a fault retrying will not cure: 500, not 503.
     let (s, body) = app.reserve(&sale, 2, None).await;
-    assert_eq!((s, code(&body)), (503, "unavailable"), "{body}");
+    assert_eq!((s, code(&body)), (500, "internal"), "{body}");
+    assert!(body["error"]["retry_key"].is_string(), "{body}");
     let (s, body) = app.pay(&order_id, "pay-1", 1999).await;
-    assert_eq!(s, 503, "{body}");
+    assert_eq!(s, 500, "{body}");
     let (s, body) = app.cancel(&order_id, 1).await;
-    assert_eq!(s, 503, "{body}");
+    assert_eq!(s, 500, "{body}");
     let expired = app.engine.expire(sale.parse().unwrap(), 100).await;
     assert!(expired.is_err(), "{expired:?}");
     assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");

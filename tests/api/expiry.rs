@@ -253,6 +253,8 @@ async fn a_worker_killed_mid_drain_leaves_nothing_half_done() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpaid_unit_is_buyable_again_soon_after_its_deadline() {
     let app = spawn_with(Target::fresh(), |c| {
+        // The buyer polls faster than the default rate limit allows.
+        c.http.buyer_rate_per_sec = 0;
         c.roles = vec![
             flashsale::config::Role::Http,
             flashsale::config::Role::Expiry,

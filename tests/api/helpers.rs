@@ -7,9 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use flashsale::config::{
-    ExpiryConfig, HttpConfig, JwtConfig, ReconcilerConfig, Role, ServeConfig, StoreConfig,
-};
+use flashsale::config::{Role, Secrets, ServeConfig};
 use flashsale::domain::{OrderId, UserId};
 use flashsale::engine::{Engine, Order, SaleKeys};
 use redis::AsyncCommands;
@@ -18,9 +16,9 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const JWT_SECRET: &str = "test-jwt-secret";
-pub const ADMIN_TOKEN: &str = "test-admin-token";
-pub const PAYMENT_SECRET: &str = "test-payment-secret";
+pub const JWT_SECRET: &str = "test-jwt-secret-of-at-least-32-bytes";
+pub const ADMIN_TOKEN: &str = "test-admin-token-of-at-least-32-bytes";
+pub const PAYMENT_SECRET: &str = "test-payment-secret-of-at-least-32-bytes";
 pub const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
 
@@ -62,46 +60,21 @@ impl Target {
         }
     }
 
-    /// The app's configuration: HTTP only, no workers, unless changed.
+    /// The app's configuration: the real defaults, on this target, HTTP
+    /// only (no workers) unless changed.
     pub fn config(&self) -> ServeConfig {
-        ServeConfig {
-            store: StoreConfig {
-                redis_url: self.redis_url.clone(),
-                database_url: self.database_url.clone(),
-                key_prefix: self.key_prefix.clone(),
-                redis_timeout_ms: 1000,
-                flow_backlog_limit: 1_000_000,
-                sold_out_ttl_ms: 100,
-                reserve_batch: 32,
-                reserve_in_flight: 2,
-                refund_retry_ms: 100,
-                refund_retry_max_ms: 1000,
-                refund_dead_letter_secs: 3600,
-            },
-            jwt: JwtConfig {
-                jwt_secret: SecretString::from(JWT_SECRET),
-            },
-            http: HttpConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                admin_token: SecretString::from(ADMIN_TOKEN),
-                payment_secret: SecretString::from(PAYMENT_SECRET),
-                max_in_flight: 4096,
-                request_timeout_ms: 5000,
-            },
-            expiry: ExpiryConfig {
-                expiry_workers: 1,
-                expiry_batch: 128,
-                expiry_max_sleep_ms: 1000,
-            },
-            reconciler: ReconcilerConfig {
-                reconciler_batch: 2000,
-                reconciler_idle_ms: 20,
-                reconciler_max_backoff_ms: 30_000,
-                sweep_interval_secs: 60,
-                sweep_grace_secs: 300,
-            },
-            roles: vec![Role::Http],
-        }
+        let mut c = ServeConfig::from_defaults().expect("the defaults parse");
+        c.store.redis_url = self.redis_url.clone();
+        c.store.database_url = self.database_url.clone();
+        c.store.key_prefix = self.key_prefix.clone();
+        c.http.listen = "127.0.0.1:0".parse().unwrap();
+        c.roles = vec![Role::Http];
+        c.secrets = Some(Secrets {
+            jwt_secret: SecretString::from(JWT_SECRET),
+            admin_token: SecretString::from(ADMIN_TOKEN),
+            payment_secret: SecretString::from(PAYMENT_SECRET),
+        });
+        c
     }
 
     /// Drops the database and deletes every key under the prefix.
@@ -611,7 +584,7 @@ fn is_root() -> bool {
 }
 
 /// A TCP port nothing listens on right now.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }

@@ -3,6 +3,7 @@
 mod audit;
 mod bad_input;
 mod expiry;
+mod front_door;
 mod helpers;
 mod lifecycle;
 mod operations;

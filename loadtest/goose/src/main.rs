@@ -4,7 +4,7 @@
 //! checked against the contract (201 with an order, or an allowed error).
 //!
 //! ```text
-//! SALE_ID=1 FLASHSALE_JWT_SECRET=dev-jwt-secret \
+//! SALE_ID=1 FLASHSALE_JWT_SECRET=dev-jwt-secret-change-me-32-bytes-min \
 //!   cargo run --release -p flashsale-goose -- --host http://127.0.0.1:8080 \
 //!   --users 50 --increase-rate 50 --run-time 30s --threshold "error-rate<1%"
 //! ```
@@ -25,8 +25,8 @@ fn setup() -> &'static Setup {
     static SETUP: OnceLock<Setup> = OnceLock::new();
     SETUP.get_or_init(|| {
         let sale = std::env::var("SALE_ID").expect("SALE_ID names the sale to load");
-        let secret =
-            std::env::var("FLASHSALE_JWT_SECRET").unwrap_or_else(|_| "dev-jwt-secret".into());
+        let secret = std::env::var("FLASHSALE_JWT_SECRET")
+            .unwrap_or_else(|_| "dev-jwt-secret-change-me-32-bytes-min".into());
         Setup {
             path: format!("/api/v1/sales/{sale}/orders"),
             secret: SecretString::from(secret),
