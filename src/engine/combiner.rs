@@ -110,8 +110,28 @@ struct Job {
     user: UserId,
     qty: Qty,
     idem: Option<IdempotencyKey>,
-    state: Arc<AtomicU8>,
+    shared: Arc<JobShared>,
     reply: oneshot::Sender<Reply>,
+}
+
+/// What a job's caller and the sale's task both see.
+#[derive(Default)]
+struct JobShared {
+    /// WAITING, WITHDRAWN or SENT.
+    state: AtomicU8,
+    /// The call that carried it, and its place there (1-based).
+    sent_as: std::sync::OnceLock<(Arc<str>, usize)>,
+}
+
+impl JobShared {
+    /// The key that finds this reservation again.
+    fn retry_key(&self, ids: &CallIds, idem: Option<&IdempotencyKey>) -> String {
+        match (idem, self.sent_as.get()) {
+            (Some(k), _) => k.as_str().to_owned(),
+            (None, Some((call, index))) => retry_key(call, *index),
+            (None, None) => ids.unused_key(),
+        }
+    }
 }
 
 impl Job {
@@ -119,6 +139,7 @@ impl Job {
     fn claim(&self) -> bool {
         !self.reply.is_closed()
             && self
+                .shared
                 .state
                 .compare_exchange(WAITING, SENT, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
@@ -256,19 +277,18 @@ impl Combiner {
         idem: Option<&IdempotencyKey>,
     ) -> Reply {
         let (tx, mut rx) = oneshot::channel();
-        let state = Arc::new(AtomicU8::new(WAITING));
+        let shared = Arc::new(JobShared::default());
         let mut job = Job {
             user,
             qty,
             idem: idem.cloned(),
-            state: state.clone(),
+            shared: shared.clone(),
             reply: tx,
         };
         let failed = |source| {
             Err(ReserveFailed {
                 source,
-                retry_key: idem
-                    .map_or_else(|| self.call.ids.unused_key(), |k| k.as_str().to_owned()),
+                retry_key: shared.retry_key(&self.call.ids, idem),
             })
         };
         let mut keys = Some(keys);
@@ -300,7 +320,8 @@ impl Combiner {
                     let reply = tokio::select! {
                         reply = &mut rx => reply,
                         () = tokio::time::sleep(self.batching.max_wait) => {
-                            if state
+                            if shared
+                                .state
                                 .compare_exchange(WAITING, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
                                 .is_ok()
                             {
@@ -415,7 +436,8 @@ impl ReserveCall {
             inv.key(key);
         }
         inv.arg(self.backlog_limit).arg(&*call);
-        for job in &batch {
+        for (i, job) in batch.iter().enumerate() {
+            let _ = job.shared.sent_as.set((call.clone(), i + 1));
             inv.arg(job.user.get())
                 .arg(job.qty.get())
                 .arg(job.idem.as_ref().map_or("", |k| k.as_str()));
@@ -449,11 +471,8 @@ impl ReserveCall {
                 }
             }
             Err(e) => {
-                for (i, job) in batch.into_iter().enumerate() {
-                    let retry_key = job
-                        .idem
-                        .as_ref()
-                        .map_or_else(|| retry_key(&call, i + 1), |k| k.as_str().to_owned());
+                for job in batch {
+                    let retry_key = job.shared.retry_key(&self.ids, job.idem.as_ref());
                     let _ = job.reply.send(Err(ReserveFailed {
                         source: e.shared(),
                         retry_key,
