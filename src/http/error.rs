@@ -6,7 +6,7 @@
 //! their detail and answered with a generic message.
 
 use axum::extract::rejection::BytesRejection;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -52,6 +52,9 @@ pub enum ApiError {
     /// A body over the limit.
     #[error("the request body is larger than 16 KiB")]
     PayloadTooLarge,
+    /// A method the path does not take (the router adds `Allow`).
+    #[error("this path does not take the method {0}")]
+    MethodNotAllowed(Method),
     /// The caller sends too fast.
     #[error("too many requests")]
     RateLimited,
@@ -79,6 +82,7 @@ impl ApiError {
             Self::OrderNotPaid(_) => "order_not_paid",
             Self::AmountMismatch => "amount_mismatch",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::RateLimited => "rate_limited",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
@@ -99,6 +103,7 @@ impl ApiError {
             | Self::OrderExpired
             | Self::OrderNotPaid(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -94,7 +94,8 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .merge(api)
         .merge(ops::router())
         .fallback(ops::not_found)
-        .method_not_allowed_fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(middleware::from_fn(ops::path_params_are_utf8))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }

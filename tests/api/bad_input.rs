@@ -293,8 +293,79 @@ async fn unknown_ids_and_routes_answer_in_the_contract_format() {
         "unknown route",
     )
     .await;
-    let wrong_method = app.client.delete(app.url("/api/v1/sales/1"));
-    expect(wrong_method, 404, "not_found", "unknown method").await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_a_path_does_not_take_gets_405_with_allow_and_the_contract_body() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let cases = [
+        (Method::DELETE, format!("/api/v1/sales/{sale}"), "GET,HEAD"),
+        (Method::PUT, format!("/api/v1/sales/{sale}"), "GET,HEAD"),
+        (Method::GET, format!("/api/v1/sales/{sale}/orders"), "POST"),
+        (Method::GET, "/api/v1/sales".to_owned(), "POST"),
+        (Method::PATCH, "/api/v1/orders/1-1".to_owned(), "GET,HEAD"),
+        (Method::GET, "/api/v1/orders/1-1/cancel".to_owned(), "POST"),
+        (Method::GET, "/api/v1/payments/callback".to_owned(), "POST"),
+        (Method::POST, "/healthz".to_owned(), "GET,HEAD"),
+        (Method::OPTIONS, "/metrics".to_owned(), "GET,HEAD"),
+        (Method::TRACE, "/api/v1/openapi.json".to_owned(), "GET,HEAD"),
+    ];
+    for (method, path, allow) in cases {
+        let case = format!("{method} {path}");
+        let req = || {
+            app.client
+                .request(method.clone(), app.url(&path))
+                .bearer_auth(buyer_token(1))
+        };
+        let res = req().send().await.unwrap();
+        assert_eq!(
+            res.headers()
+                .get(reqwest::header::ALLOW)
+                .map(|v| v.to_str().unwrap()),
+            Some(allow),
+            "{case}"
+        );
+        expect(req(), 405, "method_not_allowed", &case).await;
+    }
+    // A path that does not exist stays 404 whatever the method.
+    let unknown = app.client.delete(app.url("/no/such/route"));
+    expect(unknown, 404, "not_found", "unknown route, other method").await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_segment_that_is_not_utf8_gets_the_contract_error() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let before = sale_state(&app, &sale).await;
+    let buyer = buyer_token(5);
+    let cases = [
+        (Method::POST, "/api/v1/sales/%FF/orders"),
+        (Method::GET, "/api/v1/sales/%FF"),
+        (Method::GET, "/api/v1/sales/1%C3%28"),
+        (Method::GET, "/api/v1/orders/1-%FE"),
+        (Method::POST, "/api/v1/orders/%80-1/cancel"),
+        (Method::POST, "/api/v1/orders/1-%ED%A0%80/refund"),
+    ];
+    for (method, path) in cases {
+        let req = app
+            .client
+            .request(method.clone(), app.url(path))
+            .bearer_auth(&buyer);
+        expect(req, 400, "invalid_request", &format!("{method} {path}")).await;
+    }
+    // Percent-encoded UTF-8 is decoded as usual ("%31" is "1").
+    let encoded: String = sale.bytes().map(|b| format!("%{b:02X}")).collect();
+    let res = app
+        .client
+        .get(app.url(&format!("/api/v1/sales/{encoded}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
     app.finish().await;
 }
 
