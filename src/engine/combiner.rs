@@ -287,6 +287,9 @@ impl ReserveCall {
                 for job in batch {
                     let err = match &e {
                         EngineError::Timeout(d) => EngineError::Timeout(*d),
+                        // Kept whole: the HTTP edge tells a permanent refusal
+                        // (500) from an outage (503) by it.
+                        EngineError::Redis(r) => EngineError::Redis(r.clone()),
                         _ => EngineError::Combined(shared.clone()),
                     };
                     let _ = job.reply.send(Err(err));

@@ -164,12 +164,42 @@ impl From<InvalidValue> for ApiError {
     }
 }
 
+/// Faults that retrying will not cure are `500 internal`: Redis ran the call
+/// and refused it (a script's runtime error, a script's own refusal such as a
+/// sale of another layout, a wrong key type) or answered in a shape the
+/// script's contract does not allow. Everything else (a timeout, a lost or
+/// refused connection, a server that is loading, failing over, busy or out of
+/// memory) is `503 unavailable` with `Retry-After`.
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        match e {
+        match &e {
             EngineError::Protocol(_) => Self::Internal(e.into()),
-            other => Self::Unavailable(other.to_string()),
+            EngineError::Redis(r) if is_permanent(r) => Self::Internal(e.into()),
+            _ => Self::Unavailable(e.to_string()),
         }
+    }
+}
+
+/// Whether Redis refused the call itself, so that the same call would fail
+/// again (see `impl From<EngineError> for ApiError`).
+fn is_permanent(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    match e.kind() {
+        ErrorKind::Server(kind) => matches!(
+            kind,
+            ServerErrorKind::ResponseError
+                | ServerErrorKind::ExecAbort
+                | ServerErrorKind::CrossSlot
+                | ServerErrorKind::NoPerm
+        ),
+        // Error codes redis-rs has no kind for: a script's own `error({err =
+        // ...})`, WRONGTYPE, ... are permanent; these are the server's
+        // passing states.
+        ErrorKind::Extension => !matches!(
+            e.code(),
+            Some("BUSY" | "OOM" | "MISCONF" | "NOREPLICAS" | "UNBLOCKED")
+        ),
+        _ => false,
     }
 }
 

@@ -387,14 +387,49 @@ async fn a_sale_of_another_redis_layout_is_refused_not_misread() {
     let _: () = c.hset(&k.sale, "layout", "1").await.unwrap();
     let before = sale_state(&app, &sale).await;
 
+    // A refusal that every retry would meet again: 500 internal, not a
+    // retryable 503.
     let (s, body) = app.reserve(&sale, 2, None).await;
-    assert_eq!((s, code(&body)), (503, "unavailable"), "{body}");
+    assert_eq!((s, code(&body)), (500, "internal"), "{body}");
     let (s, body) = app.pay(&order_id, "pay-1", 1999).await;
-    assert_eq!(s, 503, "{body}");
+    assert_eq!((s, code(&body)), (500, "internal"), "{body}");
     let (s, body) = app.cancel(&order_id, 1).await;
-    assert_eq!(s, 503, "{body}");
+    assert_eq!((s, code(&body)), (500, "internal"), "{body}");
     let expired = app.engine.expire(sale.parse().unwrap(), 100).await;
     assert!(expired.is_err(), "{expired:?}");
+    assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lua_runtime_error_is_500_internal_not_a_retryable_503() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    // A sale hash no build writes: the reserve script compares Redis's clock
+    // with a start that is not a number, a Lua runtime error (ERR
+    // user_script...), before its first write.
+    let k = app.sale_keys(&sale);
+    let mut c = app.engine.connection();
+    let _: () = c.hset(&k.sale, "start_ms", "soon").await.unwrap();
+    let before = sale_state(&app, &sale).await;
+
+    for user in [1, 1, 2] {
+        let res = app
+            .client
+            .post(app.url(&format!("/api/v1/sales/{sale}/orders")))
+            .bearer_auth(buyer_token(user))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 500);
+        assert!(res.headers().get(reqwest::header::RETRY_AFTER).is_none());
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(code(&body), "internal", "{body}");
+        assert_eq!(
+            body["error"]["message"], "internal error",
+            "no detail leaks"
+        );
+    }
     assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
     app.finish().await;
 }
