@@ -122,6 +122,8 @@ async fn bad_sale_creation_is_refused_and_creates_nothing() {
         ("sku", json!("")),
         ("start_at", json!("yesterday")),
         ("end_at", json!("2026-01-01T00:00:00Z")),
+        ("start_at", json!("0000-06-01T00:00:00Z")),
+        ("end_at", json!("9999-12-31T23:00:00-05:00")),
         ("surprise", json!(1)),
     ];
     for (field, v) in bad_fields {
@@ -132,8 +134,11 @@ async fn bad_sale_creation_is_refused_and_creates_nothing() {
     expect(admin().json(&huge), 413, "payload_too_large", "17 KiB body").await;
     assert_eq!(sales_in_mysql(&app).await, 0);
 
-    // The good request still works.
+    // The good request still works, also for a sale that ends after 2038
+    // (MySQL's TIMESTAMP range, not its DATETIME's).
     assert_eq!(admin().json(&good).send().await.unwrap().status(), 201);
+    let late = with("end_at", json!("2100-01-01T00:00:00Z"));
+    assert_eq!(admin().json(&late).send().await.unwrap().status(), 201);
     app.finish().await;
 }
 
