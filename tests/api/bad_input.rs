@@ -233,6 +233,13 @@ async fn bad_reservations_are_refused_and_change_nothing() {
     // An empty body means one unit.
     let res = post(&buyer_token(4)).send().await.unwrap();
     assert_eq!(res.status(), 201);
+    // JSON has one number type: a whole float is an integer.
+    let res = post(&buyer_token(5))
+        .json(&json!({"qty": 1.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
     // The contract requires only sub and exp: a token without iat is fine.
     let minimal = token_with(json!({"sub": "3", "exp": 9_999_999_999u64}), JWT_SECRET);
     let res = post(&minimal)
