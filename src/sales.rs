@@ -45,6 +45,13 @@ const MAX_PRICE_CENTS: i64 = 10_000_000_000;
 /// Longest accepted payment window.
 const MAX_PAYMENT_WINDOW_SECS: i64 = 7 * 24 * 3600;
 
+/// The times MySQL's DATETIME columns hold (an RFC 3339 offset can move a
+/// time of the year 9999 or 0000 out of them).
+fn stored_times() -> std::ops::RangeInclusive<DateTime<Utc>> {
+    let utc = |s: &str| s.parse::<DateTime<Utc>>().expect("a valid constant");
+    utc("0001-01-01T00:00:00Z")..=utc("9999-12-31T23:59:59.999999999Z")
+}
+
 impl SaleRequest {
     /// Checks every field's range; the first violation is reported.
     pub fn validate(self) -> Result<SaleRow, InvalidValue> {
@@ -67,6 +74,9 @@ impl SaleRequest {
         }
         if !(1..=MAX_PAYMENT_WINDOW_SECS).contains(&self.payment_window_secs) {
             return bad("payment_window_secs must be between 1 and 604800");
+        }
+        if !(stored_times().contains(&self.start_at) && stored_times().contains(&self.end_at)) {
+            return bad("start_at and end_at must be within the years 0001 to 9999 (UTC)");
         }
         if self.end_at <= self.start_at {
             return bad("end_at must be after start_at");

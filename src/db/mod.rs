@@ -107,8 +107,10 @@ pub async fn insert_sale(pool: &MySqlPool, s: &SaleRow) -> anyhow::Result<SaleId
     .bind(s.stock)
     .bind(s.per_user_limit)
     .bind(s.payment_window_secs)
-    .bind(s.start_at)
-    .bind(s.end_at)
+    // As DATETIME values: sqlx sends a `DateTime<Utc>` as a TIMESTAMP, which
+    // MariaDB turns into NULL past 2038-01-19 (the columns are DATETIME(3)).
+    .bind(s.start_at.naive_utc())
+    .bind(s.end_at.naive_utc())
     .execute(&mut *tx)
     .await?
     .last_insert_id();

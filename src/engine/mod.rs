@@ -79,15 +79,28 @@ impl EngineError {
     }
 }
 
-/// A script's own error: a Lua runtime error ("ERR ... script ...") or a
-/// refusal the scripts raise ("flashsale: ...").
+/// Whether Redis ran the call and refused it, so that the same call would
+/// fail again: a script's runtime error ("ERR ..."), a script's own refusal
+/// (`error({err = "flashsale: ..."})`), a wrong key type, a key outside the
+/// slot, a missing permission. A server that is loading, failing over,
+/// busy or out of memory passes, as do timeouts and lost connections.
 fn script_fault(e: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
     match e.kind() {
-        ErrorKind::Server(ServerErrorKind::ResponseError) => {
-            e.to_string().to_ascii_lowercase().contains("script")
-        }
-        _ => e.code() == Some("flashsale:"),
+        ErrorKind::Server(kind) => matches!(
+            kind,
+            ServerErrorKind::ResponseError
+                | ServerErrorKind::ExecAbort
+                | ServerErrorKind::CrossSlot
+                | ServerErrorKind::NoPerm
+        ),
+        // Codes redis-rs has no kind for: a script's own refusal, WRONGTYPE,
+        // ... are permanent; these are the server's passing states.
+        ErrorKind::Extension => !matches!(
+            e.code(),
+            Some("BUSY" | "OOM" | "MISCONF" | "NOREPLICAS" | "UNBLOCKED")
+        ),
+        _ => false,
     }
 }
 

@@ -6,7 +6,7 @@
 //! their detail and answered with a generic message.
 
 use axum::extract::rejection::BytesRejection;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
@@ -52,6 +52,9 @@ pub enum ApiError {
     /// A body over the limit.
     #[error("the request body is larger than 16 KiB")]
     PayloadTooLarge,
+    /// A method the path does not take (the router adds `Allow`).
+    #[error("this path does not take the method {0}")]
+    MethodNotAllowed(Method),
     /// The caller sends too fast.
     #[error("too many requests; retry after {retry_after_secs} s")]
     RateLimited {
@@ -92,6 +95,7 @@ impl ApiError {
             Self::OrderNotPaid(_) => "order_not_paid",
             Self::AmountMismatch => "amount_mismatch",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
@@ -113,6 +117,7 @@ impl ApiError {
             | Self::OrderExpired
             | Self::OrderNotPaid(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -199,10 +204,13 @@ impl From<InvalidValue> for ApiError {
     }
 }
 
+/// Faults that retrying will not cure are `500 internal`: Redis ran the call
+/// and refused it (a script's runtime error, a script's own refusal such as a
+/// sale of another layout, a wrong key type) or answered in a shape the
+/// script's contract does not allow. Everything else (a timeout, a lost or
+/// refused connection, a server that is loading, failing over, busy or out of
+/// memory) is `503 unavailable` with `Retry-After`.
 impl From<EngineError> for ApiError {
-    /// A fault retrying cannot cure (a script error, a reply of an unknown
-    /// shape) is a 500; a timeout, a lost connection or an overload is a
-    /// 503 that the caller may retry.
     fn from(e: EngineError) -> Self {
         if e.is_permanent() {
             Self::Internal(e.into())

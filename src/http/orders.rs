@@ -57,12 +57,26 @@ impl From<Order> for OrderView {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReserveRequest {
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "whole_number")]
     qty: i64,
 }
 
 fn one() -> i64 {
     1
+}
+
+/// An integer, also when spelled as a whole float (`2.0`): JSON has one
+/// number type, and the published schema's `integer` admits both spellings.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    let n = <serde_json::Number as serde::Deserialize>::deserialize(d)?;
+    n.as_i64()
+        .or_else(|| {
+            // Whole floats up to 2^53 name one integer exactly.
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0)
+                .map(|f| f as i64)
+        })
+        .ok_or_else(|| serde::de::Error::custom(format!("expected an integer, found {n}")))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {

@@ -122,6 +122,8 @@ async fn bad_sale_creation_is_refused_and_creates_nothing() {
         ("sku", json!("")),
         ("start_at", json!("yesterday")),
         ("end_at", json!("2026-01-01T00:00:00Z")),
+        ("start_at", json!("0000-06-01T00:00:00Z")),
+        ("end_at", json!("9999-12-31T23:00:00-05:00")),
         ("surprise", json!(1)),
     ];
     for (field, v) in bad_fields {
@@ -132,8 +134,11 @@ async fn bad_sale_creation_is_refused_and_creates_nothing() {
     expect(admin().json(&huge), 413, "payload_too_large", "17 KiB body").await;
     assert_eq!(sales_in_mysql(&app).await, 0);
 
-    // The good request still works.
+    // The good request still works, also for a sale that ends after 2038
+    // (MySQL's TIMESTAMP range, not its DATETIME's).
     assert_eq!(admin().json(&good).send().await.unwrap().status(), 201);
+    let late = with("end_at", json!("2100-01-01T00:00:00Z"));
+    assert_eq!(admin().json(&late).send().await.unwrap().status(), 201);
     app.finish().await;
 }
 
@@ -228,6 +233,13 @@ async fn bad_reservations_are_refused_and_change_nothing() {
     // An empty body means one unit.
     let res = post(&buyer_token(4)).send().await.unwrap();
     assert_eq!(res.status(), 201);
+    // JSON has one number type: a whole float is an integer.
+    let res = post(&buyer_token(5))
+        .json(&json!({"qty": 1.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
     // The contract requires only sub and exp: a token without iat is fine.
     let minimal = token_with(json!({"sub": "3", "exp": 9_999_999_999u64}), JWT_SECRET);
     let res = post(&minimal)
@@ -293,8 +305,79 @@ async fn unknown_ids_and_routes_answer_in_the_contract_format() {
         "unknown route",
     )
     .await;
-    let wrong_method = app.client.delete(app.url("/api/v1/sales/1"));
-    expect(wrong_method, 404, "not_found", "unknown method").await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_a_path_does_not_take_gets_405_with_allow_and_the_contract_body() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let cases = [
+        (Method::DELETE, format!("/api/v1/sales/{sale}"), "GET,HEAD"),
+        (Method::PUT, format!("/api/v1/sales/{sale}"), "GET,HEAD"),
+        (Method::GET, format!("/api/v1/sales/{sale}/orders"), "POST"),
+        (Method::GET, "/api/v1/sales".to_owned(), "POST"),
+        (Method::PATCH, "/api/v1/orders/1-1".to_owned(), "GET,HEAD"),
+        (Method::GET, "/api/v1/orders/1-1/cancel".to_owned(), "POST"),
+        (Method::GET, "/api/v1/payments/callback".to_owned(), "POST"),
+        (Method::POST, "/healthz".to_owned(), "GET,HEAD"),
+        (Method::OPTIONS, "/metrics".to_owned(), "GET,HEAD"),
+        (Method::TRACE, "/api/v1/openapi.json".to_owned(), "GET,HEAD"),
+    ];
+    for (method, path, allow) in cases {
+        let case = format!("{method} {path}");
+        let req = || {
+            app.client
+                .request(method.clone(), app.url(&path))
+                .bearer_auth(buyer_token(1))
+        };
+        let res = req().send().await.unwrap();
+        assert_eq!(
+            res.headers()
+                .get(reqwest::header::ALLOW)
+                .map(|v| v.to_str().unwrap()),
+            Some(allow),
+            "{case}"
+        );
+        expect(req(), 405, "method_not_allowed", &case).await;
+    }
+    // A path that does not exist stays 404 whatever the method.
+    let unknown = app.client.delete(app.url("/no/such/route"));
+    expect(unknown, 404, "not_found", "unknown route, other method").await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_segment_that_is_not_utf8_gets_the_contract_error() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let before = sale_state(&app, &sale).await;
+    let buyer = buyer_token(5);
+    let cases = [
+        (Method::POST, "/api/v1/sales/%FF/orders"),
+        (Method::GET, "/api/v1/sales/%FF"),
+        (Method::GET, "/api/v1/sales/1%C3%28"),
+        (Method::GET, "/api/v1/orders/1-%FE"),
+        (Method::POST, "/api/v1/orders/%80-1/cancel"),
+        (Method::POST, "/api/v1/orders/1-%ED%A0%80/refund"),
+    ];
+    for (method, path) in cases {
+        let req = app
+            .client
+            .request(method.clone(), app.url(path))
+            .bearer_auth(&buyer);
+        expect(req, 400, "invalid_request", &format!("{method} {path}")).await;
+    }
+    // Percent-encoded UTF-8 is decoded as usual ("%31" is "1").
+    let encoded: String = sale.bytes().map(|b| format!("%{b:02X}")).collect();
+    let res = app
+        .client
+        .get(app.url(&format!("/api/v1/sales/{encoded}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
     app.finish().await;
 }
 
@@ -316,16 +399,50 @@ async fn a_sale_of_another_redis_layout_is_refused_not_misread() {
     let _: () = c.hset(&k.sale, "layout", "1").await.unwrap();
     let before = sale_state(&app, &sale).await;
 
-    // A script's refusal is a fault retrying will not cure: 500, not 503.
+    // A refusal that every retry would meet again: 500 internal, not a
+    // retryable 503.
     let (s, body) = app.reserve(&sale, 2, None).await;
     assert_eq!((s, code(&body)), (500, "internal"), "{body}");
     assert!(body["error"]["retry_key"].is_string(), "{body}");
     let (s, body) = app.pay(&order_id, "pay-1", 1999).await;
-    assert_eq!(s, 500, "{body}");
+    assert_eq!((s, code(&body)), (500, "internal"), "{body}");
     let (s, body) = app.cancel(&order_id, 1).await;
-    assert_eq!(s, 500, "{body}");
+    assert_eq!((s, code(&body)), (500, "internal"), "{body}");
     let expired = app.engine.expire(sale.parse().unwrap(), 100).await;
     assert!(expired.is_err(), "{expired:?}");
+    assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lua_runtime_error_is_500_internal_not_a_retryable_503() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    // A sale hash no build writes: the reserve script compares Redis's clock
+    // with a start that is not a number, a Lua runtime error (ERR
+    // user_script...), before its first write.
+    let k = app.sale_keys(&sale);
+    let mut c = app.engine.connection();
+    let _: () = c.hset(&k.sale, "start_ms", "soon").await.unwrap();
+    let before = sale_state(&app, &sale).await;
+
+    for user in [1, 1, 2] {
+        let res = app
+            .client
+            .post(app.url(&format!("/api/v1/sales/{sale}/orders")))
+            .bearer_auth(buyer_token(user))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 500);
+        assert!(res.headers().get(reqwest::header::RETRY_AFTER).is_none());
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(code(&body), "internal", "{body}");
+        assert_eq!(
+            body["error"]["message"], "internal error",
+            "no detail leaks"
+        );
+    }
     assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
     app.finish().await;
 }
