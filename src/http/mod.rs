@@ -110,12 +110,12 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
     Router::new()
         .merge(api)
+        .merge(ops::routes())
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(middleware::from_fn(ops::path_params_are_utf8))
         .layer(middleware::from_fn_with_state(state.clone(), track))
-        .with_state(state.clone())
-        .merge(ops::router(state))
+        .with_state(state)
 }
 
 /// Turns load-shedding and timeout errors into the contract's 503.

@@ -32,8 +32,9 @@ const OPS_IN_FLIGHT: usize = 32;
 /// How long one readiness answer is reused.
 const READY_FRESH: Duration = Duration::from_secs(1);
 
-/// The routes every process serves, whatever its roles.
-pub fn router(state: AppState) -> Router {
+/// The routes every process serves, whatever its roles, behind their own
+/// concurrency cap.
+pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -47,6 +48,13 @@ pub fn router(state: AppState) -> Router {
                     OPS_IN_FLIGHT,
                 )),
         )
+}
+
+/// The operations routes alone (a process without the HTTP role).
+pub fn router(state: AppState) -> Router {
+    routes()
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
