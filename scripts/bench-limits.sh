@@ -15,7 +15,10 @@ REPS="${REPS:-3}"
 ON_PORT="${ON_PORT:-18183}"
 OFF_PORT="${OFF_PORT:-18184}"
 scripts/services.sh >/dev/null
-command -v wrk >/dev/null || { echo "bench-limits: needs wrk (apt-get install wrk)" >&2; exit 1; }
+if ! command -v wrk >/dev/null; then
+    sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd=sudo
+    $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk >/dev/null
+fi
 cargo build --quiet --release --bin flashsale
 bin=target/release/flashsale
 work=$(mktemp -d)

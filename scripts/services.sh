@@ -113,7 +113,8 @@ redis_start() {
     fi
     svc_say "redis: starting redis-server as a daemon (no systemd), log $logfile"
     $SUDO redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$SERVICES_REDIS_PORT" \
-        --save "" --appendonly no --dir "$dir" --logfile "$logfile" \
+        --save "" --appendonly yes --appendfsync everysec --maxmemory-policy noeviction \
+        --dir "$dir" --logfile "$logfile" \
         || { svc_fail "redis: redis-server failed to start (see $logfile)"; return 1; }
 }
 

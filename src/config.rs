@@ -296,6 +296,11 @@ pub struct ServeConfig {
         default_value = "http,expiry,reconciler"
     )]
     pub roles: Vec<Role>,
+    /// Refuse to start (exit 2) when Redis is set to lose acknowledged
+    /// writes: an eviction policy other than `noeviction`, no AOF, or
+    /// `appendfsync no` (`everysec` passes with a warning).
+    #[arg(long, env = "FLASHSALE_REQUIRE_DURABLE_REDIS")]
+    pub require_durable_redis: bool,
     /// The HTTP role's secrets, from the environment only (see
     /// [`Secrets::from_env`]); `None` for a process without that role.
     #[arg(skip)]

@@ -74,6 +74,7 @@ impl App {
             .load_scripts()
             .await
             .context("cannot reach Redis (REDIS_URL)")?;
+        check_durability(&engine, cfg.require_durable_redis).await?;
         let loaded = crate::sales::load_missing(&db, &engine, None).await?;
         tracing::info!(loaded, "unfinished sales checked against Redis");
         // A process without the HTTP role still serves the operations routes.
@@ -287,6 +288,41 @@ impl App {
             None => Ok(()),
         }
     }
+}
+
+/// Says which Redis settings can lose acknowledged writes; with `require`,
+/// refuses to start on the ones that lose more than about a second.
+async fn check_durability(engine: &Engine, require: bool) -> anyhow::Result<()> {
+    let risks = match engine.durability_risks().await {
+        Ok(r) => r,
+        Err(e) if !require => {
+            tracing::warn!(error = %e, "cannot read Redis's persistence and eviction settings");
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(anyhow::anyhow!(e)
+                .context("--require-durable-redis: cannot read Redis's settings (CONFIG GET)"))
+        }
+    };
+    for r in &risks {
+        tracing::warn!(
+            setting = r.setting,
+            value = %r.value,
+            loses = r.loses,
+            "this Redis setting can lose acknowledged writes"
+        );
+    }
+    let refused: Vec<String> = risks
+        .iter()
+        .filter(|r| r.refused)
+        .map(|r| format!("{} {} (loses {})", r.setting, r.value, r.loses))
+        .collect();
+    anyhow::ensure!(
+        !require || refused.is_empty(),
+        "--require-durable-redis: Redis is set to lose acknowledged writes: {}",
+        refused.join("; ")
+    );
+    Ok(())
 }
 
 /// Cancels `token` on SIGTERM or Ctrl-C.

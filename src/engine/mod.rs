@@ -7,6 +7,7 @@
 
 mod audit;
 mod combiner;
+pub mod durability;
 mod flow;
 pub mod keys;
 mod lifecycle;

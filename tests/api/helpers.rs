@@ -275,15 +275,23 @@ pub struct OwnRedis {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Settings after the defaults below (a later one wins).
+    extra: Vec<String>,
 }
 
 impl OwnRedis {
     pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts with `extra` settings (`["--maxmemory-policy", "allkeys-lru"]`).
+    pub async fn start_with(extra: &[&str]) -> Self {
         let (port, dir) = (free_port(), fresh_dir("fstest-redis"));
         let mut r = Self {
             port,
             dir,
             child: None,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
         };
         r.restart().await;
         r
@@ -304,8 +312,11 @@ impl OwnRedis {
                 "yes",
                 "--appendfsync",
                 "always",
+                "--maxmemory-policy",
+                "noeviction",
             ])
             .args(["--enable-debug-command", "local"])
+            .args(&self.extra)
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())

@@ -148,3 +148,25 @@ async fn shutdown_lets_in_flight_requests_finish() {
     blocker.await.unwrap();
     app.target.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_set_to_lose_writes_is_named_and_refused_on_request() {
+    let lossy =
+        OwnRedis::start_with(&["--appendonly", "no", "--maxmemory-policy", "allkeys-lru"]).await;
+    let target = Target::fresh_on(&lossy.url());
+    let mut cfg = target.config();
+    cfg.require_durable_redis = true;
+    let refused = flashsale::startup::App::build(cfg).await;
+    let err = format!("{:#}", refused.err().expect("refused"));
+    assert!(err.contains("maxmemory-policy allkeys-lru"), "{err}");
+    assert!(err.contains("appendonly no"), "{err}");
+    // Without the flag it starts (and says so in its log).
+    let app = spawn_on(target.clone()).await;
+    app.finish().await;
+
+    // AOF with fsync every second passes, with a warning.
+    let durable = OwnRedis::start_with(&["--appendfsync", "everysec"]).await;
+    let target = Target::fresh_on(&durable.url());
+    let app = spawn_with(target, |c| c.require_durable_redis = true).await;
+    app.finish().await;
+}
