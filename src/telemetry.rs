@@ -136,6 +136,8 @@ pub struct Metrics {
     pub reconciler_rows: Counter,
     /// Reconciler steps that failed and were retried.
     pub reconciler_retries: Counter,
+    /// Flow records the reconciler refused and quarantined.
+    pub flow_quarantined: Counter,
     /// Flow records not yet in MySQL, at the last look.
     pub reconciler_backlog: Gauge,
     /// Age of the oldest flow record not yet in MySQL, in ms.
@@ -209,6 +211,7 @@ impl Default for Metrics {
         let reconciler_batches = Counter::default();
         let reconciler_rows = Counter::default();
         let reconciler_retries = Counter::default();
+        let flow_quarantined = Counter::default();
         let reconciler_backlog = Gauge::default();
         let reconciler_lag_ms = Gauge::default();
         let sweep_corrections = Counter::default();
@@ -227,6 +230,11 @@ impl Default for Metrics {
             "reconciler_retries",
             "Reconciler steps that failed and were retried",
             reconciler_retries.clone(),
+        );
+        registry.register(
+            "flow_quarantined",
+            "Flow records the reconciler refused to apply and quarantined (see the audit)",
+            flow_quarantined.clone(),
         );
         registry.register(
             "reconciler_backlog",
@@ -316,6 +324,7 @@ impl Default for Metrics {
             reconciler_batches,
             reconciler_rows,
             reconciler_retries,
+            flow_quarantined,
             reconciler_backlog,
             reconciler_lag_ms,
             sweep_corrections,

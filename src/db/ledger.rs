@@ -8,11 +8,16 @@
 //! waiting on each other; one sale's records are applied by one at a time,
 //! in stream order.
 
-use chrono::{DateTime, Utc};
-use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use chrono::{DateTime, Utc};
+use sqlx::mysql::MySqlDatabaseError;
+use sqlx::{Executor, MySql, MySqlPool, QueryBuilder, Transaction};
+
+use super::forward::{judge, Held, Verdict};
+use super::quarantine::{self, Quarantined};
 use crate::domain::SaleId;
-use crate::engine::{FlowEvent, FlowId, FlowRecord, Order};
+use crate::engine::{FlowEntry, FlowEvent, FlowId, FlowRecord, Order};
 
 fn at(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
@@ -130,21 +135,204 @@ fn flow_id(sale: SaleId, id: FlowId) -> String {
     format!("{sale}-{id}")
 }
 
-/// Applies `records` (oldest first, all after the locked cursor) and moves
+/// What one batch did.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Records written to `stock_flows` (applied, or repeating a state
+    /// MySQL already held).
+    pub applied: usize,
+    /// Records whose flow id `stock_flows` already held (re-delivered):
+    /// nothing done.
+    pub already_applied: usize,
+    /// Records refused and quarantined, in stream order.
+    pub quarantined: Vec<Quarantined>,
+}
+
+impl BatchOutcome {
+    fn merge(&mut self, o: Self) {
+        self.applied += o.applied;
+        self.already_applied += o.already_applied;
+        self.quarantined.extend(o.quarantined);
+    }
+}
+
+/// Applies `entries` (oldest first, all after the locked cursor) and moves
 /// the cursor to the last one, inside `tx`.
+///
+/// The record is forward-only: each record is judged in stream order
+/// against the order as MySQL holds it (rows locked) plus the batch's
+/// earlier records, and a record that would move an order backwards or
+/// rewrite what never changes, or that is not a flow record at all, is
+/// quarantined instead of applied; the cursor moves past it either way.
+/// When MySQL refuses the batch for a reason retrying cannot cure (see
+/// [`is_permanent`]), the batch is applied again record by record, each
+/// in its own savepoint, and the records MySQL refuses are quarantined.
+/// Any other error (a lost connection, a deadlock) is returned: the caller
+/// rolls back and retries.
 pub async fn apply(
     tx: &mut Transaction<'_, MySql>,
     sale: SaleId,
-    records: &[FlowRecord],
-) -> sqlx::Result<()> {
-    let Some(last) = records.last() else {
-        return Ok(());
+    entries: &[FlowEntry],
+) -> sqlx::Result<BatchOutcome> {
+    let Some(last) = entries.last().map(FlowEntry::id) else {
+        return Ok(BatchOutcome::default());
     };
+    (&mut **tx).execute("SAVEPOINT fs_batch").await?;
+    let out = match apply_entries(tx, sale, entries).await {
+        Err(e) if is_permanent(&e) => {
+            tracing::warn!(sale = %sale, error = %e, "MySQL refused a batch; applying it record by record");
+            (&mut **tx).execute("ROLLBACK TO SAVEPOINT fs_batch").await?;
+            isolate(tx, sale, entries).await?
+        }
+        r => r?,
+    };
+    quarantine::insert(tx, sale, &out.quarantined).await?;
+    sqlx::query(
+        "UPDATE reconcile_cursors SET last_ms = ?, last_seq = ?, applied = applied + ? \
+         WHERE sale_id = ?",
+    )
+    .bind(last.ms)
+    .bind(last.seq)
+    .bind(out.applied as u64)
+    .bind(sale.get())
+    .execute(&mut **tx)
+    .await?;
+    Ok(out)
+}
+
+/// Applies `entries` one at a time, each in a savepoint; quarantines the
+/// ones MySQL refuses for good.
+async fn isolate(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+    entries: &[FlowEntry],
+) -> sqlx::Result<BatchOutcome> {
+    let mut out = BatchOutcome::default();
+    for e in entries {
+        (&mut **tx).execute("SAVEPOINT fs_record").await?;
+        match apply_entries(tx, sale, std::slice::from_ref(e)).await {
+            Ok(o) => out.merge(o),
+            Err(err) if is_permanent(&err) => {
+                (&mut **tx).execute("ROLLBACK TO SAVEPOINT fs_record").await?;
+                let reason = format!("MySQL refused it: {err}");
+                out.quarantined.push(match e {
+                    FlowEntry::Record(r) => Quarantined::refused(r, reason),
+                    FlowEntry::Unreadable(u) => Quarantined::unreadable(u),
+                });
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(out)
+}
+
+/// MySQL error numbers that retrying cannot cure: duplicate key, foreign
+/// key, NOT NULL, CHECK (MySQL 3819, MariaDB 4025), a value out of range,
+/// too long or of the wrong kind. Deadlocks (1213), lock wait timeouts
+/// (1205), lost connections and everything not listed are retried.
+const PERMANENT: [u32; 11] = [1048, 1062, 1264, 1292, 1366, 1406, 1451, 1452, 1690, 3819, 4025];
+
+/// Whether MySQL refused a statement for a reason retrying cannot cure.
+pub fn is_permanent(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .is_some_and(|m| PERMANENT.contains(&(m.number() as u32))),
+        _ => false,
+    }
+}
+
+/// Judges and applies `entries`, without moving the cursor.
+async fn apply_entries(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+    entries: &[FlowEntry],
+) -> sqlx::Result<BatchOutcome> {
+    let mut out = BatchOutcome::default();
+    let mut records = Vec::with_capacity(entries.len());
+    for e in entries {
+        match e {
+            FlowEntry::Record(r) => records.push(r),
+            FlowEntry::Unreadable(u) => out.quarantined.push(Quarantined::unreadable(u)),
+        }
+    }
+    if records.is_empty() {
+        return Ok(out);
+    }
+
+    // Re-delivered records (their flow id is in `stock_flows`) are no-ops.
+    let mut q = QueryBuilder::<MySql>::new("SELECT flow_id FROM stock_flows WHERE flow_id IN (");
+    let mut ids = q.separated(", ");
+    for r in &records {
+        ids.push_bind(flow_id(sale, r.id));
+    }
+    q.push(")");
+    let seen: HashSet<String> = q
+        .build_query_scalar::<String>()
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+    let before = records.len();
+    records.retain(|r| !seen.contains(&flow_id(sale, r.id)));
+    out.already_applied = before - records.len();
+    if records.is_empty() {
+        return Ok(out);
+    }
+
+    // The batch's orders as MySQL holds them, locked until the commit.
+    let mut q = QueryBuilder::<MySql>::new(
+        "SELECT seq, user_id, CAST(qty AS SIGNED), amount_cents, status, payment_id \
+         FROM orders WHERE sale_id = ",
+    );
+    q.push_bind(sale.get()).push(" AND seq IN (");
+    let mut seqs = q.separated(", ");
+    let distinct: BTreeSet<u64> = records.iter().map(|r| r.order.id.seq()).collect();
+    for seq in &distinct {
+        seqs.push_bind(*seq);
+    }
+    q.push(") FOR UPDATE");
+    let rows: Vec<(u64, u64, i64, i64, String, Option<String>)> =
+        q.build_query_as().fetch_all(&mut **tx).await?;
+    let mut held: HashMap<u64, Held> = rows
+        .into_iter()
+        .map(|(seq, user, qty, amount_cents, status, payment_id)| {
+            let h = Held {
+                user,
+                qty,
+                amount_cents,
+                status,
+                payment_id,
+            };
+            (seq, h)
+        })
+        .collect();
+
+    let mut rows = Vec::with_capacity(records.len());
+    let mut last_state: BTreeMap<u64, &Order> = BTreeMap::new();
+    let mut d = Deltas::default();
+    for r in records {
+        let seq = r.order.id.seq();
+        match judge(held.get(&seq), r) {
+            Verdict::Apply => {
+                held.insert(seq, Held::of(&r.order));
+                last_state.insert(seq, &r.order);
+                d.add(Deltas::of(r));
+                rows.push(r);
+            }
+            Verdict::Repeat => rows.push(r),
+            Verdict::Refuse(reason) => out.quarantined.push(Quarantined::refused(r, reason)),
+        }
+    }
+    out.applied = rows.len();
+    if rows.is_empty() {
+        return Ok(out);
+    }
 
     let mut flows = QueryBuilder::<MySql>::new(
         "INSERT INTO stock_flows (flow_id, sale_id, seq, event, qty, status, event_at) ",
     );
-    flows.push_values(records, |mut b, r| {
+    flows.push_values(&rows, |mut b, r| {
         b.push_bind(flow_id(sale, r.id))
             .push_bind(sale.get())
             .push_bind(r.order.id.seq())
@@ -155,45 +343,33 @@ pub async fn apply(
     });
     flows.build().execute(&mut **tx).await?;
 
-    upsert_orders(tx, records.iter().map(|r| &r.order)).await?;
-
-    let mut d = Deltas::default();
-    for r in records {
-        d.add(Deltas::of(r));
+    if !last_state.is_empty() {
+        upsert_orders(tx, last_state.into_values()).await?;
     }
-    sqlx::query(
-        "UPDATE inventory SET available = available + ?, pending = pending + ?, \
-         paid = paid + ?, cancelled = cancelled + ?, closed = closed + ?, \
-         refunded = refunded + ?, restocked = restocked + ? WHERE sale_id = ?",
-    )
-    .bind(d.available)
-    .bind(d.pending)
-    .bind(d.paid)
-    .bind(d.cancelled)
-    .bind(d.closed)
-    .bind(d.refunded)
-    .bind(d.restocked)
-    .bind(sale.get())
-    .execute(&mut **tx)
-    .await?;
-
-    sqlx::query(
-        "UPDATE reconcile_cursors SET last_ms = ?, last_seq = ?, applied = applied + ? \
-         WHERE sale_id = ?",
-    )
-    .bind(last.id.ms)
-    .bind(last.id.seq)
-    .bind(records.len() as u64)
-    .bind(sale.get())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    if d != Deltas::default() {
+        sqlx::query(
+            "UPDATE inventory SET available = available + ?, pending = pending + ?, \
+             paid = paid + ?, cancelled = cancelled + ?, closed = closed + ?, \
+             refunded = refunded + ?, restocked = restocked + ? WHERE sale_id = ?",
+        )
+        .bind(d.available)
+        .bind(d.pending)
+        .bind(d.paid)
+        .bind(d.cancelled)
+        .bind(d.closed)
+        .bind(d.refunded)
+        .bind(d.restocked)
+        .bind(sale.get())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(out)
 }
 
-/// The status order: a row's status only ever moves to a later one.
-const RANK: &str = "'pending','paid','cancelled','closed','refund_pending','refunded'";
-
-/// Inserts orders, or moves existing rows forward to the given state.
+/// Inserts new orders, or sets existing rows to the given state. Every
+/// state given was judged a legal step forward (see [`judge`](super::forward::judge)), so the
+/// update takes it as it is; what never changes (buyer, units, amount) is
+/// never written over.
 async fn upsert_orders<'a>(
     tx: &mut Transaction<'_, MySql>,
     orders: impl Iterator<Item = &'a Order>,
@@ -216,17 +392,11 @@ async fn upsert_orders<'a>(
             .push_bind(o.refunded_ms.map(at))
             .push_bind(o.payment_id.clone());
     });
-    // Assignments run left to right and see earlier ones, so `status` goes
-    // last and every guard compares against the row's old status.
-    let forward = format!("FIELD(VALUES(status), {RANK}) >= FIELD(status, {RANK})");
-    q.push(format!(
-        " ON DUPLICATE KEY UPDATE \
-         paid_at = IF({forward}, VALUES(paid_at), paid_at), \
-         closed_at = IF({forward}, VALUES(closed_at), closed_at), \
-         refunded_at = IF({forward}, VALUES(refunded_at), refunded_at), \
-         payment_id = IF({forward}, VALUES(payment_id), payment_id), \
-         status = IF({forward}, VALUES(status), status)"
-    ));
+    q.push(
+        " ON DUPLICATE KEY UPDATE paid_at = VALUES(paid_at), closed_at = VALUES(closed_at), \
+         refunded_at = VALUES(refunded_at), payment_id = VALUES(payment_id), \
+         status = VALUES(status)",
+    );
     q.build().execute(&mut **tx).await?;
     Ok(())
 }

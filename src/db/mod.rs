@@ -4,7 +4,9 @@
 //! admin API, the CLI, start-up and the workers do.
 
 pub mod audit;
+pub mod forward;
 pub mod ledger;
+pub mod quarantine;
 pub mod sweep;
 
 use chrono::{DateTime, Utc};

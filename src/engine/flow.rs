@@ -111,34 +111,114 @@ pub struct FlowRecord {
     pub restocked: bool,
 }
 
+/// A stream entry the reconciler cannot read as a flow record (an unknown
+/// event, a missing field, an order that does not unpack): kept whole, so it
+/// can be quarantined as received instead of stopping its sale for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadableRecord {
+    /// Its place in the sale's stream.
+    pub id: FlowId,
+    /// Its fields as received (values lossily decoded as UTF-8).
+    pub fields: std::collections::BTreeMap<String, String>,
+    /// Why it is not a flow record.
+    pub error: String,
+}
+
+/// One entry of a sale's flow stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlowEntry {
+    /// A flow record.
+    Record(FlowRecord),
+    /// An entry that is not one.
+    Unreadable(UnreadableRecord),
+}
+
+impl FlowEntry {
+    /// Its place in the sale's stream.
+    pub fn id(&self) -> FlowId {
+        match self {
+            Self::Record(r) => r.id,
+            Self::Unreadable(u) => u.id,
+        }
+    }
+}
+
+fn decode(sale: SaleId, entry: &redis::streams::StreamId) -> Result<FlowEntry, EngineError> {
+    let id: FlowId = entry.id.parse()?;
+    let field = |name: &str| entry.get::<String>(name);
+    let record = (|| {
+        let event = field("ev").ok_or("no field ev")?;
+        let event = FlowEvent::parse(&event).ok_or(format!("unknown event {event:?}"))?;
+        let seq: u64 = field("o")
+            .ok_or("no field o")?
+            .parse()
+            .map_err(|_| "field o is not an order seq")?;
+        let packed = field("s").ok_or("no field s")?;
+        let order = Order::unpack(OrderId::new(sale, seq), &packed)
+            .ok_or(format!("field s {packed:?} is not a packed order"))?;
+        Ok::<_, String>(FlowRecord {
+            id,
+            event,
+            order,
+            restocked: field("r").is_some_and(|r| r == "1"),
+        })
+    })();
+    Ok(match record {
+        Ok(r) => FlowEntry::Record(r),
+        Err(error) => FlowEntry::Unreadable(UnreadableRecord {
+            id,
+            fields: entry
+                .map
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                        other => format!("{other:?}"),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+            error,
+        }),
+    })
+}
+
 impl Engine {
-    /// Up to `count` flow records of `sale` after `after`, oldest first.
-    pub async fn read_flow(
+    /// Up to `count` entries of `sale`'s flow stream after `after`, oldest
+    /// first, each a flow record or an entry that is not one.
+    pub async fn read_flow_entries(
         &self,
         sale: SaleId,
         after: FlowId,
         count: usize,
-    ) -> Result<Vec<FlowRecord>, EngineError> {
+    ) -> Result<Vec<FlowEntry>, EngineError> {
         let key = self.keys.sale(sale).flow;
         let mut c = self.conn.clone();
         let start = format!("({after}");
         let reply: StreamRangeReply = self
             .timed(async move { c.xrange_count(&key, start, "+", count).await })
             .await?;
-        reply
-            .ids
-            .iter()
-            .map(|entry| {
-                let bad = || EngineError::Protocol(format!("flow record {}", entry.id));
-                let event: String = entry.get("ev").ok_or_else(bad)?;
-                let seq: u64 = entry.get("o").ok_or_else(bad)?;
-                let packed: String = entry.get("s").ok_or_else(bad)?;
-                Ok(FlowRecord {
-                    id: entry.id.parse()?,
-                    event: FlowEvent::parse(&event).ok_or_else(bad)?,
-                    order: Order::unpack(OrderId::new(sale, seq), &packed).ok_or_else(bad)?,
-                    restocked: entry.get::<String>("r").is_some_and(|r| r == "1"),
-                })
+        reply.ids.iter().map(|entry| decode(sale, entry)).collect()
+    }
+
+    /// Up to `count` flow records of `sale` after `after`, oldest first; an
+    /// entry that is not a flow record is an error (the reconciler, which
+    /// quarantines such entries, reads [`Engine::read_flow_entries`]).
+    pub async fn read_flow(
+        &self,
+        sale: SaleId,
+        after: FlowId,
+        count: usize,
+    ) -> Result<Vec<FlowRecord>, EngineError> {
+        self.read_flow_entries(sale, after, count)
+            .await?
+            .into_iter()
+            .map(|e| match e {
+                FlowEntry::Record(r) => Ok(r),
+                FlowEntry::Unreadable(u) => Err(EngineError::Protocol(format!(
+                    "flow record {}: {}",
+                    u.id, u.error
+                ))),
             })
             .collect()
     }

@@ -22,7 +22,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use audit::AuditSnapshot;
 pub use combiner::{Batching, ReserveFailed, ReserveStats};
-pub use flow::{FlowEvent, FlowId, FlowRecord};
+pub use flow::{FlowEntry, FlowEvent, FlowId, FlowRecord, UnreadableRecord};
 pub use keys::{Keys, SaleKeys};
 pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reservation};
 pub use order::{Order, OrderStatus};

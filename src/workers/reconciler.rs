@@ -125,16 +125,21 @@ impl Reconciler {
         self.engine.settle(sale, cursor).await?;
         let records = self
             .engine
-            .read_flow(sale, cursor, self.opts.max_batch)
+            .read_flow_entries(sale, cursor, self.opts.max_batch)
             .await?;
-        let Some(last) = records.last().map(|r| r.id) else {
+        let Some(last) = records.last().map(|r| r.id()) else {
             tx.commit().await?;
             return Ok(0);
         };
-        ledger::apply(&mut tx, sale, &records).await?;
+        let out = ledger::apply(&mut tx, sale, &records).await?;
         tx.commit().await?;
         self.metrics.reconciler_batches.inc();
-        self.metrics.reconciler_rows.inc_by(records.len() as u64);
+        self.metrics.reconciler_rows.inc_by(out.applied as u64);
+        for q in &out.quarantined {
+            self.metrics.flow_quarantined.inc();
+            tracing::error!(sale = %sale, flow = %q.flow, order_seq = ?q.seq, reason = %q.reason,
+                "flow record quarantined, not applied; the sale's later records go on");
+        }
         // Best effort: a failure here only delays the trim to the next batch.
         if let Err(e) = self.engine.settle(sale, last).await {
             tracing::warn!(sale = %sale, error = %e, "trimming applied flow records failed; will retry");
