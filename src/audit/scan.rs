@@ -279,6 +279,7 @@ pub(super) async fn audit_sale(
     }
     check_due_queue(&mut cx).await?;
     check_dead_refunds(&mut cx, snap.now_ms).await?;
+    check_quarantined(&mut cx).await?;
     if backlog > 0 && cx.report.oldest_backlog_ms > grace_ms {
         let age = cx.report.oldest_backlog_ms;
         cx.find(
@@ -705,6 +706,26 @@ async fn check_dead_refunds(cx: &mut Ctx<'_>, now_ms: i64) -> anyhow::Result<()>
             None,
             Some(Fix::RequeueRefund { seq }),
             Some(Truth::Neither),
+        );
+    }
+    Ok(())
+}
+
+/// Flow records the reconciler refused: never repaired automatically, since
+/// which side is right is a person's call.
+async fn check_quarantined(cx: &mut Ctx<'_>) -> anyhow::Result<()> {
+    for q in crate::db::quarantine::list(cx.db, cx.sale).await? {
+        cx.find(
+            "quarantined_record",
+            q.seq,
+            format!(
+                "flow record {} ({}) was quarantined, not applied: {}",
+                q.flow_id, q.event, q.reason
+            ),
+            None,
+            Some(json!(q)),
+            None,
+            None,
         );
     }
     Ok(())

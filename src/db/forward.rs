@@ -99,6 +99,13 @@ pub(crate) fn judge(held: Option<&Held>, r: &FlowRecord) -> Verdict {
             Verdict::Refuse(why.join("; "))
         };
     };
+    let to = o.status.as_str();
+    if held.status != to {
+        match OrderStatus::parse(&held.status) {
+            Some(from) if is_legal(from, o.status) => {}
+            _ => why.push(format!("illegal transition {} -> {to}", held.status)),
+        }
+    }
     if held.user != o.user.get() {
         why.push(format!("buyer changed {} -> {}", held.user, o.user));
     }
@@ -112,27 +119,18 @@ pub(crate) fn judge(held: Option<&Held>, r: &FlowRecord) -> Verdict {
         ));
     }
     let none = || "none".to_owned();
-    if let Some(p) = &held.payment_id {
-        if o.payment_id.as_ref() != Some(p) {
-            why.push(format!(
-                "payment id changed {p} -> {}",
-                o.payment_id.clone().unwrap_or_else(none)
-            ));
-        }
-    }
-    let to = o.status.as_str();
-    if held.status == to {
-        if held.payment_id.is_none() && o.payment_id.is_some() {
+    match (&held.payment_id, &o.payment_id) {
+        (Some(p), new) if new.as_ref() != Some(p) => why.push(format!(
+            "payment id changed {p} -> {}",
+            new.clone().unwrap_or_else(none)
+        )),
+        (None, Some(_)) if held.status == to => {
             why.push(format!("repeats status {to} with a new payment id"));
         }
-        if why.is_empty() {
-            return Verdict::Repeat;
-        }
-    } else {
-        match OrderStatus::parse(&held.status) {
-            Some(from) if is_legal(from, o.status) => {}
-            _ => why.push(format!("illegal transition {} -> {to}", held.status)),
-        }
+        _ => {}
+    }
+    if why.is_empty() && held.status == to {
+        return Verdict::Repeat;
     }
     if why.is_empty() {
         Verdict::Apply
@@ -140,7 +138,6 @@ pub(crate) fn judge(held: Option<&Held>, r: &FlowRecord) -> Verdict {
         Verdict::Refuse(why.join("; "))
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -169,11 +166,17 @@ mod tests {
         assert_eq!(judge(Some(&pending), &pay), Verdict::Apply);
         let paid = Held::of(&pay.order);
         assert_eq!(judge(Some(&paid), &pay), Verdict::Repeat);
-        let request = record(FlowEvent::RefundRequest, "refund_pending|7|1|100|10|20|15||||pay-1");
+        let request = record(
+            FlowEvent::RefundRequest,
+            "refund_pending|7|1|100|10|20|15||||pay-1",
+        );
         assert_eq!(judge(Some(&paid), &request), Verdict::Apply);
         let refund = record(FlowEvent::Refund, "refunded|7|1|100|10|20|15||30||pay-1");
         assert_eq!(judge(Some(&paid), &refund), Verdict::Apply);
-        assert_eq!(judge(Some(&Held::of(&request.order)), &refund), Verdict::Apply);
+        assert_eq!(
+            judge(Some(&Held::of(&request.order)), &refund),
+            Verdict::Apply
+        );
         let close = record(FlowEvent::Close, "closed|7|1|100|10|20||20|||");
         assert_eq!(judge(Some(&pending), &close), Verdict::Apply);
     }
@@ -184,17 +187,23 @@ mod tests {
         let close = record(FlowEvent::Close, "closed|7|1|100|10|20||20|||pay-2");
         assert_eq!(
             judge(Some(&paid), &close),
-            Verdict::Refuse("payment id changed pay-1 -> pay-2; illegal transition paid -> closed".into())
+            Verdict::Refuse(
+                "illegal transition paid -> closed; payment id changed pay-1 -> pay-2".into()
+            )
         );
         let other_buyer = record(FlowEvent::Reserve, "pending|9|2|200|10|20|||||");
         let pending = Held::of(&record(FlowEvent::Reserve, PENDING).order);
         assert_eq!(
             judge(Some(&pending), &other_buyer),
-            Verdict::Refuse("buyer changed 7 -> 9; units changed 1 -> 2; amount changed 100 -> 200".into())
+            Verdict::Refuse(
+                "buyer changed 7 -> 9; units changed 1 -> 2; amount changed 100 -> 200".into()
+            )
         );
         assert_eq!(
             judge(None, &record(FlowEvent::Pay, PAID)),
-            Verdict::Refuse("order unknown to MySQL starts with a pay record, not a reserve".into())
+            Verdict::Refuse(
+                "order unknown to MySQL starts with a pay record, not a reserve".into()
+            )
         );
         assert_eq!(
             judge(Some(&pending), &record(FlowEvent::Close, PAID)),

@@ -181,7 +181,9 @@ pub async fn apply(
     let out = match apply_entries(tx, sale, entries).await {
         Err(e) if is_permanent(&e) => {
             tracing::warn!(sale = %sale, error = %e, "MySQL refused a batch; applying it record by record");
-            (&mut **tx).execute("ROLLBACK TO SAVEPOINT fs_batch").await?;
+            (&mut **tx)
+                .execute("ROLLBACK TO SAVEPOINT fs_batch")
+                .await?;
             isolate(tx, sale, entries).await?
         }
         r => r?,
@@ -213,7 +215,9 @@ async fn isolate(
         match apply_entries(tx, sale, std::slice::from_ref(e)).await {
             Ok(o) => out.merge(o),
             Err(err) if is_permanent(&err) => {
-                (&mut **tx).execute("ROLLBACK TO SAVEPOINT fs_record").await?;
+                (&mut **tx)
+                    .execute("ROLLBACK TO SAVEPOINT fs_record")
+                    .await?;
                 let reason = format!("MySQL refused it: {err}");
                 out.quarantined.push(match e {
                     FlowEntry::Record(r) => Quarantined::refused(r, reason),
@@ -230,7 +234,9 @@ async fn isolate(
 /// key, NOT NULL, CHECK (MySQL 3819, MariaDB 4025), a value out of range,
 /// too long or of the wrong kind. Deadlocks (1213), lock wait timeouts
 /// (1205), lost connections and everything not listed are retried.
-const PERMANENT: [u32; 11] = [1048, 1062, 1264, 1292, 1366, 1406, 1451, 1452, 1690, 3819, 4025];
+const PERMANENT: [u32; 11] = [
+    1048, 1062, 1264, 1292, 1366, 1406, 1451, 1452, 1690, 3819, 4025,
+];
 
 /// Whether MySQL refused a statement for a reason retrying cannot cure.
 pub fn is_permanent(e: &sqlx::Error) -> bool {

@@ -7,6 +7,7 @@ mod front_door;
 mod helpers;
 mod lifecycle;
 mod operations;
+mod quarantine;
 mod reconcile;
 mod redis_outage;
 mod refund;
