@@ -439,20 +439,34 @@ async fn compare_order(
             if !settled {
                 let present = cx.engine.flow_record_exists(cx.sale, &r.last_flow).await?;
                 if !present && !applied_since(cx, last).await? {
+                    let refused = m.and_then(|m| crate::db::forward::rewrite_refused(m, r));
+                    let mut detail = format!(
+                        "the order's last flow record {} is neither in the stream nor in MySQL",
+                        r.last_flow
+                    );
+                    if let Some(why) = &refused {
+                        detail.push_str(&format!(
+                            "; not repaired automatically, Redis would rewrite the record ({why}): a person decides"
+                        ));
+                    }
+                    let (fix, truth) = match refused {
+                        None => (
+                            Some(Fix::WriteOrderToMysql {
+                                seq,
+                                mark_settled: true,
+                            }),
+                            Some(Truth::RedisOrders),
+                        ),
+                        Some(_) => (None, None),
+                    };
                     cx.find(
                         "flow_record_lost",
                         Some(seq),
-                        format!(
-                            "the order's last flow record {} is neither in the stream nor in MySQL",
-                            r.last_flow
-                        ),
+                        detail,
                         Some(order_json(r)),
                         m.map(order_json),
-                        Some(Fix::WriteOrderToMysql {
-                            seq,
-                            mark_settled: true,
-                        }),
-                        Some(Truth::RedisOrders),
+                        fix,
+                        truth,
                     );
                 }
                 return Ok(());
@@ -473,10 +487,12 @@ async fn compare_order(
                     }),
                     Some(Truth::RedisOrders),
                 ),
-                Some(m) if order_json(m) != order_json(r) => cx.find(
-                    "order_mismatch",
-                    Some(seq),
-                    format!(
+                Some(m) if order_json(m) != order_json(r) => {
+                    // Redis is the truth only for a step forward: a repair
+                    // that would rewrite what MySQL recorded (Redis went
+                    // back in time) is left to a person.
+                    let refused = crate::db::forward::rewrite_refused(m, r);
+                    let mut detail = format!(
                         "status {}/{}, qty {}/{}, amount {}/{} (Redis/MySQL)",
                         r.status.as_str(),
                         m.status.as_str(),
@@ -484,15 +500,32 @@ async fn compare_order(
                         m.qty,
                         r.amount_cents,
                         m.amount_cents
-                    ),
-                    Some(order_json(r)),
-                    Some(order_json(m)),
-                    Some(Fix::WriteOrderToMysql {
-                        seq,
-                        mark_settled: false,
-                    }),
-                    Some(Truth::RedisOrders),
-                ),
+                    );
+                    if let Some(why) = &refused {
+                        detail.push_str(&format!(
+                            "; not repaired automatically, Redis would rewrite the record ({why}): a person decides"
+                        ));
+                    }
+                    let (fix, truth) = match refused {
+                        None => (
+                            Some(Fix::WriteOrderToMysql {
+                                seq,
+                                mark_settled: false,
+                            }),
+                            Some(Truth::RedisOrders),
+                        ),
+                        Some(_) => (None, None),
+                    };
+                    cx.find(
+                        "order_mismatch",
+                        Some(seq),
+                        detail,
+                        Some(order_json(r)),
+                        Some(order_json(m)),
+                        fix,
+                        truth,
+                    )
+                }
                 Some(_) => {}
             }
         }

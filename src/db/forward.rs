@@ -74,6 +74,32 @@ pub fn is_legal(from: OrderStatus, to: OrderStatus) -> bool {
     )
 }
 
+/// Why writing the order as `redis` holds it over the order as `mysql`
+/// holds it would rewrite a fact the record never gives up (another buyer,
+/// other units, a payment id changed or erased: a paid order going back to
+/// pending or closed loses its payment id); `None` otherwise. The audit
+/// leaves such a repair to a person: Redis may have gone back in time.
+pub fn rewrite_refused(mysql: &Order, redis: &Order) -> Option<String> {
+    let mut why = Vec::new();
+    if mysql.user != redis.user {
+        why.push(format!("buyer {} -> {}", mysql.user, redis.user));
+    }
+    if mysql.qty != redis.qty {
+        why.push(format!("units {} -> {}", mysql.qty, redis.qty));
+    }
+    if let Some(p) = &mysql.payment_id {
+        if redis.payment_id.as_ref() != Some(p) {
+            why.push(format!(
+                "payment id {p} -> {} (status {} -> {})",
+                redis.payment_id.as_deref().unwrap_or("none"),
+                mysql.status.as_str(),
+                redis.status.as_str()
+            ));
+        }
+    }
+    (!why.is_empty()).then(|| why.join("; "))
+}
+
 /// Judges record `r` against its order as held so far (`None`: MySQL has
 /// no such order).
 pub(crate) fn judge(held: Option<&Held>, r: &FlowRecord) -> Verdict {

@@ -316,3 +316,56 @@ async fn a_buyers_changed_units_are_found_and_repaired() {
     assert_eq!(units, 1);
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_that_would_erase_a_payment_is_left_to_a_person() {
+    let app = spawn_with(Target::fresh(), settling).await;
+    let (sale, ids) = settled_sale(&app).await;
+    // Redis went back in time for order 1: paid with p1 in MySQL, pending
+    // with no payment in Redis (stored form: status letter + user first,
+    // the payment id after the seventh '|').
+    let seq: u64 = ids[0].rsplit('-').next().unwrap().parse().unwrap();
+    let k = app.sale_keys(&sale);
+    let mut c = app.engine.connection();
+    let stored: String = c.hget(&k.orders, seq).await.unwrap();
+    let mut fields: Vec<&str> = stored.splitn(8, '|').collect();
+    let pending = format!("p{}", &fields[0][1..]);
+    fields[0] = &pending;
+    fields[3] = "";
+    fields[7] = "";
+    let _: () = c.hset(&k.orders, seq, fields.join("|")).await.unwrap();
+
+    let (code, json) = audit(&app.target, &["--json"]).await;
+    assert_eq!(code, 1, "{json}");
+    let doc: Value = serde_json::from_str(&json).unwrap();
+    let finding = doc["sales"][0]["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["kind"] == "order_mismatch")
+        .unwrap_or_else(|| panic!("{json}"))
+        .clone();
+    assert!(finding["fix"].is_null(), "{finding}");
+    assert!(
+        finding["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("payment id p1")
+            || finding.to_string().contains("payment id p1"),
+        "{finding}"
+    );
+    let (code, _) = audit(&app.target, &["--repair", "--yes"]).await;
+    assert_eq!(code, 1, "a person decides: the finding stays");
+    let pool = sqlx::MySqlPool::connect(&app.target.database_url)
+        .await
+        .unwrap();
+    let (status, payment): (String, Option<String>) =
+        sqlx::query_as("SELECT status, payment_id FROM orders WHERE seq = ?")
+            .bind(seq)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    assert_eq!((status.as_str(), payment.as_deref()), ("paid", Some("p1")));
+    app.finish().await;
+}
