@@ -80,6 +80,23 @@ pub(super) async fn audit_retired(
             None,
         ));
     }
+    // Records the reconciler refused stay a person's call after retirement.
+    for q in crate::db::quarantine::list(db, sale).await? {
+        let mut f = finding(
+            sale,
+            "quarantined_record",
+            format!(
+                "flow record {} ({}) was quarantined, not applied: {}",
+                q.flow_id, q.event, q.reason
+            ),
+            None,
+        );
+        f.order_id = q
+            .seq
+            .map(|s| crate::domain::OrderId::new(sale, s).to_string());
+        f.mysql = Some(json!(q));
+        report.findings.push(f);
+    }
     match engine.audit_snapshot(sale).await? {
         None => {}
         Some(snap) if !snap.fields.contains_key("retired") => {
