@@ -255,6 +255,7 @@ async fn a_sale_with_work_left_is_not_retired() {
     // by hand. Refunds that cannot settle are dead-lettered at once.
     let app = spawn_with(Target::fresh(), |c| {
         c.roles = vec![Role::Http];
+        c.store.refund_retry_ms = 100;
         c.store.refund_dead_letter_secs = 0;
     })
     .await;
