@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use flashsale::db::retired::LiveSale;
 use flashsale::domain::{Qty, SaleId, UserId};
 use flashsale::engine::keys::DUE_BUCKET;
 use flashsale::engine::{Engine, EngineOptions, Order, SaleTerms};
 use flashsale::telemetry::Metrics;
 use flashsale::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
+use flashsale::workers::live::LiveSales;
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
@@ -154,6 +156,14 @@ async fn raw_drain(
     Ok((closed, started.elapsed().as_secs_f64()))
 }
 
+/// A live list of one sale (the benchmark has no MySQL to read it from).
+fn only(sale: SaleId) -> Arc<LiveSales> {
+    Arc::new(LiveSales::of(&[LiveSale {
+        id: sale,
+        end_ms: i64::MAX,
+    }]))
+}
+
 /// The product: expiry workers (their run loop) until the set is empty.
 async fn worker_drain(
     e: &Engine,
@@ -165,10 +175,12 @@ async fn worker_drain(
     let stop = CancellationToken::new();
     let started = Instant::now();
     let metrics = Arc::new(Metrics::default());
+    let live = only(sale);
     let mut handles = Vec::new();
     for _ in 0..workers {
         let w = ExpiryWorker::new(
             e.clone(),
+            live.clone(),
             metrics.clone(),
             Arc::new(Wakeup::default()),
             ExpiryOptions {
@@ -209,6 +221,7 @@ async fn steady_stream(e: &Engine, sale: SaleId, rate: u64, secs: u64) -> anyhow
     let wakeup = Arc::new(Wakeup::default());
     let worker = ExpiryWorker::new(
         e.clone(),
+        only(sale),
         Arc::new(Metrics::default()),
         wakeup.clone(),
         ExpiryOptions::default(),

@@ -14,6 +14,7 @@ use flashsale::db::{self, SaleRow};
 use flashsale::domain::{Qty, SaleId, UserId};
 use flashsale::engine::{Engine, EngineOptions, Reservation};
 use flashsale::telemetry::Metrics;
+use flashsale::workers::live::LiveSales;
 use flashsale::workers::reconciler::{Reconciler, ReconcilerOptions};
 use futures::stream::{self, StreamExt};
 use redis::AsyncCommands;
@@ -90,10 +91,12 @@ async fn main() -> anyhow::Result<()> {
         batching: Default::default(),
     })?;
     e.load_scripts().await?;
+    let live = Arc::new(LiveSales::default());
     let reconciler = || {
         Reconciler::new(
             e.clone(),
             pool.clone(),
+            live.clone(),
             Arc::new(Metrics::default()),
             ReconcilerOptions::default(),
         )
@@ -122,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
     // 2. Lag while the reserve path runs at full speed beside the reconciler.
     let n = (reserve_rate as u64) * args.lag_secs;
     let sale2 = new_sale(&pool, &e, n as i64).await?;
+    live.refresh(&pool).await?; // the running reconciler walks the live list
     let stop = CancellationToken::new();
     let worker = tokio::spawn(reconciler().run(stop.clone()));
     let sampling = CancellationToken::new();

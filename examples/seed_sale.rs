@@ -14,6 +14,7 @@ use flashsale::db::SaleRow;
 use flashsale::domain::{Qty, UserId};
 use flashsale::engine::{Engine, Reservation};
 use flashsale::telemetry::Metrics;
+use flashsale::workers::live::LiveSales;
 use flashsale::workers::reconciler::{Reconciler, ReconcilerOptions};
 use futures::stream::{self, StreamExt};
 
@@ -63,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
     let r = Reconciler::new(
         engine.clone(),
         pool.clone(),
+        Arc::new(LiveSales::default()), // only reconcile_sale below
         Arc::new(Metrics::default()),
         ReconcilerOptions {
             max_batch: 5000,

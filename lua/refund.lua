@@ -12,8 +12,14 @@
 --          {"accepted", packed}       refund_pending (now, or before)
 --          {"order_not_paid", packed} pending, cancelled or closed
 --          {"not_found"}              no such order, or not the caller's
+--          {"retired"}                the sale is retired: MySQL alone refunds
+--                                     its orders now (see retire.lua)
 
 check_layout()
+
+if redis.call('HEXISTS', KEYS[1], 'retired') == 1 then
+  return {'retired'}
+end
 
 local seq, user, delay = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local o, packed = load_order(seq)

@@ -253,6 +253,16 @@ pub struct ReconcilerConfig {
     /// How far past its deadline (seconds) a pending order must be for the sweep.
     #[arg(long, env = "FLASHSALE_SWEEP_GRACE_SECS", default_value_t = 300)]
     pub sweep_grace_secs: u64,
+
+    /// Seconds a retired sale's Redis keys are kept before they expire
+    /// (default 30 days; MySQL answers for a retired sale either way).
+    #[arg(
+        long,
+        env = "FLASHSALE_SALE_RETENTION_SECS",
+        default_value_t = crate::workers::retire::DEFAULT_RETENTION.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub sale_retention_secs: u64,
 }
 
 /// How expiry workers run.

@@ -25,5 +25,6 @@ pub mod sales;
 pub mod startup;
 /// Logs and metrics.
 pub mod telemetry;
-/// Background workers: expiry of unpaid orders.
+/// Background workers: expiry, reconciler, sweep, the live list of sales
+/// and retirement of old sales.
 pub mod workers;

@@ -4,7 +4,8 @@
 //! A sale is answered as created only once it is in both stores; a sale that
 //! reached MySQL but not Redis is removed again (it was never on sale), and
 //! start-up loads any unfinished sale that Redis lacks (a crash in between,
-//! or a Redis that lost its data), resuming from MySQL's settled state.
+//! or a Redis that lost its data), resuming from MySQL's settled state; a
+//! retired sale is never loaded again.
 
 use chrono::{DateTime, Utc};
 use sqlx::MySqlPool;
@@ -164,6 +165,7 @@ pub async fn create(
 
 /// Loads every unfinished MySQL sale that Redis lacks (or only `only`,
 /// ended or not), resuming from MySQL's settled state; returns how many.
+/// A retired sale is never loaded: MySQL alone answers for it.
 pub async fn load_missing(
     db: &MySqlPool,
     engine: &Engine,

@@ -20,6 +20,7 @@ use crate::http::server::{self, ConnLimits};
 use crate::http::{self, AppState, Authenticator, Health, Limits, Rate, RateLimits, Shared};
 use crate::telemetry::{Metrics, RoleLabels};
 use crate::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
+use crate::workers::live::LiveSales;
 use crate::workers::reconciler::{Reconciler, ReconcilerOptions};
 use crate::workers::sweep::{SweepOptions, Sweeper};
 
@@ -77,6 +78,10 @@ impl App {
         check_durability(&engine, cfg.require_durable_redis).await?;
         let loaded = crate::sales::load_missing(&db, &engine, None).await?;
         tracing::info!(loaded, "unfinished sales checked against Redis");
+        let live = Arc::new(LiveSales::default());
+        live.refresh(&db)
+            .await
+            .context("cannot read the live sales from MySQL")?;
         // A process without the HTTP role still serves the operations routes.
         let listen = if serves_api {
             h.listen
@@ -112,6 +117,7 @@ impl App {
                         h.ip_burst.unwrap_or(h.ip_rate_per_sec.saturating_mul(2)),
                     ),
                 ),
+                live,
             }),
             listener,
             serves_api,
@@ -143,6 +149,7 @@ impl App {
                         max_batch: r.reconciler_batch.clamp(1, 5000),
                         idle_sleep: Duration::from_millis(r.reconciler_idle_ms.max(1)),
                         max_backoff: Duration::from_millis(r.reconciler_max_backoff_ms.max(100)),
+                        retention: Duration::from_secs(r.sale_retention_secs.max(1)),
                     },
                     SweepOptions {
                         interval: Duration::from_secs(r.sweep_interval_secs.max(1)),
@@ -223,10 +230,27 @@ impl App {
                 }
             });
         }
+        if self.expiry_workers > 0 || self.reconciler.is_some() {
+            // The workers' live list, read from MySQL once a second.
+            let s = &self.state;
+            let task = tokio::spawn(s.live.clone().run(
+                s.db.clone(),
+                s.metrics.clone(),
+                s.wakeup.clone(),
+                shutdown.clone(),
+            ));
+            let ended = ended_tx.clone();
+            role("live_sales", true);
+            tracker.spawn(async move {
+                let result = task.await.map_err(anyhow::Error::from);
+                let _ = ended.send(("live_sales", result));
+            });
+        }
         for _ in 0..self.expiry_workers {
             let s = &self.state;
             let worker = ExpiryWorker::new(
                 s.engine.clone(),
+                s.live.clone(),
                 s.metrics.clone(),
                 s.wakeup.clone(),
                 self.expiry,
@@ -244,6 +268,7 @@ impl App {
             let r = Reconciler::new(
                 s.engine.clone(),
                 s.db.clone(),
+                s.live.clone(),
                 s.metrics.clone(),
                 reconciler,
             );

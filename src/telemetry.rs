@@ -165,6 +165,46 @@ pub struct Metrics {
     /// Reserve requests answered 5xx with a retry key (the outcome unknown
     /// to this process when it answered).
     pub reserve_unsure: Counter,
+    /// The live list and retirement.
+    pub live: LiveMetrics,
+}
+
+/// The live list of sales (see `workers::live`) and retirement.
+#[derive(Default)]
+pub struct LiveMetrics {
+    /// Sales on the live list.
+    pub sales: Gauge,
+    /// Seconds since the list was last read from MySQL (-1: never).
+    pub age_seconds: Gauge,
+    /// Reads of the list from MySQL that failed (the last good list stayed).
+    pub refresh_failures: Counter,
+    /// Sales this process retired.
+    pub retired: Counter,
+}
+
+impl LiveMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "live_sales",
+            "Sales on the live list that workers walk (not retired, read from MySQL)",
+            self.sales.clone(),
+        );
+        registry.register(
+            "live_sales_age_seconds",
+            "Seconds since the live list was last read from MySQL (-1: never)",
+            self.age_seconds.clone(),
+        );
+        registry.register(
+            "live_sales_refresh_failures",
+            "Reads of the live list from MySQL that failed; the last good list stayed in use",
+            self.refresh_failures.clone(),
+        );
+        registry.register(
+            "sales_retired",
+            "Sales this process retired (ended, settled, no refund waiting)",
+            self.retired.clone(),
+        );
+    }
 }
 
 impl Default for Metrics {
@@ -310,8 +350,11 @@ impl Default for Metrics {
             "Reserve requests answered 5xx with a retry key",
             reserve_unsure.clone(),
         );
+        let live = LiveMetrics::default();
+        live.register(&mut registry);
         Self {
             registry: Mutex::new(registry),
+            live,
             dependency_up,
             role_up,
             rate_limited,

@@ -7,9 +7,11 @@
 //! Redis's counters read atomically), orders are compared only once settled,
 //! and checks that need a still sale are skipped, and said so, when it moved.
 //! Everything is paged, so memory stays bounded whatever the sale's size.
+//! A retired sale is audited in MySQL alone (`retired.rs`).
 
 mod repair;
 mod report;
+mod retired;
 mod scan;
 
 use std::time::Duration;
@@ -139,6 +141,9 @@ pub struct SaleReport {
     pub findings: Vec<Finding>,
     /// Checks left out, and why.
     pub skipped: Vec<String>,
+    /// The sale is retired: MySQL alone was audited (its inventory is in
+    /// `mysql_plus_backlog`).
+    pub retired: bool,
     /// The flow stream's last id when the audit read the counters (repairs
     /// that depend on a still sale check it has not moved).
     #[serde(skip)]
@@ -180,9 +185,12 @@ pub async fn run(engine: &Engine, db: &MySqlPool, opts: &AuditOptions) -> anyhow
     };
     let mut report = Report::default();
     for sale in sales {
-        report
-            .sales
-            .push(scan::audit_sale(engine, db, sale, opts).await?);
+        let one = if crate::db::retired::is_retired(db, sale).await? {
+            retired::audit_retired(engine, db, sale).await?
+        } else {
+            scan::audit_sale(engine, db, sale, opts).await?
+        };
+        report.sales.push(one);
     }
     Ok(report)
 }

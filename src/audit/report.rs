@@ -27,18 +27,43 @@ fn line(f: &Finding, plan: bool) -> String {
     s
 }
 
+fn equation(c: &crate::db::audit::Counters) -> String {
+    format!(
+        "total {} = available {} + pending {} + paid {} + refunded {} - restocked {}",
+        c.total, c.available, c.pending, c.paid, c.refunded, c.restocked
+    )
+}
+
+fn verdict(findings: usize) -> String {
+    match findings {
+        0 => "clean".to_owned(),
+        1 => "1 finding".to_owned(),
+        n => format!("{n} findings"),
+    }
+}
+
 /// Writes the human report; with `plan`, each finding's repair and truth.
 pub fn print_human(report: &Report, plan: bool, out: &mut impl Write) -> std::io::Result<()> {
     for f in report.findings() {
         writeln!(out, "{}", line(f, plan))?;
     }
     for s in &report.sales {
-        let counters = s.redis.map_or("none".into(), |r| {
-            format!(
-                "total {} = available {} + pending {} + paid {} + refunded {} - restocked {}",
-                r.total, r.available, r.pending, r.paid, r.refunded, r.restocked
-            )
-        });
+        if s.retired {
+            let counters = s
+                .mysql_plus_backlog
+                .as_ref()
+                .map_or("none".into(), equation);
+            writeln!(
+                out,
+                "sale {}: retired; {} orders checked; MySQL {}; {}",
+                s.sale_id,
+                s.orders_checked,
+                counters,
+                verdict(s.findings.len())
+            )?;
+            continue;
+        }
+        let counters = s.redis.as_ref().map_or("none".into(), equation);
         writeln!(
             out,
             "sale {}: {} orders checked; Redis {}; flow backlog {} (oldest {} ms); {}",
@@ -47,11 +72,7 @@ pub fn print_human(report: &Report, plan: bool, out: &mut impl Write) -> std::io
             counters,
             s.backlog,
             s.oldest_backlog_ms,
-            match s.findings.len() {
-                0 => "clean".to_owned(),
-                1 => "1 finding".to_owned(),
-                n => format!("{n} findings"),
-            }
+            verdict(s.findings.len())
         )?;
         for skipped in &s.skipped {
             writeln!(out, "  skipped: {skipped}")?;

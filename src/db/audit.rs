@@ -367,3 +367,14 @@ pub async fn log_repair(
     .await?;
     Ok(())
 }
+
+/// Orders of `sale` by status: (status, orders).
+pub async fn orders_by_status(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT status, COUNT(*) FROM orders WHERE sale_id = ? GROUP BY status")
+        .bind(sale.get())
+        .fetch_all(&mut **tx)
+        .await
+}

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod forward;
 pub mod ledger;
 pub mod quarantine;
+pub mod retired;
 pub mod sweep;
 
 use chrono::{DateTime, Utc};
@@ -159,15 +160,16 @@ struct ResumeRow {
 }
 
 /// Sales with the settled state to load them from: every sale that has not
-/// ended (start-up loads the ones Redis lacks), or the one asked for.
+/// ended (start-up loads the ones Redis lacks), or the one asked for. A
+/// retired sale is never loaded again: MySQL alone answers for it.
 pub async fn sales_to_load(
     pool: &MySqlPool,
     only: Option<SaleId>,
 ) -> anyhow::Result<Vec<SaleTerms>> {
     let filter = if only.is_some() {
-        "s.id = ?"
+        "s.id = ? AND s.retired_at IS NULL"
     } else {
-        "s.end_at > UTC_TIMESTAMP(3)"
+        "s.end_at > UTC_TIMESTAMP(3) AND s.retired_at IS NULL"
     };
     let sql = format!(
         "SELECT s.id, s.sku, s.title, s.price_cents, s.stock_total, s.per_user_limit, \

@@ -89,6 +89,8 @@ pub enum Refund {
     NotPaid(Order),
     /// No such order, or not the caller's.
     NotFound,
+    /// The sale is retired: Redis no longer takes its refunds (MySQL does).
+    Retired,
 }
 
 /// One call's work on one sale's due-queue.
@@ -298,6 +300,7 @@ impl Engine {
             Some("accepted") => Refund::Accepted(order()?),
             Some("order_not_paid") => Refund::NotPaid(order()?),
             Some("not_found") => Refund::NotFound,
+            Some("retired") => Refund::Retired,
             _ => return Err(EngineError::Protocol(format!("refund: {reply:?}"))),
         })
     }

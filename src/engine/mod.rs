@@ -12,6 +12,7 @@ mod flow;
 pub mod keys;
 mod lifecycle;
 pub mod order;
+mod retire;
 mod sale;
 mod scripts;
 mod sold_out;
@@ -26,6 +27,7 @@ pub use flow::{FlowEntry, FlowEvent, FlowId, FlowRecord, UnreadableRecord};
 pub use keys::{Keys, SaleKeys};
 pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reservation};
 pub use order::{Order, OrderStatus};
+pub use retire::Retirement;
 pub use sale::{ResumePoint, SaleSnapshot, SaleState, SaleTerms};
 use scripts::Scripts;
 

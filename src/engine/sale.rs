@@ -37,6 +37,8 @@ pub struct SaleSnapshot {
     pub end_ms: i64,
     /// Redis's clock when the snapshot was read.
     pub now_ms: i64,
+    /// The sale is retired: MySQL alone is its truth now.
+    pub retired: bool,
 }
 
 /// Where a sale stands, judged by Redis's clock.
@@ -211,10 +213,13 @@ impl Engine {
             now_ms: now
                 .parse()
                 .map_err(|_| EngineError::Protocol("bad clock".into()))?,
+            retired: map.contains_key("retired"),
         }))
     }
 
-    /// Every sale loaded into Redis (the workers' list of sales to watch).
+    /// Every sale loaded into Redis and not retired. Workers do not walk
+    /// it (a flushed Redis would hide sales from them): they walk the live
+    /// list read from MySQL (`workers::live`).
     pub async fn sale_ids(&self) -> Result<Vec<SaleId>, EngineError> {
         let mut c = self.conn.clone();
         let index = self.keys.sales_index();

@@ -23,6 +23,7 @@ pub(crate) struct Scripts {
     pub load_sale: Arc<Script>,
     pub sale_snapshot: Arc<Script>,
     pub read_orders: Arc<Script>,
+    pub retire: Arc<Script>,
 }
 
 fn plain(src: &str) -> Arc<Script> {
@@ -47,13 +48,14 @@ impl Default for Scripts {
             load_sale: order_script(include_str!("../../lua/load_sale.lua")),
             sale_snapshot: plain(include_str!("../../lua/sale_snapshot.lua")),
             read_orders: order_script(include_str!("../../lua/read_orders.lua")),
+            retire: order_script(include_str!("../../lua/retire.lua")),
         }
     }
 }
 
 impl Scripts {
     /// Every script, for loading them all at start.
-    pub fn all(&self) -> [Arc<Script>; 11] {
+    pub fn all(&self) -> [Arc<Script>; 12] {
         [
             self.reserve.clone(),
             self.pay.clone(),
@@ -66,6 +68,7 @@ impl Scripts {
             self.load_sale.clone(),
             self.sale_snapshot.clone(),
             self.read_orders.clone(),
+            self.retire.clone(),
         ]
     }
 }

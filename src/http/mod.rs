@@ -30,6 +30,7 @@ use tower::ServiceBuilder;
 use crate::engine::Engine;
 use crate::telemetry::{method_label, route_label, Metrics, RequestLabels, RouteLabels};
 use crate::workers::expiry::Wakeup;
+use crate::workers::live::LiveSales;
 pub use auth::Authenticator;
 pub use error::ApiError;
 pub use limits::{Rate, RateLimits};
@@ -73,6 +74,8 @@ pub struct Shared {
     pub limits: RateLimits,
     /// Roles, shutdown and the stores, for `/readyz`.
     pub health: Health,
+    /// The sales the workers walk (a sale created here joins at once).
+    pub live: Arc<LiveSales>,
 }
 
 /// Limits at the front door.

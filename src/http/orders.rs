@@ -1,4 +1,6 @@
-//! Order routes: the seckill endpoint and reading an order. Redis only.
+//! Order routes: the seckill endpoint and reading an order, from Redis.
+//! A retired sale's orders are read and refunded in MySQL alone (see
+//! `db::retired`): Redis no longer carries its changes to MySQL.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -8,6 +10,7 @@ use axum::{Json, Router};
 use super::auth::{Buyer, Caller};
 use super::sales::rfc3339;
 use super::{ApiError, AppState, Body};
+use crate::db::retired::{self, RetiredRefund};
 use crate::domain::{IdempotencyKey, OrderId, Qty, SaleId};
 use crate::engine::{Cancellation, Order, OrderStatus, Refund, Reservation};
 use crate::telemetry::{OutcomeLabels, ScopeLabels};
@@ -140,11 +143,32 @@ async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<OrderView>, ApiError> {
     let id: OrderId = id.parse()?;
-    let order = state.engine.order(id).await?.ok_or(ApiError::NotFound)?;
+    let order = match state.engine.order(id).await? {
+        Some(o) if !state.engine.sale_retired(id.sale()).await? => o,
+        in_redis => retired_order(&state, id, in_redis).await?,
+    };
     if !caller.may_see(order.user) {
         return Err(ApiError::NotFound);
     }
     Ok(Json(order.into()))
+}
+
+fn mysql_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable(format!("mysql: {e:#}"))
+}
+
+/// An order Redis does not hold, or holds in a retired sale: MySQL's row
+/// when its sale is retired (in MySQL, or in Redis, which then no longer
+/// moves and has nothing MySQL lacks); any other order is not found.
+async fn retired_order(
+    state: &AppState,
+    id: OrderId,
+    in_redis: Option<Order>,
+) -> Result<Order, ApiError> {
+    match retired::order(&state.db, id).await.map_err(mysql_error)? {
+        Some((order, retired)) if retired || in_redis.is_some() => Ok(order),
+        _ => in_redis.ok_or(ApiError::NotFound),
+    }
 }
 
 async fn cancel(
@@ -194,6 +218,34 @@ async fn refund(
         }
         Refund::Accepted(order) => Ok((StatusCode::ACCEPTED, Json(order.into()))),
         Refund::NotPaid(order) => Err(ApiError::OrderNotPaid(order.status)),
-        Refund::NotFound => Err(ApiError::NotFound),
+        // Redis no longer holds the order, or its sale is retired: MySQL
+        // refunds the orders of a retired sale (no restock: it has ended).
+        in_redis @ (Refund::NotFound | Refund::Retired) => {
+            match retired::refund(&state.db, id, as_user)
+                .await
+                .map_err(mysql_error)?
+            {
+                RetiredRefund::Refunded { order, now } => {
+                    if now {
+                        state
+                            .metrics
+                            .refunds
+                            .get_or_create(&OutcomeLabels {
+                                outcome: "after_retirement",
+                            })
+                            .inc();
+                    }
+                    Ok((StatusCode::OK, Json(order.into())))
+                }
+                RetiredRefund::NotPaid(order) => Err(ApiError::OrderNotPaid(order.status)),
+                RetiredRefund::NotFound => Err(ApiError::NotFound),
+                // Redis retired the sale and MySQL's commit is on its way
+                // (the reconciler's next pass finishes it).
+                RetiredRefund::NotRetired if in_redis == Refund::Retired => {
+                    Err(ApiError::Unavailable("the sale is being retired".into()))
+                }
+                RetiredRefund::NotRetired => Err(ApiError::NotFound),
+            }
+        }
     }
 }

@@ -1,4 +1,6 @@
-//! Sale routes: the admin puts a sale on; anyone reads it (from Redis alone).
+//! Sale routes: the admin puts a sale on; anyone reads it, from Redis, or
+//! from MySQL once the sale is retired (MySQL alone answers for it then,
+//! whether or not Redis still holds its expiring keys).
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -7,6 +9,7 @@ use axum::{Json, Router};
 
 use super::auth::Admin;
 use super::{ApiError, AppState, Body};
+use crate::db::retired::RetiredSale;
 use crate::domain::SaleId;
 use crate::engine::{SaleSnapshot, SaleState};
 use crate::sales::{self, CreateError, SaleRequest};
@@ -40,6 +43,24 @@ pub(super) struct SaleView {
     state: SaleState,
 }
 
+impl From<RetiredSale> for SaleView {
+    fn from(s: RetiredSale) -> Self {
+        Self {
+            sale_id: s.id.to_string(),
+            sku: s.sku,
+            title: s.title,
+            price_cents: s.price_cents,
+            stock_total: s.stock_total.into(),
+            stock_available: s.available.into(),
+            per_user_limit: s.per_user_limit.into(),
+            payment_window_secs: s.payment_window_secs.into(),
+            start_at: rfc3339(s.start_at.timestamp_millis()),
+            end_at: rfc3339(s.end_at.timestamp_millis()),
+            state: SaleState::Ended,
+        }
+    }
+}
+
 impl From<SaleSnapshot> for SaleView {
     fn from(s: SaleSnapshot) -> Self {
         let state = s.state();
@@ -71,6 +92,7 @@ async fn create(
             CreateError::Database(e) => ApiError::Unavailable(format!("mysql: {e:#}")),
             CreateError::Engine(e) => e.into(),
         })?;
+    state.live.add(snapshot.id, snapshot.end_ms);
     state.wakeup.sale_added();
     tracing::info!(sale = %snapshot.id, sku = %snapshot.sku, stock = snapshot.stock_total, "sale created");
     Ok((StatusCode::CREATED, Json(snapshot.into())))
@@ -81,6 +103,21 @@ async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<SaleView>, ApiError> {
     let id: SaleId = id.parse()?;
-    let snapshot = state.engine.sale(id).await?.ok_or(ApiError::NotFound)?;
-    Ok(Json(snapshot.into()))
+    match state.engine.sale(id).await? {
+        Some(snapshot) if !snapshot.retired => Ok(Json(snapshot.into())),
+        // Retired (its keys still expiring) or unknown to Redis: MySQL
+        // answers for a retired sale; any other stays a 404.
+        in_redis => {
+            let retired = crate::db::retired::retired_sale(&state.db, id)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("mysql: {e}")))?;
+            match (retired, in_redis) {
+                (Some(sale), _) => Ok(Json(sale.into())),
+                // Retired in Redis, MySQL's commit on its way: Redis's
+                // copy no longer moves.
+                (None, Some(snapshot)) => Ok(Json(snapshot.into())),
+                (None, None) => Err(ApiError::NotFound),
+            }
+        }
+    }
 }

@@ -9,7 +9,9 @@
 //! or a new sale appears. Since `max_sleep` is no longer than the shortest
 //! payment window (1 s), a deadline created by another process is never
 //! later than the worker's next look, so cross-process wake-ups need no
-//! extra channel.
+//! extra channel. Workers walk the live list (`workers::live`), read from
+//! MySQL: a sale another process created joins it within a second, and
+//! its refresh wakes the workers.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::live::LiveSales;
 use crate::engine::{Engine, EngineError};
 use crate::telemetry::Metrics;
 
@@ -89,33 +92,36 @@ pub struct StepOutcome {
 /// One expiry worker.
 pub struct ExpiryWorker {
     engine: Engine,
+    live: Arc<LiveSales>,
     metrics: Arc<Metrics>,
     wakeup: Arc<Wakeup>,
     opts: ExpiryOptions,
 }
 
 impl ExpiryWorker {
-    /// A worker on `engine`'s Redis.
+    /// A worker on `engine`'s Redis, over the sales of `live`.
     pub fn new(
         engine: Engine,
+        live: Arc<LiveSales>,
         metrics: Arc<Metrics>,
         wakeup: Arc<Wakeup>,
         opts: ExpiryOptions,
     ) -> Self {
         Self {
             engine,
+            live,
             metrics,
             wakeup,
             opts,
         }
     }
 
-    /// Claims and closes one batch of due orders in every sale.
+    /// Claims and closes one batch of due orders in every live sale.
     pub async fn try_step(&self) -> Result<StepOutcome, EngineError> {
         let mut out = StepOutcome::default();
         let mut due = 0;
         let mut refunds_waiting = 0;
-        let sales = self.engine.sale_ids().await?;
+        let sales = self.live.ids();
         let mut failed = 0;
         for &sale in &sales {
             // One sale's failure must not hold up the others' deadlines.

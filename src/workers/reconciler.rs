@@ -10,18 +10,27 @@
 //! `max_batch`, so an idle sale is applied record by record within
 //! `idle_sleep` and a busy one in large transactions. While MySQL is down it
 //! retries with capped, jittered exponential backoff; Redis keeps selling.
+//!
+//! It walks the live list (`workers::live`: the sales MySQL holds as not
+//! retired), and once a second retires the ended sales that have no work
+//! left (`workers::retire`), which then leave the list.
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
+use super::live::LiveSales;
+use super::retire::{Retirer, DEFAULT_RETENTION};
 use crate::db::ledger;
 use crate::domain::SaleId;
 use crate::engine::Engine;
 use crate::telemetry::Metrics;
+
+/// How often ended sales are looked at for retirement.
+const RETIRE_EVERY: Duration = Duration::from_secs(1);
 
 /// How the reconciler paces itself.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +41,8 @@ pub struct ReconcilerOptions {
     pub idle_sleep: Duration,
     /// Longest pause between retries while MySQL or Redis fails.
     pub max_backoff: Duration,
+    /// How long a retired sale's Redis keys are kept.
+    pub retention: Duration,
 }
 
 impl Default for ReconcilerOptions {
@@ -40,6 +51,7 @@ impl Default for ReconcilerOptions {
             max_batch: 2000,
             idle_sleep: Duration::from_millis(20),
             max_backoff: Duration::from_secs(30),
+            retention: DEFAULT_RETENTION,
         }
     }
 }
@@ -51,6 +63,8 @@ pub struct StepOutcome {
     pub applied: usize,
     /// Whether some sale returned a full batch (more is waiting).
     pub more: bool,
+    /// Sales retired.
+    pub retired: usize,
 }
 
 /// One reconciler.
@@ -59,31 +73,48 @@ pub struct Reconciler {
     db: MySqlPool,
     metrics: Arc<Metrics>,
     opts: ReconcilerOptions,
+    live: Arc<LiveSales>,
+    retirer: Retirer,
+    /// When ended sales were last looked at for retirement.
+    last_retire: std::sync::Mutex<Option<Instant>>,
     /// Sales whose cursor row is known to exist.
     known_cursors: tokio::sync::Mutex<HashSet<SaleId>>,
 }
 
 impl Reconciler {
-    /// A reconciler between `engine`'s Redis and `db`.
+    /// A reconciler between `engine`'s Redis and `db`, over the sales of
+    /// `live`.
     pub fn new(
         engine: Engine,
         db: MySqlPool,
+        live: Arc<LiveSales>,
         metrics: Arc<Metrics>,
         opts: ReconcilerOptions,
     ) -> Self {
+        let retirer = Retirer::new(
+            engine.clone(),
+            db.clone(),
+            live.clone(),
+            metrics.clone(),
+            opts.retention,
+        );
         Self {
             engine,
             db,
             metrics,
             opts,
+            live,
+            retirer,
+            last_retire: Default::default(),
             known_cursors: Default::default(),
         }
     }
 
-    /// Applies one batch of every sale, then updates the backlog metrics.
+    /// Applies one batch of every live sale, updates the backlog metrics,
+    /// and (at most once a second) retires ended sales with no work left.
     pub async fn try_step(&self) -> anyhow::Result<StepOutcome> {
         let mut out = StepOutcome::default();
-        let sales = self.engine.sale_ids().await?;
+        let sales = self.live.ids();
         let mut failed = 0;
         let mut last_error = None;
         for &sale in &sales {
@@ -108,7 +139,19 @@ impl Reconciler {
             self.metrics.reconciler_retries.inc();
         }
         self.measure_backlog(&sales).await?;
+        if self.retire_due() {
+            out.retired = self.retirer.pass().await?;
+        }
         Ok(out)
+    }
+
+    fn retire_due(&self) -> bool {
+        let mut last = self.last_retire.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < RETIRE_EVERY) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// Applies the next batch of one sale; returns how many records.

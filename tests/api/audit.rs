@@ -225,6 +225,7 @@ async fn a_lost_flow_record_is_found_and_repaired() {
     let reconciler = flashsale::workers::reconciler::Reconciler::new(
         app.engine.clone(),
         pool.clone(),
+        app.live.clone(),
         std::sync::Arc::new(flashsale::telemetry::Metrics::default()),
         Default::default(),
     );

@@ -98,6 +98,8 @@ pub struct TestApp {
     pub target: Target,
     pub client: reqwest::Client,
     pub engine: Engine,
+    /// The app's live list of sales (what its workers walk).
+    pub live: std::sync::Arc<flashsale::workers::live::LiveSales>,
     shutdown: CancellationToken,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -122,6 +124,7 @@ pub async fn spawn_with(target: Target, change: impl FnOnce(&mut ServeConfig)) -
         .expect("app builds");
     let addr = app.local_addr().unwrap();
     let engine = app.state().engine.clone();
+    let live = app.state().live.clone();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
     TestApp {
@@ -132,6 +135,7 @@ pub async fn spawn_with(target: Target, change: impl FnOnce(&mut ServeConfig)) -
             .build()
             .unwrap(),
         engine,
+        live,
         shutdown,
         handle: Some(handle),
     }

@@ -12,3 +12,4 @@ mod reconcile;
 mod redis_outage;
 mod refund;
 mod reserve;
+mod retire;
