@@ -578,18 +578,18 @@ async fn a_full_reserve_queue_refuses_at_once() {
     cfg.store.reserve_queue_limit = Some(1);
     let engine = Engine::connect(&cfg.store.engine_options()).unwrap();
     let sale_id = sale.parse().unwrap();
-    pause(&redis, 1500).await;
-    // One call on the wire, one reservation waiting for a slot, one queued.
-    let held: Vec<_> = (1..=3)
-        .map(|u| {
-            let e = engine.clone();
-            tokio::spawn(async move {
-                e.reserve(sale_id, UserId::new(u).unwrap(), Qty::default(), None)
-                    .await
-            })
-        })
-        .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    pause(&redis, 3000).await;
+    // One call on the wire, one reservation waiting for a slot, one queued:
+    // each sent in turn, so the queue is full whatever the load.
+    let mut held = Vec::new();
+    for u in 1..=3 {
+        let e = engine.clone();
+        held.push(tokio::spawn(async move {
+            e.reserve(sale_id, UserId::new(u).unwrap(), Qty::default(), None)
+                .await
+        }));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
     let started = Instant::now();
     let refused = engine
         .reserve(sale_id, UserId::new(9).unwrap(), Qty::default(), None)
