@@ -439,26 +439,15 @@ async fn compare_order(
             if !settled {
                 let present = cx.engine.flow_record_exists(cx.sale, &r.last_flow).await?;
                 if !present && !applied_since(cx, last).await? {
-                    let refused = m.and_then(|m| crate::db::forward::rewrite_refused(m, r));
-                    let mut detail = format!(
-                        "the order's last flow record {} is neither in the stream nor in MySQL",
-                        r.last_flow
-                    );
-                    if let Some(why) = &refused {
-                        detail.push_str(&format!(
-                            "; not repaired automatically, Redis would rewrite the record ({why}): a person decides"
-                        ));
-                    }
-                    let (fix, truth) = match refused {
-                        None => (
-                            Some(Fix::WriteOrderToMysql {
-                                seq,
-                                mark_settled: true,
-                            }),
-                            Some(Truth::RedisOrders),
+                    let (detail, fix, truth) = write_to_mysql(
+                        format!(
+                            "the order's last flow record {} is neither in the stream nor in MySQL",
+                            r.last_flow
                         ),
-                        Some(_) => (None, None),
-                    };
+                        m,
+                        r,
+                        true,
+                    );
                     cx.find(
                         "flow_record_lost",
                         Some(seq),
@@ -488,34 +477,20 @@ async fn compare_order(
                     Some(Truth::RedisOrders),
                 ),
                 Some(m) if order_json(m) != order_json(r) => {
-                    // Redis is the truth only for a step forward: a repair
-                    // that would rewrite what MySQL recorded (Redis went
-                    // back in time) is left to a person.
-                    let refused = crate::db::forward::rewrite_refused(m, r);
-                    let mut detail = format!(
-                        "status {}/{}, qty {}/{}, amount {}/{} (Redis/MySQL)",
-                        r.status.as_str(),
-                        m.status.as_str(),
-                        r.qty,
-                        m.qty,
-                        r.amount_cents,
-                        m.amount_cents
-                    );
-                    if let Some(why) = &refused {
-                        detail.push_str(&format!(
-                            "; not repaired automatically, Redis would rewrite the record ({why}): a person decides"
-                        ));
-                    }
-                    let (fix, truth) = match refused {
-                        None => (
-                            Some(Fix::WriteOrderToMysql {
-                                seq,
-                                mark_settled: false,
-                            }),
-                            Some(Truth::RedisOrders),
+                    let (detail, fix, truth) = write_to_mysql(
+                        format!(
+                            "status {}/{}, qty {}/{}, amount {}/{} (Redis/MySQL)",
+                            r.status.as_str(),
+                            m.status.as_str(),
+                            r.qty,
+                            m.qty,
+                            r.amount_cents,
+                            m.amount_cents
                         ),
-                        Some(_) => (None, None),
-                    };
+                        Some(m),
+                        r,
+                        false,
+                    );
                     cx.find(
                         "order_mismatch",
                         Some(seq),
@@ -531,6 +506,35 @@ async fn compare_order(
         }
     }
     Ok(())
+}
+
+/// The repair that writes Redis's order `r` over MySQL's `m`, with the
+/// finding's `detail`. Redis is the truth only while that moves the record
+/// forward: a repair that would change the buyer, the units or a payment id
+/// MySQL holds (Redis went back in time) is left to a person, and the
+/// detail says what it would rewrite.
+fn write_to_mysql(
+    mut detail: String,
+    m: Option<&Order>,
+    r: &Order,
+    mark_settled: bool,
+) -> (String, Option<Fix>, Option<Truth>) {
+    match m.and_then(|m| crate::db::forward::rewrite_refused(m, r)) {
+        None => (
+            detail,
+            Some(Fix::WriteOrderToMysql {
+                seq: r.id.seq(),
+                mark_settled,
+            }),
+            Some(Truth::RedisOrders),
+        ),
+        Some(why) => {
+            detail.push_str(&format!(
+                "; not repaired automatically, Redis would rewrite the record ({why}): a person decides"
+            ));
+            (detail, None, None)
+        }
+    }
 }
 
 /// Whether the reconciler has applied `id` since the audit read its cursor.
