@@ -478,19 +478,21 @@ async fn readiness_follows_redis_not_mysql_and_worker_processes_serve_probes() {
     // FLASHSALE_METRICS_LISTEN.
     let t = Target::fresh();
     let port = free_port();
-    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
-        .arg("serve")
-        .env("REDIS_URL", &t.redis_url)
-        .env("DATABASE_URL", &t.database_url)
-        .env("FLASHSALE_KEY_PREFIX", &t.key_prefix)
-        .env("FLASHSALE_ROLES", "expiry,reconciler")
-        .env("FLASHSALE_METRICS_LISTEN", format!("127.0.0.1:{port}"))
-        .env_remove("FLASHSALE_JWT_SECRET")
-        .env_remove("FLASHSALE_ADMIN_TOKEN")
-        .env_remove("FLASHSALE_PAYMENT_SECRET")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let mut worker = ServeProcess::adopt(
+        std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+            .arg("serve")
+            .env("REDIS_URL", &t.redis_url)
+            .env("DATABASE_URL", &t.database_url)
+            .env("FLASHSALE_KEY_PREFIX", &t.key_prefix)
+            .env("FLASHSALE_ROLES", "expiry,reconciler")
+            .env("FLASHSALE_METRICS_LISTEN", format!("127.0.0.1:{port}"))
+            .env_remove("FLASHSALE_JWT_SECRET")
+            .env_remove("FLASHSALE_ADMIN_TOKEN")
+            .env_remove("FLASHSALE_PAYMENT_SECRET")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -520,8 +522,7 @@ async fn readiness_follows_redis_not_mysql_and_worker_processes_serve_probes() {
         .await
         .unwrap();
     assert_eq!(api.status(), 404);
-    let _ = worker.kill();
-    let _ = worker.wait();
+    worker.kill();
     t.cleanup().await;
 }
 

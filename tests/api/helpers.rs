@@ -478,6 +478,12 @@ impl TestApp {
 pub struct ServeProcess(Child);
 
 impl ServeProcess {
+    /// Takes charge of a `flashsale` child started by the test itself: it is
+    /// killed when dropped, also when the test fails.
+    pub fn adopt(child: Child) -> Self {
+        Self(child)
+    }
+
     pub fn start(target: &Target, roles: &str, extra_env: &[(&str, &str)]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_flashsale"))
             .arg("serve")
