@@ -101,11 +101,15 @@ async fn a_buyer_past_the_rate_gets_429_and_reserves_nothing_more() {
             ..SaleSpec::default()
         })
         .await;
-    // The default: 10/s with a burst of 20.
+    // The default: 10/s with a burst of 20 (and one more per 100 ms that
+    // the 30 requests take to get through a busy machine).
+    let started = Instant::now();
     let answers = join_all((0..30).map(|_| reserve_qty(&app, &sale, 5, 1, None))).await;
+    let refilled = (started.elapsed().as_millis() / 100) as usize + 1;
     let made = answers.iter().filter(|(s, _, _)| *s == 201).count();
     let limited: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 429).collect();
-    assert!((20..=22).contains(&made), "{made} made");
+    assert!((20..=20 + refilled).contains(&made), "{made} made");
+    assert!(!limited.is_empty() || refilled >= 10, "none limited");
     assert_eq!(made + limited.len(), 30);
     for (_, retry_after, body) in limited {
         assert_eq!(code(body), "rate_limited");
