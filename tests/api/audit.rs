@@ -13,7 +13,7 @@ use crate::helpers::*;
 use crate::reconcile::{run_sale, wait_quiet};
 
 /// Runs `flashsale audit` with `args` on the test's stores.
-async fn audit(t: &Target, args: &[&str]) -> (i32, String) {
+pub(crate) async fn audit(t: &Target, args: &[&str]) -> (i32, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
         .arg("audit")
         .args(args)
@@ -50,7 +50,7 @@ fn human_kinds(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-async fn wait_backlog_empty(app: &TestApp, sale: &str) {
+pub(crate) async fn wait_backlog_empty(app: &TestApp, sale: &str) {
     let k = app.sale_keys(sale);
     let mut c = app.engine.connection();
     let until = std::time::Instant::now() + Duration::from_secs(20);

@@ -3,53 +3,14 @@
 //! MySQL refuses for good are quarantined with their reason; the sale's
 //! later records still reach MySQL, and the audit lists what was refused.
 
-use std::time::{Duration, Instant};
-
 use flashsale::config::Role;
 use flashsale::engine::OrderStatus;
 use redis::AsyncCommands;
 use serde_json::Value;
 
+use crate::audit::{audit, wait_backlog_empty};
 use crate::helpers::*;
 use crate::reconcile::assert_mysql_matches_redis;
-
-/// Runs `flashsale audit` with `args` on the test's stores.
-async fn audit(t: &Target, args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
-        .arg("audit")
-        .args(args)
-        .env("REDIS_URL", &t.redis_url)
-        .env("DATABASE_URL", &t.database_url)
-        .env("FLASHSALE_KEY_PREFIX", &t.key_prefix)
-        .output()
-        .await
-        .unwrap();
-    let code = out.status.code().unwrap();
-    assert_ne!(
-        code,
-        2,
-        "the audit could not run: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (code, String::from_utf8(out.stdout).unwrap())
-}
-
-async fn wait_backlog_empty(app: &TestApp, sale: &str) {
-    let k = app.sale_keys(sale);
-    let mut c = app.engine.connection();
-    let until = Instant::now() + Duration::from_secs(20);
-    loop {
-        let n: u64 = c.xlen(&k.flow).await.unwrap();
-        if n == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < until,
-            "{n} flow records never reached MySQL"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Reserves for `user`; returns the order id and amount.
 async fn order(app: &TestApp, sale: &str, user: u64) -> (String, i64) {
