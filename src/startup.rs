@@ -3,7 +3,9 @@
 //!
 //! `App::build` does all the fallible set-up (so tests can bind port 0 and
 //! learn the address); `run_until_stopped` runs until the token is cancelled
-//! or a task ends on its own, and says which task ended and why.
+//! or the HTTP server ends on its own (then it says why and stops the rest).
+//! Background roles (expiry, reconciler, sweep, the live list) run under
+//! `workers::supervisor`: one that panics is restarted in place.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use crate::telemetry::{Metrics, RoleLabels};
 use crate::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
 use crate::workers::live::LiveSales;
 use crate::workers::reconciler::{Reconciler, ReconcilerOptions};
+use crate::workers::supervisor::Supervisor;
 use crate::workers::sweep::{SweepOptions, Sweeper};
 
 /// A built, not yet running, service.
@@ -230,60 +233,67 @@ impl App {
                 }
             });
         }
+        // Background roles restart in place when they fail (see
+        // workers::supervisor); the HTTP server above stops the process.
+        let supervisor = {
+            let state = self.state.clone();
+            Supervisor::new(
+                tracker.clone(),
+                shutdown.clone(),
+                Arc::new(move |name, up| {
+                    state.health.set_role(name, up);
+                    state
+                        .metrics
+                        .role_up
+                        .get_or_create(&RoleLabels { role: name })
+                        .set(i64::from(up));
+                }),
+                self.state.metrics.role_restarts.clone(),
+            )
+        };
+        let s = self.state.clone();
         if self.expiry_workers > 0 || self.reconciler.is_some() {
             // The workers' live list, read from MySQL once a second.
-            let s = &self.state;
-            let task = tokio::spawn(s.live.clone().run(
-                s.db.clone(),
-                s.metrics.clone(),
-                s.wakeup.clone(),
-                shutdown.clone(),
-            ));
-            let ended = ended_tx.clone();
-            role("live_sales", true);
-            tracker.spawn(async move {
-                let result = task.await.map_err(anyhow::Error::from);
-                let _ = ended.send(("live_sales", result));
+            let (s, stop) = (s.clone(), shutdown.clone());
+            supervisor.spawn("live_sales", move || {
+                s.live.clone().run(
+                    s.db.clone(),
+                    s.metrics.clone(),
+                    s.wakeup.clone(),
+                    stop.clone(),
+                )
             });
         }
         for _ in 0..self.expiry_workers {
-            let s = &self.state;
-            let worker = ExpiryWorker::new(
-                s.engine.clone(),
-                s.live.clone(),
-                s.metrics.clone(),
-                s.wakeup.clone(),
-                self.expiry,
-            );
-            let stop = shutdown.clone();
-            let ended = ended_tx.clone();
-            role("expiry", true);
-            tracker.spawn(async move {
-                worker.run(stop).await;
-                let _ = ended.send(("expiry", Ok(())));
+            let (s, stop, opts) = (s.clone(), shutdown.clone(), self.expiry);
+            supervisor.spawn("expiry", move || {
+                ExpiryWorker::new(
+                    s.engine.clone(),
+                    s.live.clone(),
+                    s.metrics.clone(),
+                    s.wakeup.clone(),
+                    opts,
+                )
+                .run(stop.clone())
             });
         }
         if let Some((reconciler, sweep)) = self.reconciler {
-            let s = &self.state;
-            let r = Reconciler::new(
-                s.engine.clone(),
-                s.db.clone(),
-                s.live.clone(),
-                s.metrics.clone(),
-                reconciler,
-            );
-            let sw = Sweeper::new(s.engine.clone(), s.db.clone(), s.metrics.clone(), sweep);
-            for (name, task) in [
-                ("reconciler", tokio::spawn(r.run(shutdown.clone()))),
-                ("sweep", tokio::spawn(sw.run(shutdown.clone()))),
-            ] {
-                let ended = ended_tx.clone();
-                role(name, true);
-                tracker.spawn(async move {
-                    let result = task.await.map_err(anyhow::Error::from);
-                    let _ = ended.send((name, result));
-                });
-            }
+            let (s1, stop) = (s.clone(), shutdown.clone());
+            supervisor.spawn("reconciler", move || {
+                Reconciler::new(
+                    s1.engine.clone(),
+                    s1.db.clone(),
+                    s1.live.clone(),
+                    s1.metrics.clone(),
+                    reconciler,
+                )
+                .run(stop.clone())
+            });
+            let (s2, stop) = (s.clone(), shutdown.clone());
+            supervisor.spawn("sweep", move || {
+                Sweeper::new(s2.engine.clone(), s2.db.clone(), s2.metrics.clone(), sweep)
+                    .run(stop.clone())
+            });
             tracing::info!("reconciler and sweep running");
         }
         if self.expiry_workers > 0 {

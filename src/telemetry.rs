@@ -158,6 +158,8 @@ pub struct Metrics {
     pub dependency_up: Family<DependencyLabels, Gauge>,
     /// Whether each role of this process runs (1) or has stopped (0).
     pub role_up: Family<RoleLabels, Gauge>,
+    /// Restarts of each role after it panicked or ended by itself.
+    pub role_restarts: Family<RoleLabels, Counter>,
     /// Requests refused by a rate limit, by scope.
     pub rate_limited: Family<ScopeLabels, Counter>,
     /// HTTP connections open.
@@ -322,6 +324,12 @@ impl Default for Metrics {
         );
         let dependency_up = Family::<DependencyLabels, Gauge>::default();
         let role_up = Family::<RoleLabels, Gauge>::default();
+        let role_restarts = Family::<RoleLabels, Counter>::default();
+        registry.register(
+            "role_restarts",
+            "Restarts of a role after it panicked or ended by itself",
+            role_restarts.clone(),
+        );
         let rate_limited = Family::<ScopeLabels, Counter>::default();
         let http_connections = Gauge::default();
         let reserve_unsure = Counter::default();
@@ -357,6 +365,7 @@ impl Default for Metrics {
             live,
             dependency_up,
             role_up,
+            role_restarts,
             rate_limited,
             http_connections,
             reserve_unsure,

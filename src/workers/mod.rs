@@ -6,4 +6,5 @@ pub mod expiry;
 pub mod live;
 pub mod reconciler;
 pub mod retire;
+pub mod supervisor;
 pub mod sweep;
