@@ -38,22 +38,19 @@ use crate::domain::{IdempotencyKey, Qty, SaleId, UserId};
 /// One reservation's reply from the script (see `lua/reserve.lua`).
 pub(crate) type Reply = Result<Answer, ReserveFailed>;
 
-/// The script's reply for one reservation, and where it came from.
+/// The script's reply for one reservation, and the job it answers.
 pub(crate) struct Answer {
     /// The reply, as `lua/reserve.lua` describes it.
     pub reply: Vec<String>,
-    call: Arc<str>,
-    index: usize,
+    job: Arc<JobShared>,
+    ids: Arc<CallIds>,
 }
 
 impl Answer {
     /// The key that finds this reservation again (for a reply this process
     /// cannot read): the buyer's own key, or the call's retry key.
     pub fn retry_key(&self, idem: Option<&IdempotencyKey>) -> String {
-        idem.map_or_else(
-            || retry_key(&self.call, self.index),
-            |k| k.as_str().to_owned(),
-        )
+        self.job.retry_key(&self.ids, idem)
     }
 }
 
@@ -462,11 +459,11 @@ impl ReserveCall {
         };
         match result {
             Ok(replies) => {
-                for (i, (job, reply)) in batch.into_iter().zip(replies).enumerate() {
+                for (job, reply) in batch.into_iter().zip(replies) {
                     let _ = job.reply.send(Ok(Answer {
                         reply,
-                        call: call.clone(),
-                        index: i + 1,
+                        job: job.shared,
+                        ids: self.ids.clone(),
                     }));
                 }
             }
