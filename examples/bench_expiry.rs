@@ -70,7 +70,7 @@ async fn load_sale(e: &Engine, id: u64, stock: i64, window_ms: i64) -> anyhow::R
         title: "bench".into(),
         price_cents: 100,
         stock_total: stock,
-        resume: None,
+        token: "bench".into(),
         per_user_limit: 1,
         payment_window_ms: window_ms,
         start_ms: now - SALE_AGE_MS,

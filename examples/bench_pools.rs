@@ -46,7 +46,7 @@ async fn sale(e: &Engine, id: u64, stock: i64) -> anyhow::Result<SaleId> {
         payment_window_ms: 3_600_000,
         start_ms: now - 1000,
         end_ms: now + 3_600_000,
-        resume: None,
+        token: "bench".into(),
     })
     .await?;
     Ok(id)
@@ -70,6 +70,8 @@ fn invocation<'a>(
         .arg(u64::MAX)
         // The call's id: one call per buyer here.
         .arg(format!("{user:x}"))
+        // The highest order seq seen: none (no rollback check).
+        .arg(0)
         .arg(user)
         .arg(1)
         .arg("");

@@ -10,7 +10,7 @@
 --                                            closed it (it was overdue), else "0"
 --          {"not_found"}                  no such order, or not the caller's
 
-check_layout()
+check_sale()
 
 local seq, user = ARGV[1], ARGV[2]
 local o, packed = load_order(seq)

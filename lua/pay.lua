@@ -15,7 +15,7 @@
 --          {"amount_mismatch", packed}    nothing changed
 --          {"not_found"}
 
-check_layout()
+check_sale()
 
 local seq, payment_id, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local o, packed = load_order(seq)

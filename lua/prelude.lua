@@ -25,11 +25,52 @@ local function layout_error()
     LAYOUT .. '; settle it with the build that made it'})
 end
 
--- Refuses a sale of another layout (a missing sale passes: scripts answer
--- not_found for it).
+-- A fenced sale (Redis lost some of it or went back in time; its `fence`
+-- field says why: missing, behind, foreign, rebuilding) takes no write and
+-- answers no read until it is rebuilt from MySQL (src/workers/guard.rs).
+-- The error reply "FENCED <reason>" is answered 503 with Retry-After.
+local function fenced(reason)
+  error({err = 'FENCED ' .. reason})
+end
+
+-- Refuses a fenced sale, and a sale of another layout (a missing sale
+-- passes: scripts answer not_found for it).
 local function check_layout()
-  if redis.call('HGET', KEYS[1], 'layout') ~= LAYOUT and redis.call('EXISTS', KEYS[1]) == 1 then
+  local s = redis.call('HMGET', KEYS[1], 'layout', 'fence')
+  if s[2] then
+    fenced(s[2])
+  end
+  if s[1] ~= LAYOUT and redis.call('EXISTS', KEYS[1]) == 1 then
     layout_error()
+  end
+end
+
+-- As check_layout, for scripts that address one order: a sale Redis does
+-- not hold at all is the error reply "NOSALE", which the engine answers as
+-- not found for a sale MySQL does not list as live, and as fenced (503)
+-- for one it does (Redis lost it).
+local function check_sale()
+  check_layout()
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    error({err = 'NOSALE'})
+  end
+end
+
+-- Refuses to write when Redis is behind what this caller has seen: its
+-- order counter is below the highest order seq the caller was given for
+-- the sale (`seen`), so Redis lost orders (a restart from an older
+-- snapshot, a replica promoted while it lagged). The sale is fenced here,
+-- before it can give an order id out twice, and `lost_hint` keeps the
+-- highest seq any caller saw, which the rebuild counts lost orders up to.
+local function check_seen(seen, counter)
+  seen = tonumber(seen) or 0
+  if seen > (tonumber(counter) or 0) then
+    local hint = tonumber(redis.call('HGET', KEYS[1], 'lost_hint') or '0')
+    if seen > hint then
+      redis.call('HSET', KEYS[1], 'lost_hint', string.format('%d', seen))
+    end
+    redis.call('HSET', KEYS[1], 'fence', 'behind')
+    fenced('behind')
   end
 end
 
@@ -189,10 +230,13 @@ end
 
 -- Writes the order's flow record (the event and the order's whole state
 -- after it, which is all the reconciler needs; `restocked` adds r=1|0 to a
--- refund) and stores the order with the record's id. Returns the packed order.
-local function save(seq, o, event, restocked)
+-- refund; `key` adds k=<the key a new order was made under> to a reserve)
+-- and stores the order with the record's id. Returns the packed order.
+local function save(seq, o, event, restocked, key)
   local id
-  if restocked == nil then
+  if key then
+    id = redis.call('XADD', KEYS[5], '*', 'ev', event, 'o', seq, 's', pack_order(o), 'k', key)
+  elseif restocked == nil then
     id = redis.call('XADD', KEYS[5], '*', 'ev', event, 'o', seq, 's', pack_order(o))
   else
     id = redis.call('XADD', KEYS[5], '*', 'ev', event, 'o', seq, 's', pack_order(o),

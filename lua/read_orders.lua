@@ -7,6 +7,8 @@
 --
 -- Returns one packed order per seq, nil where there is none. Nothing is written.
 
+check_sale()
+
 local out = {}
 for i, seq in ipairs(ARGV) do
   local _, packed = load_order(seq)

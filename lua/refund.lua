@@ -15,7 +15,7 @@
 --          {"retired"}                the sale is retired: MySQL alone refunds
 --                                     its orders now (see retire.lua)
 
-check_layout()
+check_sale()
 
 if redis.call('HEXISTS', KEYS[1], 'retired') == 1 then
   return {'retired'}

@@ -27,7 +27,10 @@
 -- ARGV[1]     flow backlog bound: at this many records waiting for MySQL,
 --             new reservations are refused
 -- ARGV[2]     the call's id ([0-9a-f]+)
--- ARGV[3+3i], ARGV[4+3i], ARGV[5+3i]  (i = 0, 1, ...) one reservation:
+-- ARGV[3]     the highest order seq of the sale the caller has seen ("0":
+--             none); a sale whose counter is below it is fenced (check_seen
+--             in prelude.lua) and the call fails with "FENCED behind"
+-- ARGV[4+3i], ARGV[5+3i], ARGV[6+3i]  (i = 0, 1, ...) one reservation:
 --             buyer's user id (decimal), quantity (>= 1), idempotency key
 --             or "" for none
 --
@@ -40,8 +43,12 @@
 --                                      left ("0": the sale is sold out)
 --          {"<error code>"}            not_found | sale_not_started | sale_ended
 --                                      | limit_exceeded | backlog_full
+-- Flow records of new orders carry `k`, the key the order was made under
+-- (the idempotency key, or the retry key): MySQL keeps it, so a sale
+-- rebuilt from MySQL still finds an order by its key.
+-- A fenced sale fails the call with the error "FENCED <reason>".
 
-local n = math.floor((#ARGV - 2) / 3)
+local n = math.floor((#ARGV - 3) / 3)
 local call_id = ARGV[2]
 local replies = {}
 local function refuse_all(code)
@@ -94,7 +101,7 @@ end
 -- The key a reservation is judged under: the buyer's idempotency key, or
 -- for none this call's retry key of it (found only if a retry came first).
 local function key_of(i)
-  local idem = ARGV[3 * i + 2]
+  local idem = ARGV[3 * i + 3]
   if idem ~= '' then
     return idem, true
   end
@@ -102,13 +109,17 @@ local function key_of(i)
 end
 
 local sale = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'avail', 'limit', 'price', 'window_ms',
-  'seq', 'layout')
+  'seq', 'layout', 'fence')
+if sale[9] then
+  fenced(sale[9])
+end
 if not sale[1] then
   return refuse_all('not_found')
 end
 if sale[8] ~= LAYOUT then
   layout_error()
 end
+check_seen(ARGV[3], sale[7])
 
 -- The same call again: answer what it did the first time.
 local record = redis.call('HGET', KEYS[7], call_id)
@@ -121,7 +132,7 @@ if record then
       local _, packed = load_order(seq)
       replies[i] = {'ok', seq, packed}
     elseif letter == 'd' then
-      local user = ARGV[3 * i]
+      local user = ARGV[3 * i + 1]
       local seq = made_before(user, key_of(i))
       local _, packed = load_order(seq)
       replies[i] = {'dup', seq, packed}
@@ -158,7 +169,7 @@ local accepted = {}
 local claimed, echoes = {}, {}
 local letters = {}
 for i = 1, n do
-  local user, qty = ARGV[3 * i], tonumber(ARGV[3 * i + 1])
+  local user, qty = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2])
   local key, own_key = key_of(i)
   local idem_field = user .. ':' .. key
   local made = made_before(user, key, own_key)
@@ -194,7 +205,7 @@ for i = 1, n do
       held[user] = held[user] + qty
       room = room - 1
       seq = seq + 1
-      local order = {i = i, id = int(seq), user = user, qty = qty}
+      local order = {i = i, id = int(seq), user = user, qty = qty, key = key}
       if own_key then
         order.idem_field = idem_field
         claimed[idem_field] = order
@@ -225,7 +236,7 @@ for _, a in ipairs(accepted) do
     status = 'pending', user = a.user, qty = a.qty, amount = price * a.qty,
     created = int(now), deadline = deadline, paid = '', closed = '',
     refunded = '', flow = '', payment_id = '',
-  }, 'reserve')
+  }, 'reserve', nil, a.key)
   replies[a.i][3] = a.packed
 end
 for _, e in ipairs(echoes) do

@@ -12,7 +12,7 @@ use sqlx::MySqlPool;
 
 use crate::db::{self, SaleRow};
 use crate::domain::InvalidValue;
-use crate::engine::{Engine, EngineError, SaleSnapshot, SaleTerms};
+use crate::engine::{Engine, EngineError, GuardVerdict, Loaded, SaleSnapshot, SaleTerms};
 
 /// The admin's request to put a sale on, as sent.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -104,9 +104,17 @@ pub enum CreateError {
     /// Redis failed (the MySQL row was removed again).
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// Redis holds another database's sale under the new sale's name (the
+    /// MySQL row was removed again; those keys are never adopted).
+    #[error(
+        "Redis already holds keys of another database under sale {0}'s name (key prefix \
+         {1:?}): give this deployment its own FLASHSALE_KEY_PREFIX or Redis database, or \
+         remove those keys"
+    )]
+    Foreign(crate::domain::SaleId, String),
 }
 
-fn terms(id: crate::domain::SaleId, s: &SaleRow) -> SaleTerms {
+fn terms(id: crate::domain::SaleId, token: String, s: &SaleRow) -> SaleTerms {
     // Millisecond precision, as MySQL's DATETIME(3) stores it.
     SaleTerms {
         id,
@@ -118,7 +126,7 @@ fn terms(id: crate::domain::SaleId, s: &SaleRow) -> SaleTerms {
         payment_window_ms: s.payment_window_secs * 1000,
         start_ms: s.start_at.timestamp_millis(),
         end_ms: s.end_at.timestamp_millis(),
-        resume: None,
+        token,
     }
 }
 
@@ -128,19 +136,28 @@ pub async fn create(
     engine: &Engine,
     row: &SaleRow,
 ) -> Result<SaleSnapshot, CreateError> {
-    let id = db::insert_sale(db, row)
+    let (id, token) = db::insert_sale(db, row)
         .await
         .map_err(CreateError::Database)?;
     let loaded = async {
-        engine.load_sale(&terms(id, row)).await?;
+        if engine.load_sale(&terms(id, token, row)).await? == Loaded::Foreign {
+            return Ok(None);
+        }
         engine
             .sale(id)
             .await?
+            .map(Some)
             .ok_or_else(|| EngineError::Protocol(format!("sale {id} vanished after loading")))
     }
     .await;
     match loaded {
-        Ok(snapshot) => Ok(snapshot),
+        Ok(Some(snapshot)) => Ok(snapshot),
+        Ok(None) => {
+            if let Err(undo) = db::delete_sale(db, id).await {
+                tracing::error!(sale = %id, error = %undo, "could not remove a sale whose Redis name another database holds");
+            }
+            Err(CreateError::Foreign(id, engine.keys().prefix().to_owned()))
+        }
         Err(e) => {
             // Undo MySQL only when Redis certainly lacks the sale: a reply
             // lost on the way back may hide a sale that is already live.
@@ -163,22 +180,40 @@ pub async fn create(
     }
 }
 
-/// Loads every unfinished MySQL sale that Redis lacks (or only `only`,
-/// ended or not), resuming from MySQL's settled state; returns how many.
-/// A retired sale is never loaded: MySQL alone answers for it.
+/// Fences every unfinished sale that Redis lacks (or only `only`, ended
+/// or not), so that the reconciler rebuilds it from MySQL; returns how
+/// many. A retired sale is never loaded again: MySQL alone answers for it.
 pub async fn load_missing(
     db: &MySqlPool,
     engine: &Engine,
     only: Option<crate::domain::SaleId>,
 ) -> anyhow::Result<usize> {
-    let mut loaded = 0;
-    for t in db::sales_to_load(db, only).await? {
-        if engine.load_sale(&t).await? {
-            tracing::warn!(sale = %t.id, "sale was missing from Redis and has been loaded from MySQL");
-            loaded += 1;
+    let mut fenced = 0;
+    let ids = match only {
+        Some(id) => vec![id],
+        None => crate::db::retired::live_sales(db)
+            .await?
+            .into_iter()
+            .map(|s| s.id)
+            .collect(),
+    };
+    for id in ids {
+        let Some(t) = db::sale_terms(db, id).await? else {
+            continue;
+        };
+        if engine.sale_exists(id).await? {
+            continue;
+        }
+        let cursor = crate::db::rebuild::settled_point(db, id).await?;
+        if let GuardVerdict::Fenced(reason) = engine
+            .guard(id, &t.token, cursor.max_seq, cursor.cursor)
+            .await?
+        {
+            tracing::warn!(sale = %id, reason, "sale missing from Redis: fenced until the reconciler rebuilds it from MySQL");
+            fenced += 1;
         }
     }
-    Ok(loaded)
+    Ok(fenced)
 }
 
 #[cfg(test)]

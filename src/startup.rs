@@ -79,9 +79,8 @@ impl App {
             .await
             .context("cannot reach Redis (REDIS_URL)")?;
         check_durability(&engine, cfg.require_durable_redis).await?;
-        let loaded = crate::sales::load_missing(&db, &engine, None).await?;
-        tracing::info!(loaded, "unfinished sales checked against Redis");
         let live = Arc::new(LiveSales::default());
+        live.watch(engine.clone());
         live.refresh(&db)
             .await
             .context("cannot read the live sales from MySQL")?;
@@ -252,8 +251,9 @@ impl App {
             )
         };
         let s = self.state.clone();
-        if self.expiry_workers > 0 || self.reconciler.is_some() {
-            // The workers' live list, read from MySQL once a second.
+        {
+            // The live list, read from MySQL once a second: the workers walk
+            // it, and the API answers a live sale Redis lacks with 503.
             let (s, stop) = (s.clone(), shutdown.clone());
             supervisor.spawn("live_sales", move || {
                 s.live.clone().run(

@@ -169,6 +169,61 @@ pub struct Metrics {
     pub reserve_unsure: Counter,
     /// The live list and retirement.
     pub live: LiveMetrics,
+    /// Sales fenced and rebuilt after Redis lost data, and orders lost.
+    pub loss: LossMetrics,
+}
+
+/// Labels of a per-sale series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SaleLabels {
+    /// The sale id.
+    pub sale: u64,
+}
+
+/// Labels of a fence counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FenceLabels {
+    /// `missing`, `behind`, `foreign`, `rebuilding`.
+    pub reason: String,
+}
+
+/// Redis losing data: what the guard fenced, what the rebuild did, and the
+/// acknowledged orders that were lost (see `workers::guard`).
+#[derive(Default)]
+pub struct LossMetrics {
+    /// Sales the guard found fenced, by reason, at its last pass.
+    pub fenced: Family<FenceLabels, Gauge>,
+    /// Sales rebuilt from MySQL.
+    pub rebuilds: Counter,
+    /// Time of the last rebuild, in seconds.
+    pub rebuild_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Acknowledged orders counted lost, per sale.
+    pub orders_lost: Family<SaleLabels, Counter>,
+}
+
+impl LossMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "sales_fenced",
+            "Sales fenced (503) at the guard's last pass, by reason: missing, behind, foreign, rebuilding",
+            self.fenced.clone(),
+        );
+        registry.register(
+            "sale_rebuilds",
+            "Fenced sales rebuilt from MySQL and what Redis still held",
+            self.rebuilds.clone(),
+        );
+        registry.register(
+            "sale_rebuild_seconds",
+            "Duration of the last rebuild of a sale",
+            self.rebuild_seconds.clone(),
+        );
+        registry.register(
+            "orders_lost",
+            "Orders acknowledged to a buyer that reached neither MySQL nor the Redis that survived a loss, per sale",
+            self.orders_lost.clone(),
+        );
+    }
 }
 
 /// The live list of sales (see `workers::live`) and retirement.
@@ -360,9 +415,12 @@ impl Default for Metrics {
         );
         let live = LiveMetrics::default();
         live.register(&mut registry);
+        let loss = LossMetrics::default();
+        loss.register(&mut registry);
         Self {
             registry: Mutex::new(registry),
             live,
+            loss,
             dependency_up,
             role_up,
             role_restarts,

@@ -92,7 +92,7 @@ pub enum Fix {
         /// The order's seq.
         seq: u64,
     },
-    /// Load the sale from MySQL into Redis.
+    /// Fence the sale and rebuild it from MySQL (what Redis lost).
     LoadSale,
 }
 
@@ -141,6 +141,9 @@ pub struct SaleReport {
     pub findings: Vec<Finding>,
     /// Checks left out, and why.
     pub skipped: Vec<String>,
+    /// What the service has recorded and accounted for (orders lost with
+    /// Redis and counted): information, not drift.
+    pub information: Vec<String>,
     /// The sale is retired: MySQL alone was audited (its inventory is in
     /// `mysql_plus_backlog`).
     pub retired: bool,

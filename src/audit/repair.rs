@@ -41,7 +41,7 @@ impl Fix {
             Fix::AddDeadline { seq } => format!("add order seq {seq}'s payment deadline to the due-queue"),
             Fix::RunExpiry => "run the expiry for this sale now".into(),
             Fix::RequeueRefund { seq } => format!("put order seq {seq}'s refund back on the retry queue"),
-            Fix::LoadSale => "load the sale from MySQL into Redis".into(),
+            Fix::LoadSale => "fence the sale and rebuild it from MySQL".into(),
         }
     }
 
@@ -216,7 +216,12 @@ async fn apply_one(
             }
             closed > 0
         }
-        Fix::LoadSale => crate::sales::load_missing(db, engine, Some(sale)).await? > 0,
+        Fix::LoadSale => {
+            crate::sales::load_missing(db, engine, Some(sale)).await?;
+            crate::workers::guard::rebuild_now(engine, db, sale)
+                .await?
+                .is_some()
+        }
     })
 }
 

@@ -77,6 +77,9 @@ pub fn print_human(report: &Report, plan: bool, out: &mut impl Write) -> std::io
         for skipped in &s.skipped {
             writeln!(out, "  skipped: {skipped}")?;
         }
+        for info in &s.information {
+            writeln!(out, "  information: {info}")?;
+        }
     }
     let n = report.findings().count();
     if n == 0 {

@@ -122,6 +122,62 @@ pub(super) async fn audit_sale(
         );
         return Ok(cx.report);
     };
+    for (_, reason, n) in crate::db::rebuild::lost_counts(db, Some(sale)).await? {
+        cx.report.information.push(match reason.as_str() {
+            "id_reused" => format!(
+                "{n} acknowledged order(s) lost: Redis gave their ids out again after going back in time (listed in lost_orders)"
+            ),
+            _ => format!(
+                "{n} acknowledged order(s) lost with Redis before they reached MySQL (listed in lost_orders; their ids are never given out again)"
+            ),
+        });
+    }
+    // A fenced sale, or one whose Redis is behind MySQL, is the guard's to
+    // rebuild: no per-order comparison and no repair meanwhile (a repair
+    // would take a stale Redis for the truth).
+    let settled = crate::db::rebuild::settled_point(&mut *tx, sale).await?;
+    let redis_seq: u64 = snap
+        .fields
+        .get("seq")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let last_flow: Option<FlowId> = snap.last_flow.parse().ok();
+    let fence = snap.fields.get("fence").cloned();
+    let behind = redis_seq < settled.max_seq
+        || (settled.cursor != FlowId::default() && last_flow.is_none_or(|l| l < settled.cursor));
+    if fence.is_some() || behind {
+        tx.rollback().await?;
+        let (kind, message) = match &fence {
+            Some(reason) if reason == "foreign" => (
+                "sale_foreign",
+                "Redis holds another database's keys under this sale's name; never adopted: a person must look (`flashsale sale discard-foreign`)".to_owned(),
+            ),
+            Some(reason) => (
+                "sale_fenced",
+                format!("the sale is fenced ({reason}): Redis lost some of it; the reconciler rebuilds it from MySQL"),
+            ),
+            None => (
+                "redis_behind",
+                format!(
+                    "Redis is behind MySQL (order counter {redis_seq} < {}, or flow position {} < {}); the guard fences and rebuilds it",
+                    settled.max_seq, snap.last_flow, settled.cursor
+                ),
+            ),
+        };
+        cx.find(
+            kind,
+            None,
+            message,
+            Some(json!({"fence": fence, "seq": redis_seq, "flow": snap.last_flow})),
+            Some(json!({"max_seq": settled.max_seq, "cursor": settled.cursor.to_string()})),
+            None,
+            None,
+        );
+        cx.report
+            .skipped
+            .push("per-order checks and repairs: the sale is fenced or behind MySQL".into());
+        return Ok(cx.report);
+    }
     let mysql_sums = q::order_sums(&mut tx, sale, inv.total).await?;
     let mut pending_changes = ledger::Deltas::default();
     let mut backlog = 0u64;

@@ -176,6 +176,7 @@ mod tests {
             event,
             order: Order::unpack("1-5".parse().unwrap(), packed).unwrap(),
             restocked: false,
+            key: None,
         }
     }
 

@@ -316,11 +316,15 @@ async fn apply_entries(
 
     let mut rows = Vec::with_capacity(records.len());
     let mut last_state: BTreeMap<u64, &Order> = BTreeMap::new();
+    let mut keys: HashMap<u64, &str> = HashMap::new();
     let mut d = Deltas::default();
     for r in records {
         let seq = r.order.id.seq();
         match judge(held.get(&seq), r) {
             Verdict::Apply => {
+                if let Some(k) = r.key.as_deref() {
+                    keys.insert(seq, k);
+                }
                 held.insert(seq, Held::of(&r.order));
                 last_state.insert(seq, &r.order);
                 d.add(Deltas::of(r));
@@ -350,7 +354,7 @@ async fn apply_entries(
     flows.build().execute(&mut **tx).await?;
 
     if !last_state.is_empty() {
-        upsert_orders(tx, last_state.into_values()).await?;
+        upsert_orders(tx, last_state.into_values(), &keys).await?;
     }
     if d != Deltas::default() {
         sqlx::query(
@@ -379,10 +383,11 @@ async fn apply_entries(
 async fn upsert_orders<'a>(
     tx: &mut Transaction<'_, MySql>,
     orders: impl Iterator<Item = &'a Order>,
+    keys: &HashMap<u64, &str>,
 ) -> sqlx::Result<()> {
     let mut q = QueryBuilder::<MySql>::new(
         "INSERT INTO orders (sale_id, seq, user_id, qty, amount_cents, status, created_at, \
-         payment_deadline, paid_at, closed_at, refunded_at, payment_id) ",
+         payment_deadline, paid_at, closed_at, refunded_at, payment_id, idem_key) ",
     );
     q.push_values(orders, |mut b, o| {
         b.push_bind(o.id.sale().get())
@@ -396,12 +401,13 @@ async fn upsert_orders<'a>(
             .push_bind(o.paid_ms.map(at))
             .push_bind(o.closed_ms.map(at))
             .push_bind(o.refunded_ms.map(at))
-            .push_bind(o.payment_id.clone());
+            .push_bind(o.payment_id.clone())
+            .push_bind(keys.get(&o.id.seq()).copied());
     });
     q.push(
         " ON DUPLICATE KEY UPDATE paid_at = VALUES(paid_at), closed_at = VALUES(closed_at), \
          refunded_at = VALUES(refunded_at), payment_id = VALUES(payment_id), \
-         status = VALUES(status)",
+         status = VALUES(status), idem_key = COALESCE(idem_key, VALUES(idem_key))",
     );
     q.build().execute(&mut **tx).await?;
     Ok(())

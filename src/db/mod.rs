@@ -7,6 +7,7 @@ pub mod audit;
 pub mod forward;
 pub mod ledger;
 pub mod quarantine;
+pub mod rebuild;
 pub mod retired;
 pub mod sweep;
 
@@ -17,7 +18,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::domain::SaleId;
-use crate::engine::{FlowId, ResumePoint, SaleTerms};
+use crate::engine::SaleTerms;
 
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -98,11 +99,12 @@ pub struct SaleRow {
 }
 
 /// Inserts a sale and its inventory row in one transaction; returns its id.
-pub async fn insert_sale(pool: &MySqlPool, s: &SaleRow) -> anyhow::Result<SaleId> {
+pub async fn insert_sale(pool: &MySqlPool, s: &SaleRow) -> anyhow::Result<(SaleId, String)> {
+    let token = new_token();
     let mut tx = pool.begin().await?;
     let id = sqlx::query(
         "INSERT INTO sales (sku, title, price_cents, stock_total, per_user_limit, \
-         payment_window_secs, start_at, end_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         payment_window_secs, start_at, end_at, redis_token) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&s.sku)
     .bind(&s.title)
@@ -114,6 +116,7 @@ pub async fn insert_sale(pool: &MySqlPool, s: &SaleRow) -> anyhow::Result<SaleId
     // MariaDB turns into NULL past 2038-01-19 (the columns are DATETIME(3)).
     .bind(s.start_at.naive_utc())
     .bind(s.end_at.naive_utc())
+    .bind(&token)
     .execute(&mut *tx)
     .await?
     .last_insert_id();
@@ -124,7 +127,23 @@ pub async fn insert_sale(pool: &MySqlPool, s: &SaleRow) -> anyhow::Result<SaleId
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(SaleId::new(id)?)
+    Ok((SaleId::new(id)?, token))
+}
+
+/// A new sale's token: 16 hex digits from the process's random hasher
+/// seed and the clock. It names the sale's Redis keys as this database's,
+/// not a secret.
+fn new_token() -> String {
+    use sha2::{Digest, Sha256};
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let digest = Sha256::digest(h.finish().to_be_bytes());
+    hex::encode(&digest[..8])
 }
 
 /// Removes a sale that never reached Redis (so it was never on sale).
@@ -137,7 +156,7 @@ pub async fn delete_sale(pool: &MySqlPool, id: SaleId) -> anyhow::Result<()> {
 }
 
 #[derive(sqlx::FromRow)]
-struct ResumeRow {
+struct TermsRow {
     id: u64,
     sku: String,
     title: String,
@@ -147,76 +166,37 @@ struct ResumeRow {
     payment_window_secs: i32,
     start_at: DateTime<Utc>,
     end_at: DateTime<Utc>,
-    available: i32,
-    pending: i32,
-    paid: i32,
-    cancelled: i32,
-    closed: i32,
-    refunded: i32,
-    restocked: i32,
-    last_seq: u64,
-    last_ms: u64,
-    last_flow_seq: u64,
+    redis_token: String,
 }
 
-/// Sales with the settled state to load them from: every sale that has not
-/// ended (start-up loads the ones Redis lacks), or the one asked for. A
-/// retired sale is never loaded again: MySQL alone answers for it.
-pub async fn sales_to_load(
-    pool: &MySqlPool,
-    only: Option<SaleId>,
-) -> anyhow::Result<Vec<SaleTerms>> {
-    let filter = if only.is_some() {
-        "s.id = ? AND s.retired_at IS NULL"
-    } else {
-        "s.end_at > UTC_TIMESTAMP(3) AND s.retired_at IS NULL"
-    };
-    let sql = format!(
-        "SELECT s.id, s.sku, s.title, s.price_cents, s.stock_total, s.per_user_limit, \
-         s.payment_window_secs, s.start_at, s.end_at, i.available, i.pending, i.paid, \
-         i.cancelled, i.closed, i.refunded, i.restocked, \
-         CAST(COALESCE((SELECT MAX(o.seq) FROM orders o WHERE o.sale_id = s.id), 0) AS UNSIGNED) AS last_seq, \
-         CAST(COALESCE(c.last_ms, 0) AS UNSIGNED) AS last_ms, \
-         CAST(COALESCE(c.last_seq, 0) AS UNSIGNED) AS last_flow_seq \
-         FROM sales s JOIN inventory i ON i.sale_id = s.id \
-         LEFT JOIN reconcile_cursors c ON c.sale_id = s.id WHERE {filter}"
-    );
-    let mut q = sqlx::query_as::<_, ResumeRow>(&sql);
-    if let Some(id) = only {
-        q = q.bind(id.get());
-    }
-    let rows = q.fetch_all(pool).await?;
-    rows.into_iter()
-        .map(|r| {
-            let cursor = FlowId {
-                ms: r.last_ms,
-                seq: r.last_flow_seq,
-            };
-            let fresh = r.last_seq == 0 && cursor == FlowId::default();
-            Ok(SaleTerms {
-                id: SaleId::new(r.id)?,
-                sku: r.sku,
-                title: r.title,
-                price_cents: r.price_cents,
-                stock_total: r.stock_total.into(),
-                per_user_limit: r.per_user_limit.into(),
-                payment_window_ms: i64::from(r.payment_window_secs) * 1000,
-                start_ms: r.start_at.timestamp_millis(),
-                end_ms: r.end_at.timestamp_millis(),
-                resume: (!fresh).then_some(ResumePoint {
-                    available: r.available.into(),
-                    pending: r.pending.into(),
-                    paid: r.paid.into(),
-                    cancelled: r.cancelled.into(),
-                    closed: r.closed.into(),
-                    refunded: r.refunded.into(),
-                    restocked: r.restocked.into(),
-                    last_seq: r.last_seq,
-                    cursor,
-                }),
-            })
+/// The terms (and token) of one sale, or `None` when MySQL has no such
+/// sale or it is retired (MySQL alone answers for a retired sale).
+pub async fn sale_terms<'e>(
+    ex: impl sqlx::Executor<'e, Database = sqlx::MySql>,
+    id: SaleId,
+) -> anyhow::Result<Option<SaleTerms>> {
+    let row: Option<TermsRow> = sqlx::query_as(
+        "SELECT id, sku, title, price_cents, stock_total, per_user_limit, payment_window_secs, \
+         start_at, end_at, redis_token FROM sales WHERE id = ? AND retired_at IS NULL",
+    )
+    .bind(id.get())
+    .fetch_optional(ex)
+    .await?;
+    row.map(|r| {
+        Ok(SaleTerms {
+            id: SaleId::new(r.id)?,
+            sku: r.sku,
+            title: r.title,
+            price_cents: r.price_cents,
+            stock_total: r.stock_total.into(),
+            per_user_limit: r.per_user_limit.into(),
+            payment_window_ms: i64::from(r.payment_window_secs) * 1000,
+            start_ms: r.start_at.timestamp_millis(),
+            end_ms: r.end_at.timestamp_millis(),
+            token: r.redis_token,
         })
-        .collect()
+    })
+    .transpose()
 }
 
 /// A pool of one connection, opened on first use, for health probes: a

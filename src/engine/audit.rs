@@ -148,7 +148,15 @@ impl Engine {
                 inv.arg(*seq);
             }
             let mut c = self.conn.clone();
-            let part: Vec<Option<String>> = self.timed(inv.invoke_async(&mut c)).await?;
+            let part: Vec<Option<String>> = match self.timed(inv.invoke_async(&mut c)).await {
+                // No sale at all: none of its orders (a live sale Redis
+                // lost is fenced instead).
+                Err(e) if e.is_no_sale() => {
+                    self.missing(sale)?;
+                    vec![None; chunk.len()]
+                }
+                other => other?,
+            };
             out.extend(part);
         }
         Ok(out)

@@ -191,6 +191,10 @@ pub(crate) struct ReserveCall {
     pub backlog_limit: u64,
     pub stats: ReserveStats,
     ids: Arc<CallIds>,
+    /// Per sale, the highest order seq a reply of this process carried:
+    /// every call passes it, and a Redis whose counter is below it (it lost
+    /// orders) fences the sale instead of giving an order id out twice.
+    seen: Arc<Mutex<HashMap<SaleId, u64>>>,
 }
 
 impl ReserveCall {
@@ -207,6 +211,7 @@ impl ReserveCall {
             backlog_limit,
             stats: ReserveStats::default(),
             ids: Arc::new(CallIds::new()),
+            seen: Default::default(),
         }
     }
 }
@@ -390,7 +395,7 @@ async fn run_sale(
                 }
                 while !rest.is_empty() {
                     let batch: Vec<Job> = rest.drain(..rest.len().min(batching.max)).collect();
-                    call.run(&keys, batch).await;
+                    call.run(sale, &keys, batch).await;
                 }
                 break;
             }
@@ -415,14 +420,18 @@ async fn run_sale(
         }
         let (call, keys) = (call.clone(), keys.clone());
         tokio::spawn(async move {
-            call.run(&keys, batch).await;
+            call.run(sale, &keys, batch).await;
             drop(slot);
         });
     }
 }
 
 impl ReserveCall {
-    async fn run(&self, keys: &SaleKeys, batch: Vec<Job>) {
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<SaleId, u64>> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn run(&self, sale: SaleId, keys: &SaleKeys, batch: Vec<Job>) {
         let call: Arc<str> = self.ids.next().into();
         let mut inv = self.script.prepare_invoke();
         for key in keys
@@ -432,7 +441,8 @@ impl ReserveCall {
         {
             inv.key(key);
         }
-        inv.arg(self.backlog_limit).arg(&*call);
+        let seen = self.seen().get(&sale).copied().unwrap_or(0);
+        inv.arg(self.backlog_limit).arg(&*call).arg(seen);
         for (i, job) in batch.iter().enumerate() {
             let _ = job.shared.sent_as.set((call.clone(), i + 1));
             inv.arg(job.user.get())
@@ -454,11 +464,21 @@ impl ReserveCall {
                 replies.len(),
                 batch.len()
             ))),
-            Ok(Err(e)) => Err(EngineError::Redis(e)),
+            Ok(Err(e)) => Err(EngineError::from_redis(e)),
             Err(_) => Err(EngineError::Timeout(self.timeout)),
         };
         match result {
             Ok(replies) => {
+                let highest = replies
+                    .iter()
+                    .filter(|r| r.first().is_some_and(|c| c == "ok" || c == "dup"))
+                    .filter_map(|r| r.get(1)?.parse::<u64>().ok())
+                    .max();
+                if let Some(h) = highest.filter(|&h| h > seen) {
+                    let mut all = self.seen();
+                    let e = all.entry(sale).or_insert(0);
+                    *e = (*e).max(h);
+                }
                 for (job, reply) in batch.into_iter().zip(replies) {
                     let _ = job.reply.send(Ok(Answer {
                         reply,

@@ -3,7 +3,8 @@
 //!
 //! Records are appended by the order scripts (see `lua/prelude.lua`, `save`):
 //! `ev` (the event), `o` (the order's seq), `s` (the packed order after
-//! the event) and, on refunds, `r` ("1" when the units went back on sale). Stream ids are Redis-clock milliseconds plus a sequence, so
+//! the event), on refunds `r` ("1" when the units went back on sale), and
+//! on reservations `k` (the key the order was made under). Stream ids are Redis-clock milliseconds plus a sequence, so
 //! they order a sale's changes exactly as Redis applied them.
 
 use std::fmt;
@@ -109,6 +110,10 @@ pub struct FlowRecord {
     pub order: Order,
     /// For a refund: whether the units went back on sale (the sale was open).
     pub restocked: bool,
+    /// For a reservation: the key the order was made under (the buyer's
+    /// idempotency key, or the request's retry key), kept in MySQL so a
+    /// sale rebuilt from there still finds the order by it.
+    pub key: Option<String>,
 }
 
 /// A stream entry the reconciler cannot read as a flow record (an unknown
@@ -161,6 +166,7 @@ fn decode(sale: SaleId, entry: &redis::streams::StreamId) -> Result<FlowEntry, E
             event,
             order,
             restocked: field("r").is_some_and(|r| r == "1"),
+            key: field("k").filter(|_| event == FlowEvent::Reserve),
         })
     })();
     Ok(match record {

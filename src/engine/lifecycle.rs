@@ -156,7 +156,10 @@ impl Engine {
             inv.arg(*arg);
         }
         let mut c = self.conn.clone();
-        self.timed(inv.invoke_async(&mut c)).await
+        match self.timed(inv.invoke_async(&mut c)).await {
+            Err(e) if e.is_no_sale() => self.missing(sale).map(|()| vec!["not_found".into()]),
+            other => other,
+        }
     }
 
     /// Reserves `qty` units of `sale` for `user`: the seckill call. A
@@ -191,7 +194,13 @@ impl Engine {
         match reply.first().map(String::as_str) {
             Some("ok") => with_order(Reservation::Created),
             Some("dup") => with_order(Reservation::Existing),
-            Some("not_found") => refused(Refusal::NotFound),
+            Some("not_found") => match self.missing(sale) {
+                Ok(()) => refused(Refusal::NotFound),
+                Err(source) => Err(ReserveFailed {
+                    source,
+                    retry_key: answer.retry_key(idem),
+                }),
+            },
             Some("sale_not_started") => refused(Refusal::NotStarted),
             Some("sale_ended") => refused(Refusal::Ended),
             Some("sold_out") => {

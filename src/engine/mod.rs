@@ -12,6 +12,7 @@ mod flow;
 pub mod keys;
 mod lifecycle;
 pub mod order;
+mod rebuild;
 mod retire;
 mod sale;
 mod scripts;
@@ -21,14 +22,17 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use crate::domain::SaleId;
+
 pub use audit::AuditSnapshot;
 pub use combiner::{Batching, ReserveFailed, ReserveStats};
 pub use flow::{FlowEntry, FlowEvent, FlowId, FlowRecord, UnreadableRecord};
 pub use keys::{Keys, SaleKeys};
 pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reservation};
 pub use order::{Order, OrderStatus};
+pub use rebuild::{GuardVerdict, RebuiltSale, RedisSide, Unfenced};
 pub use retire::Retirement;
-pub use sale::{ResumePoint, SaleSnapshot, SaleState, SaleTerms};
+pub use sale::{Loaded, SaleSnapshot, SaleState, SaleTerms};
 use scripts::Scripts;
 
 /// A failure to talk to Redis, or a reply the engine did not expect.
@@ -53,6 +57,11 @@ pub enum EngineError {
     /// This process has no room for the call right now.
     #[error("overloaded: {0}")]
     Overloaded(&'static str),
+    /// The sale is fenced: Redis lost some of it, went back in time, or
+    /// holds another database's sale under its name (the reason), and it
+    /// takes no call until it is rebuilt from MySQL.
+    #[error("the sale is fenced ({0}) until it is rebuilt from MySQL")]
+    Fenced(String),
 }
 
 impl EngineError {
@@ -63,7 +72,7 @@ impl EngineError {
         match self {
             Self::Redis(e) => script_fault(e),
             Self::Protocol(_) | Self::Script(_) => true,
-            Self::Timeout(_) | Self::Combined(_) | Self::Overloaded(_) => false,
+            Self::Timeout(_) | Self::Combined(_) | Self::Overloaded(_) | Self::Fenced(_) => false,
         }
     }
 
@@ -78,7 +87,23 @@ impl EngineError {
             Self::Combined(m) => Self::Combined(m.clone()),
             Self::Script(m) => Self::Script(m.clone()),
             Self::Overloaded(m) => Self::Overloaded(m),
+            Self::Fenced(r) => Self::Fenced(r.clone()),
         }
+    }
+
+    /// Redis's error reply, with a fenced sale's ("FENCED <reason>") and a
+    /// missing sale's ("NOSALE", see [`Engine::missing`]) told apart.
+    pub(crate) fn from_redis(e: redis::RedisError) -> Self {
+        match e.code() {
+            Some("FENCED") => Self::Fenced(e.detail().unwrap_or("unknown").trim().to_owned()),
+            _ => Self::Redis(e),
+        }
+    }
+
+    /// Whether the error is Redis's "NOSALE" reply: an order script found no
+    /// sale at all.
+    pub(crate) fn is_no_sale(&self) -> bool {
+        matches!(self, Self::Redis(e) if e.code() == Some("NOSALE"))
     }
 }
 
@@ -162,6 +187,8 @@ pub struct EngineInner {
     refunds: RefundPolicy,
     sold_out: std::sync::Arc<sold_out::SoldOut>,
     combiner: std::sync::Arc<combiner::Combiner>,
+    /// See [`Engine::set_live`].
+    live: std::sync::RwLock<std::sync::Arc<std::collections::HashSet<SaleId>>>,
 }
 
 impl std::ops::Deref for Engine {
@@ -208,6 +235,7 @@ impl Engine {
             refunds: opts.refunds,
             sold_out: std::sync::Arc::new(sold_out::SoldOut::new(opts.sold_out_ttl)),
             combiner: std::sync::Arc::new(combiner),
+            live: Default::default(),
         })))
     }
 
@@ -245,8 +273,35 @@ impl Engine {
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, EngineError> {
         match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => Ok(r?),
+            Ok(r) => r.map_err(EngineError::from_redis),
             Err(_) => Err(EngineError::Timeout(self.timeout)),
+        }
+    }
+
+    /// The sales MySQL lists as live (the live list of `workers::live`
+    /// keeps it up to date): a sale on it that Redis does not hold was lost
+    /// by Redis, and is answered as fenced, never as not found.
+    pub fn set_live(&self, sales: impl IntoIterator<Item = SaleId>) {
+        let set: std::collections::HashSet<SaleId> = sales.into_iter().collect();
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(set);
+    }
+
+    /// Whether MySQL lists `sale` as live (see [`Engine::set_live`]).
+    pub fn is_live(&self, sale: SaleId) -> bool {
+        self.live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&sale)
+    }
+
+    /// What a call that found no sale `sale` in Redis answers: nothing (a
+    /// sale this deployment does not know), or, for a sale MySQL lists as
+    /// live, that it is fenced: Redis lost it, and it is rebuilt from MySQL.
+    pub(crate) fn missing(&self, sale: SaleId) -> Result<(), EngineError> {
+        if self.is_live(sale) {
+            Err(EngineError::Fenced("missing".into()))
+        } else {
+            Ok(())
         }
     }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use redis::AsyncCommands;
 
-use super::{Engine, EngineError, FlowId};
+use super::{Engine, EngineError};
 use crate::domain::SaleId;
 
 /// A sale's terms and counters as Redis holds them, read with Redis's clock.
@@ -91,82 +91,76 @@ pub struct SaleTerms {
     pub start_ms: i64,
     /// Closing time, ms since the epoch (exclusive).
     pub end_ms: i64,
-    /// For a sale Redis lost: MySQL's settled state to resume from (`None`
-    /// for a new sale).
-    pub resume: Option<ResumePoint>,
+    /// The sale's identity (`sales.redis_token`): Redis keys of the same
+    /// name that carry another token are never adopted.
+    pub token: String,
 }
 
-/// MySQL's settled state of a sale, from which Redis resumes a sale it lost:
-/// its counters, its last order seq (new orders must not reuse one) and the
-/// reconciler's cursor (new flow records must sort after it).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ResumePoint {
-    /// Units on sale.
-    pub available: i64,
-    /// Units in pending orders.
-    pub pending: i64,
-    /// Units in paid orders.
-    pub paid: i64,
-    /// Units of cancelled orders.
-    pub cancelled: i64,
-    /// Units of closed orders.
-    pub closed: i64,
-    /// Units refunded.
-    pub refunded: i64,
-    /// Refunded units put back on sale.
-    pub restocked: i64,
-    /// The highest order seq MySQL holds.
-    pub last_seq: u64,
-    /// The reconciler's cursor.
-    pub cursor: FlowId,
+/// What loading a new sale into Redis did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loaded {
+    /// The sale is in Redis now.
+    Loaded,
+    /// It was there already (nothing changed).
+    AlreadyThere,
+    /// Redis holds keys of another token (another database, or an earlier
+    /// one, under the same key prefix) under the sale's name: nothing was
+    /// loaded, and they are never adopted.
+    Foreign,
+}
+
+impl SaleTerms {
+    /// The sale hash's fields for a new sale (all but `db`, the token).
+    pub(crate) fn fields(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("layout", super::keys::LAYOUT.to_string()),
+            ("sku", self.sku.clone()),
+            ("title", self.title.clone()),
+            ("price", self.price_cents.to_string()),
+            ("total", self.stock_total.to_string()),
+            ("avail", self.stock_total.to_string()),
+            ("pending", "0".into()),
+            ("paid", "0".into()),
+            ("cancelled", "0".into()),
+            ("closed", "0".into()),
+            ("refunded", "0".into()),
+            ("restocked", "0".into()),
+            ("refunds_waiting", "0".into()),
+            ("refunds_dead", "0".into()),
+            ("limit", self.per_user_limit.to_string()),
+            ("window_ms", self.payment_window_ms.to_string()),
+            ("start_ms", self.start_ms.to_string()),
+            ("end_ms", self.end_ms.to_string()),
+            ("seq", "0".into()),
+        ]
+    }
 }
 
 impl Engine {
-    /// Puts a sale into Redis unless it is there already (then nothing
-    /// changes); returns whether it was loaded now.
-    pub async fn load_sale(&self, t: &SaleTerms) -> Result<bool, EngineError> {
+    /// Puts a new sale into Redis unless it is there already (then
+    /// nothing changes). A sale Redis lost is rebuilt, not loaded
+    /// (`rebuild`).
+    pub async fn load_sale(&self, t: &SaleTerms) -> Result<Loaded, EngineError> {
         let keys = self.keys.sale(t.id);
-        let r = t.resume.unwrap_or(ResumePoint {
-            available: t.stock_total,
-            ..ResumePoint::default()
-        });
-        let fields: [(&str, String); 19] = [
-            ("layout", super::keys::LAYOUT.to_string()),
-            ("sku", t.sku.clone()),
-            ("title", t.title.clone()),
-            ("price", t.price_cents.to_string()),
-            ("total", t.stock_total.to_string()),
-            ("avail", r.available.to_string()),
-            ("pending", r.pending.to_string()),
-            ("paid", r.paid.to_string()),
-            ("cancelled", r.cancelled.to_string()),
-            ("closed", r.closed.to_string()),
-            ("refunded", r.refunded.to_string()),
-            ("restocked", r.restocked.to_string()),
-            ("refunds_waiting", "0".into()),
-            ("refunds_dead", "0".into()),
-            ("limit", t.per_user_limit.to_string()),
-            ("window_ms", t.payment_window_ms.to_string()),
-            ("start_ms", t.start_ms.to_string()),
-            ("end_ms", t.end_ms.to_string()),
-            ("seq", r.last_seq.to_string()),
-        ];
         let mut inv = self.scripts.load_sale.key(&keys.sale);
-        inv.key(&keys.flow).arg(if r.cursor == FlowId::default() {
-            String::new()
-        } else {
-            r.cursor.to_string()
-        });
-        for (f, v) in &fields {
-            inv.arg(*f).arg(v);
+        inv.key(&keys.flow).arg(&t.token);
+        for (f, v) in t.fields() {
+            inv.arg(f).arg(v);
         }
         let mut c = self.conn.clone();
         let loaded: i64 = self.timed(inv.invoke_async(&mut c)).await?;
+        if loaded < 0 {
+            return Ok(Loaded::Foreign);
+        }
         let index = self.keys.sales_index();
         let mut c = self.conn.clone();
         self.timed(async move { c.sadd::<_, _, i64>(index, t.id.get()).await })
             .await?;
-        Ok(loaded == 1)
+        Ok(if loaded == 1 {
+            Loaded::Loaded
+        } else {
+            Loaded::AlreadyThere
+        })
     }
 
     /// Reads a sale with Redis's clock; `None` when Redis does not know it.
@@ -185,12 +179,15 @@ impl Engine {
             .split_first()
             .ok_or_else(|| EngineError::Protocol("empty sale snapshot".into()))?;
         if rest.is_empty() {
-            return Ok(None);
+            return self.missing(id).map(|()| None);
         }
         let map: HashMap<&str, &str> = rest
             .chunks_exact(2)
             .map(|kv| (kv[0].as_str(), kv[1].as_str()))
             .collect();
+        if let Some(reason) = map.get("fence") {
+            return Err(EngineError::Fenced(reason.to_string()));
+        }
         let num = |f: &str| -> Result<i64, EngineError> {
             map.get(f)
                 .and_then(|v| v.parse().ok())

@@ -24,6 +24,11 @@ pub(crate) struct Scripts {
     pub sale_snapshot: Arc<Script>,
     pub read_orders: Arc<Script>,
     pub retire: Arc<Script>,
+    pub guard: Arc<Script>,
+    pub rebuild_begin: Arc<Script>,
+    pub rebuild_read: Arc<Script>,
+    pub rebuild_write: Arc<Script>,
+    pub rebuilt: Arc<Script>,
 }
 
 fn plain(src: &str) -> Arc<Script> {
@@ -49,13 +54,18 @@ impl Default for Scripts {
             sale_snapshot: plain(include_str!("../../lua/sale_snapshot.lua")),
             read_orders: order_script(include_str!("../../lua/read_orders.lua")),
             retire: order_script(include_str!("../../lua/retire.lua")),
+            guard: order_script(include_str!("../../lua/guard.lua")),
+            rebuild_begin: plain(include_str!("../../lua/rebuild_begin.lua")),
+            rebuild_read: order_script(include_str!("../../lua/rebuild_read.lua")),
+            rebuild_write: order_script(include_str!("../../lua/rebuild_write.lua")),
+            rebuilt: order_script(include_str!("../../lua/rebuilt.lua")),
         }
     }
 }
 
 impl Scripts {
     /// Every script, for loading them all at start.
-    pub fn all(&self) -> [Arc<Script>; 12] {
+    pub fn all(&self) -> [Arc<Script>; 17] {
         [
             self.reserve.clone(),
             self.pay.clone(),
@@ -69,6 +79,11 @@ impl Scripts {
             self.sale_snapshot.clone(),
             self.read_orders.clone(),
             self.retire.clone(),
+            self.guard.clone(),
+            self.rebuild_begin.clone(),
+            self.rebuild_read.clone(),
+            self.rebuild_write.clone(),
+            self.rebuilt.clone(),
         ]
     }
 }

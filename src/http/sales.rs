@@ -91,6 +91,7 @@ async fn create(
         .map_err(|e| match e {
             CreateError::Database(e) => ApiError::Unavailable(format!("mysql: {e:#}")),
             CreateError::Engine(e) => e.into(),
+            e @ CreateError::Foreign(..) => ApiError::Internal(e.into()),
         })?;
     state.live.add(snapshot.id, snapshot.end_ms);
     state.wakeup.sale_added();

@@ -127,6 +127,9 @@ impl ExpiryWorker {
             // One sale's failure must not hold up the others' deadlines.
             let batch = match self.engine.expire(sale, self.opts.batch).await {
                 Ok(b) => b,
+                // Redis lost it: the guard rebuilds it (and says so); its
+                // deadlines are kept and worked off after.
+                Err(EngineError::Fenced(_)) => continue,
                 Err(e) if failed + 1 < sales.len() => {
                     failed += 1;
                     tracing::warn!(sale = %sale, error = %e, "expiry of this sale failed; the others go on");

@@ -24,9 +24,12 @@ pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The live list of one process.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LiveSales {
     state: RwLock<State>,
+    /// The engine told of every change (`Engine::set_live`: a live sale
+    /// that Redis lacks is answered 503, not 404).
+    engine: std::sync::OnceLock<crate::engine::Engine>,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +75,18 @@ impl LiveSales {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Tells `engine` the list now and on every change.
+    pub fn watch(&self, engine: crate::engine::Engine) {
+        engine.set_live(self.ids());
+        let _ = self.engine.set(engine);
+    }
+
+    fn changed(&self) {
+        if let Some(e) = self.engine.get() {
+            e.set_live(self.ids());
+        }
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -98,6 +113,8 @@ impl LiveSales {
         s.retired.remove(&sale);
         let list: Vec<LiveSale> = s.list.to_vec();
         s.rebuild(&list);
+        drop(s);
+        self.changed();
     }
 
     /// A sale this process retired: off the list at once.
@@ -107,6 +124,8 @@ impl LiveSales {
         s.retired.insert(sale);
         let list: Vec<LiveSale> = s.list.to_vec();
         s.rebuild(&list);
+        drop(s);
+        self.changed();
     }
 
     /// Replaces the list with what MySQL listed (plus the sales this
@@ -120,7 +139,10 @@ impl LiveSales {
         let before: HashSet<SaleId> = s.list.iter().map(|l| l.id).collect();
         s.rebuild(from_mysql);
         s.refreshed = Some(Instant::now());
-        s.list.iter().filter(|l| !before.contains(&l.id)).count()
+        let new = s.list.iter().filter(|l| !before.contains(&l.id)).count();
+        drop(s);
+        self.changed();
+        new
     }
 
     /// Time since MySQL was last read (`None`: never).

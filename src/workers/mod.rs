@@ -3,6 +3,7 @@
 //! step at a time, and each loop stops when its cancellation token fires.
 
 pub mod expiry;
+pub mod guard;
 pub mod live;
 pub mod reconciler;
 pub mod retire;

@@ -69,11 +69,13 @@ pub struct StepOutcome {
 
 /// One reconciler.
 pub struct Reconciler {
-    engine: Engine,
-    db: MySqlPool,
-    metrics: Arc<Metrics>,
-    opts: ReconcilerOptions,
+    pub(super) engine: Engine,
+    pub(super) db: MySqlPool,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) opts: ReconcilerOptions,
     live: Arc<LiveSales>,
+    /// The guard's memory (`workers::guard`).
+    pub(super) guard: tokio::sync::Mutex<super::guard::GuardState>,
     retirer: Retirer,
     /// When ended sales were last looked at for retirement.
     last_retire: std::sync::Mutex<Option<Instant>>,
@@ -107,17 +109,25 @@ impl Reconciler {
             retirer,
             last_retire: Default::default(),
             known_cursors: Default::default(),
+            guard: Default::default(),
         }
     }
 
-    /// Applies one batch of every live sale, updates the backlog metrics,
-    /// and (at most once a second) retires ended sales with no work left.
+    /// Checks the live sales against MySQL (the guard, at most every
+    /// `guard::GUARD_EVERY`: fences and rebuilds what Redis lost), applies
+    /// one batch of every live sale, updates the backlog metrics, and (at
+    /// most once a second) retires ended sales with no work left.
     pub async fn try_step(&self) -> anyhow::Result<StepOutcome> {
         let mut out = StepOutcome::default();
         let sales = self.live.ids();
+        self.guard_pass(&sales).await?;
+        let foreign = self.guard.lock().await.foreign();
         let mut failed = 0;
         let mut last_error = None;
         for &sale in &sales {
+            if foreign.contains(&sale) {
+                continue; // another database's records: never applied here
+            }
             // One sale's failure (a record MySQL refuses, a deadlock) must
             // not hold up the others.
             match self.reconcile_sale(sale).await {

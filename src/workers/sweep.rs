@@ -13,7 +13,7 @@ use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::sweep as queries;
-use crate::engine::{Engine, OrderStatus};
+use crate::engine::{Engine, EngineError, OrderStatus};
 use crate::telemetry::Metrics;
 
 /// How often and how far back the sweep looks.
@@ -84,9 +84,32 @@ impl Sweeper {
             _ => None,
         };
         drop(after);
+        let mut skip = std::collections::HashSet::new();
         for row in overdue {
             out.examined += 1;
-            match self.engine.order(row.id).await? {
+            let sale = row.id.sale();
+            if skip.contains(&sale) {
+                continue;
+            }
+            // A sale Redis lost, or fenced while it is rebuilt: its orders
+            // come back from MySQL with their deadlines; never close them
+            // here as "unknown to Redis".
+            match self.engine.sale(sale).await {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(EngineError::Fenced(_)) => {
+                    skip.insert(sale);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let order = match self.engine.order(row.id).await {
+                Err(EngineError::Fenced(_)) => {
+                    skip.insert(sale);
+                    continue;
+                }
+                other => other?,
+            };
+            match order {
                 None => {
                     if queries::close_lost_order(&self.db, &row).await? {
                         out.corrected += 1;

@@ -221,6 +221,29 @@ impl TestApp {
         res.json().await.unwrap()
     }
 
+    /// Waits until the sale answers GET with 200 (a fenced sale answers 503
+    /// until the reconciler has rebuilt it); panics after `within`.
+    pub async fn wait_serving(&self, sale: &str, within: Duration) {
+        let until = Instant::now() + within;
+        loop {
+            let res = self
+                .client
+                .get(self.url(&format!("/api/v1/sales/{sale}")))
+                .send()
+                .await
+                .unwrap();
+            if res.status() == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "sale {sale} still answers {} after {within:?}",
+                res.status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// POSTs a reservation; returns status and body.
     pub async fn reserve(&self, sale: &str, user: u64, idem: Option<&str>) -> (u16, Value) {
         let mut req = self
@@ -342,6 +365,22 @@ impl OwnRedis {
             assert!(Instant::now() < deadline, "own redis-server did not start");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A copy of the data folder as it is now (the AOF, fsynced on every
+    /// write): restored later, it is Redis going back to this moment.
+    pub fn copy_data(&self) -> PathBuf {
+        let to = fresh_dir("fstest-redis-copy");
+        copy_tree(&self.dir, &to);
+        to
+    }
+
+    /// Replaces the data folder with `from` (stopped server only).
+    pub fn restore_data(&mut self, from: &std::path::Path) {
+        assert!(self.child.is_none(), "stop it first");
+        let _ = std::fs::remove_dir_all(&self.dir);
+        copy_tree(from, &self.dir);
+        let _ = std::fs::remove_dir_all(from);
     }
 
     /// SIGKILL, no goodbye.
@@ -605,6 +644,19 @@ fn is_root() -> bool {
 }
 
 /// A TCP port nothing listens on right now.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()

@@ -9,6 +9,7 @@ mod lifecycle;
 mod operations;
 mod quarantine;
 mod reconcile;
+mod redis_loss;
 mod redis_outage;
 mod refund;
 mod reserve;

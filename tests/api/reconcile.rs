@@ -473,6 +473,8 @@ async fn a_sale_redis_lost_resumes_from_mysql_without_reusing_ids() {
         .unwrap();
 
     let app = spawn_with(target, all_roles).await;
+    // Fenced at the reconciler's first step, rebuilt from MySQL.
+    app.wait_serving(&sale, Duration::from_secs(10)).await;
     assert_eq!(
         app.sale_field(&sale, "seq").await,
         5,

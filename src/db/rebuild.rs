@@ -1,0 +1,218 @@
+//! What the guard and the rebuild of a fenced sale read from MySQL and
+//! write to it (see `workers::guard`): how far MySQL has settled each live
+//! sale, a sale's orders with the keys they were made under, and the lost
+//! orders a rebuild counted.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
+
+use crate::domain::{OrderId, SaleId, UserId};
+use crate::engine::{FlowId, Order, OrderStatus};
+
+/// How far MySQL has settled a sale: Redis is behind when its order
+/// counter is below `max_seq` or its flow position below `cursor`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SettledPoint {
+    /// The highest order seq MySQL holds (0: none).
+    pub max_seq: u64,
+    /// The reconciler's cursor (the last flow record applied).
+    pub cursor: FlowId,
+}
+
+/// A live sale's token and settled point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardFacts {
+    /// `sales.redis_token`.
+    pub token: String,
+    /// What MySQL has settled.
+    pub settled: SettledPoint,
+}
+
+/// Every live (not retired) sale's token and settled point, in one query
+/// (the highest seq by the primary key, one index dive per sale).
+pub async fn guard_facts(pool: &MySqlPool) -> anyhow::Result<HashMap<SaleId, GuardFacts>> {
+    let rows: Vec<(u64, String, u64, u64, u64)> = sqlx::query_as(
+        "SELECT s.id, s.redis_token, \
+         CAST(COALESCE((SELECT MAX(o.seq) FROM orders o WHERE o.sale_id = s.id), 0) AS UNSIGNED), \
+         CAST(COALESCE(c.last_ms, 0) AS UNSIGNED), CAST(COALESCE(c.last_seq, 0) AS UNSIGNED) \
+         FROM sales s LEFT JOIN reconcile_cursors c ON c.sale_id = s.id \
+         WHERE s.retired_at IS NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(id, token, max_seq, ms, seq)| {
+            let settled = SettledPoint {
+                max_seq,
+                cursor: FlowId { ms, seq },
+            };
+            Ok((SaleId::new(id)?, GuardFacts { token, settled }))
+        })
+        .collect()
+}
+
+/// One sale's settled point.
+pub async fn settled_point<'e>(
+    ex: impl sqlx::Executor<'e, Database = MySql>,
+    sale: SaleId,
+) -> anyhow::Result<SettledPoint> {
+    let (max_seq, ms, seq): (u64, u64, u64) = sqlx::query_as(
+        "SELECT CAST(COALESCE((SELECT MAX(seq) FROM orders WHERE sale_id = ?), 0) AS UNSIGNED), \
+         CAST(COALESCE((SELECT last_ms FROM reconcile_cursors WHERE sale_id = ?), 0) AS UNSIGNED), \
+         CAST(COALESCE((SELECT last_seq FROM reconcile_cursors WHERE sale_id = ?), 0) AS UNSIGNED)",
+    )
+    .bind(sale.get())
+    .bind(sale.get())
+    .bind(sale.get())
+    .fetch_one(ex)
+    .await?;
+    Ok(SettledPoint {
+        max_seq,
+        cursor: FlowId { ms, seq },
+    })
+}
+
+type OrderRow = (
+    u64,
+    u64,
+    i64,
+    i64,
+    String,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<String>,
+);
+
+/// Every order of `sale` as MySQL holds it, with the key it was made
+/// under; each order's last flow is `settled` (MySQL has all of it).
+pub async fn orders(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+    settled: FlowId,
+) -> anyhow::Result<Vec<(Order, Option<String>)>> {
+    let rows: Vec<OrderRow> = sqlx::query_as(
+        "SELECT seq, user_id, CAST(qty AS SIGNED), amount_cents, status, created_at, \
+         payment_deadline, paid_at, closed_at, refunded_at, payment_id, idem_key \
+         FROM orders WHERE sale_id = ? ORDER BY seq",
+    )
+    .bind(sale.get())
+    .fetch_all(&mut **tx)
+    .await?;
+    let ms = |t: DateTime<Utc>| t.timestamp_millis();
+    rows.into_iter()
+        .map(
+            |(
+                seq,
+                user,
+                qty,
+                amount,
+                status,
+                created,
+                deadline,
+                paid,
+                closed,
+                refunded,
+                pid,
+                key,
+            )| {
+                let id = OrderId::new(sale, seq);
+                let status = OrderStatus::parse(&status)
+                    .ok_or_else(|| anyhow::anyhow!("order {id}: status {status:?}"))?;
+                let order = Order {
+                    id,
+                    status,
+                    user: UserId::new(user)?,
+                    qty: u32::try_from(qty)?,
+                    amount_cents: amount,
+                    created_ms: ms(created),
+                    deadline_ms: ms(deadline),
+                    paid_ms: paid.map(ms),
+                    closed_ms: closed.map(ms),
+                    refunded_ms: refunded.map(ms),
+                    last_flow: settled.to_string(),
+                    payment_id: pid,
+                };
+                Ok((order, key))
+            },
+        )
+        .collect()
+}
+
+/// The seqs of `sale`'s orders counted lost so far.
+pub async fn lost_seqs(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+) -> anyhow::Result<BTreeSet<u64>> {
+    let seqs: Vec<u64> = sqlx::query_scalar("SELECT seq FROM lost_orders WHERE sale_id = ?")
+        .bind(sale.get())
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(seqs.into_iter().collect())
+}
+
+/// Why an acknowledged order is counted lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostReason {
+    /// Neither MySQL nor the surviving Redis has it.
+    Missing,
+    /// Redis gave its id out again to another buyer after going back in
+    /// time; MySQL's order with that id stands.
+    IdReused,
+}
+
+impl LostReason {
+    /// As `lost_orders.reason` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::IdReused => "id_reused",
+        }
+    }
+}
+
+/// Records lost orders (a seq already recorded stays as it was); returns
+/// how many are new.
+pub async fn record_lost(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+    lost: &[(u64, LostReason, String)],
+) -> anyhow::Result<u64> {
+    let mut added = 0;
+    for chunk in lost.chunks(500) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT IGNORE INTO lost_orders (sale_id, seq, reason, detail) ",
+        );
+        q.push_values(chunk, |mut b, (seq, reason, detail)| {
+            b.push_bind(sale.get())
+                .push_bind(*seq)
+                .push_bind(reason.as_str())
+                .push_bind(detail.chars().take(255).collect::<String>());
+        });
+        added += q.build().execute(&mut **tx).await?.rows_affected();
+    }
+    Ok(added)
+}
+
+/// Lost orders per sale and reason (for the audit and the metrics).
+pub async fn lost_counts(
+    pool: &MySqlPool,
+    only: Option<SaleId>,
+) -> anyhow::Result<Vec<(SaleId, String, u64)>> {
+    let rows: Vec<(u64, String, i64)> = sqlx::query_as(
+        "SELECT sale_id, reason, COUNT(*) FROM lost_orders \
+         WHERE (? IS NULL OR sale_id = ?) GROUP BY sale_id, reason ORDER BY sale_id, reason",
+    )
+    .bind(only.map(SaleId::get))
+    .bind(only.map(SaleId::get))
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|(sale, reason, n)| Ok((SaleId::new(sale)?, reason, n as u64)))
+        .collect()
+}

@@ -1,0 +1,394 @@
+//! When Redis forgets or goes back in time: the guard that notices, and the
+//! Redis side of rebuilding a fenced sale from MySQL.
+//!
+//! A sale's hash carries `db`, its token from MySQL (`sales.redis_token`),
+//! and its order counter `seq`; its flow stream's last generated id is its
+//! flow position. The guard (`lua/guard.lua`) compares them with what MySQL
+//! has settled, and fences the sale (`fence` in its hash: every script then
+//! fails with "FENCED <reason>", answered 503) when Redis lost it
+//! (`missing`), is behind MySQL (`behind`) or holds another database's sale
+//! under its name (`foreign`, never adopted). A reserve call that finds the
+//! counter below the highest seq its process was given fences the sale the
+//! same way (`check_seen` in `lua/prelude.lua`).
+//!
+//! The rebuild (driven by `workers::guard`) takes the fence
+//! (`rebuilding`), reads what the surviving Redis holds, and writes the
+//! sale merged with MySQL while every other script is refused: orders,
+//! buyers' units, idempotency keys, the due-queue, then the sale hash and
+//! the lifted fence in one last script (`lua/rebuilt.lua`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use redis::AsyncCommands;
+
+use super::keys::DUE_BUCKET as DUE_BUCKET_SIZE;
+use super::{Engine, EngineError, FlowId, Order, OrderStatus, SaleTerms};
+use crate::domain::{OrderId, SaleId};
+
+/// Orders per script call or command while a rebuild writes.
+const CHUNK: usize = 500;
+
+/// What the guard found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardVerdict {
+    /// Redis holds this database's sale, not behind MySQL.
+    Ok,
+    /// The sale is fenced, for this reason: `missing`, `behind`,
+    /// `foreign`, `rebuilding`.
+    Fenced(String),
+}
+
+impl GuardVerdict {
+    /// Whether a rebuild cures it (a foreign sale needs a person).
+    pub fn rebuildable(&self) -> bool {
+        matches!(self, Self::Fenced(r) if r == "missing" || r == "behind" || r == "rebuilding")
+    }
+}
+
+/// What the surviving Redis holds of a sale taken for a rebuild.
+#[derive(Debug, Clone, Default)]
+pub struct RedisSide {
+    /// Why it was fenced.
+    pub fence: String,
+    /// Its order counter.
+    pub counter: u64,
+    /// The highest seq a caller reported having been given (0: none).
+    pub lost_hint: u64,
+    /// Its orders.
+    pub orders: Vec<Order>,
+}
+
+/// A sale as the rebuild writes it.
+#[derive(Debug, Clone)]
+pub struct RebuiltSale {
+    /// The sale's terms and token (from MySQL).
+    pub terms: SaleTerms,
+    /// Every order with the key it was made under, by seq.
+    pub orders: BTreeMap<u64, (Order, Option<String>)>,
+    /// The order counter: past every order and every lost one.
+    pub counter: u64,
+    /// The `lost_hint` the counter accounts for.
+    pub lost_hint: u64,
+    /// MySQL's cursor: the sale's settled mark and flow floor.
+    pub cursor: FlowId,
+    /// Redis's clock when the rebuild began (refunds waiting for their
+    /// order to settle are retried from then).
+    pub now_ms: i64,
+}
+
+/// How the last step of a rebuild ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unfenced {
+    /// The sale serves again.
+    Done,
+    /// A caller has since reported this higher seq: count the lost orders
+    /// up to it and try again.
+    Again(u64),
+}
+
+impl RebuiltSale {
+    /// The sale hash's fields (all but `db`).
+    fn fields(&self) -> Vec<(&'static str, String)> {
+        let mut units: HashMap<&str, i64> = HashMap::new();
+        let mut waiting = 0;
+        for (o, _) in self.orders.values() {
+            let q = i64::from(o.qty);
+            match o.status {
+                OrderStatus::Pending => *units.entry("pending").or_default() += q,
+                OrderStatus::Paid => *units.entry("paid").or_default() += q,
+                OrderStatus::RefundPending => {
+                    *units.entry("paid").or_default() += q;
+                    waiting += 1;
+                }
+                OrderStatus::Cancelled => *units.entry("cancelled").or_default() += q,
+                OrderStatus::Closed => *units.entry("closed").or_default() += q,
+                OrderStatus::Refunded => {
+                    *units.entry("refunded").or_default() += q;
+                    // A refund while the sale was open put the units back.
+                    if o.refunded_ms.is_some_and(|t| t < self.terms.end_ms) {
+                        *units.entry("restocked").or_default() += q;
+                    }
+                }
+            }
+        }
+        let u = |k: &str| units.get(k).copied().unwrap_or(0);
+        let avail =
+            self.terms.stock_total - u("pending") - u("paid") - u("refunded") + u("restocked");
+        let mut f = self.terms.fields();
+        for (name, value) in f.iter_mut() {
+            let v = match *name {
+                "avail" => avail,
+                "seq" => self.counter as i64,
+                "refunds_waiting" => waiting,
+                "pending" | "paid" | "cancelled" | "closed" | "refunded" | "restocked" => u(name),
+                _ => continue,
+            };
+            *value = v.to_string();
+        }
+        if self.cursor != FlowId::default() {
+            f.push(("settled", self.cursor.to_string()));
+        }
+        f
+    }
+}
+
+impl Engine {
+    /// Checks a live sale against MySQL's token, highest order seq and
+    /// cursor, and fences it when Redis lost it, is behind, or holds
+    /// another database's sale under its name (`lua/guard.lua`).
+    pub async fn guard(
+        &self,
+        sale: SaleId,
+        token: &str,
+        mysql_seq: u64,
+        cursor: FlowId,
+    ) -> Result<GuardVerdict, EngineError> {
+        let k = self.keys.sale(sale);
+        let mut inv = self.scripts.guard.key(&k.sale);
+        inv.key(&k.flow)
+            .arg(token)
+            .arg(mysql_seq)
+            .arg(cursor.to_string());
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(GuardVerdict::Ok),
+            Some("fenced") => Ok(GuardVerdict::Fenced(
+                reply.get(1).cloned().unwrap_or_default(),
+            )),
+            _ => Err(EngineError::Protocol(format!("guard: {reply:?}"))),
+        }
+    }
+
+    /// Takes a fenced sale for a rebuild (its fence becomes `rebuilding`)
+    /// and reads what Redis still holds of it. `Err(reason)` when the sale
+    /// is not one a rebuild may take (foreign, not fenced).
+    pub async fn begin_rebuild(
+        &self,
+        sale: SaleId,
+        token: &str,
+    ) -> Result<Result<RedisSide, String>, EngineError> {
+        let k = self.keys.sale(sale);
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self
+            .timed(
+                self.scripts
+                    .rebuild_begin
+                    .key(&k.sale)
+                    .arg(token)
+                    .invoke_async(&mut c),
+            )
+            .await?;
+        let num = |i: usize| -> Result<u64, EngineError> {
+            reply
+                .get(i)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| EngineError::Protocol(format!("rebuild_begin: {reply:?}")))
+        };
+        match reply.first().map(String::as_str) {
+            Some("ok") => {}
+            Some("refused") => return Ok(Err(reply.get(1).cloned().unwrap_or_default())),
+            _ => return Err(EngineError::Protocol(format!("rebuild_begin: {reply:?}"))),
+        }
+        let mut side = RedisSide {
+            fence: reply.get(1).cloned().unwrap_or_default(),
+            counter: num(2)?,
+            lost_hint: num(3)?,
+            orders: Vec::new(),
+        };
+        // The orders hash, a page at a time (Redis is fenced: it does not
+        // change meanwhile).
+        let mut cursor = "0".to_owned();
+        loop {
+            let mut inv = self.scripts.rebuild_read.prepare_invoke();
+            for key in k.order_script_keys() {
+                inv.key(key);
+            }
+            inv.arg(&cursor).arg(CHUNK);
+            let mut c = self.conn.clone();
+            let page: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
+            let (next, rest) = page
+                .split_first()
+                .ok_or_else(|| EngineError::Protocol("rebuild_read: empty".into()))?;
+            for pair in rest.chunks_exact(2) {
+                let seq: u64 = pair[0]
+                    .parse()
+                    .map_err(|_| EngineError::Protocol(format!("order seq {:?}", pair[0])))?;
+                let id = OrderId::new(sale, seq);
+                let o = Order::unpack(id, &pair[1])
+                    .ok_or_else(|| EngineError::Protocol(format!("order {id}: {:?}", pair[1])))?;
+                side.orders.push(o);
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next.clone();
+        }
+        Ok(Ok(side))
+    }
+
+    /// Writes a rebuilt sale while it is fenced `rebuilding`, then lifts the
+    /// fence (see the module's comment).
+    pub async fn write_rebuilt(&self, s: &RebuiltSale) -> Result<(), EngineError> {
+        let sale = s.terms.id;
+        let k = self.keys.sale(sale);
+        let mut c = self.conn.clone();
+        // What a rebuild replaces: everything but the sale hash (it holds
+        // the fence) and the flow stream (its records are in MySQL; it keeps
+        // its position).
+        let buckets: Vec<String> = self
+            .timed(async { c.zrange(&k.deadlines, 0, -1).await })
+            .await?;
+        let mut doomed: Vec<String> = buckets
+            .iter()
+            .map(|b| format!("{}:{b}", k.deadlines))
+            .collect();
+        doomed.extend(
+            [
+                &k.deadlines,
+                &k.buyers,
+                &k.idem,
+                &k.orders,
+                &k.calls,
+                &k.dead_refunds,
+            ]
+            .map(|k| k.clone()),
+        );
+        let mut c = self.conn.clone();
+        self.timed(async { c.del::<_, ()>(&doomed).await }).await?;
+        // The terms store_order reads (times are kept relative to the start).
+        let terms: Vec<(&str, String)> = s
+            .terms
+            .fields()
+            .into_iter()
+            .filter(|(f, _)| matches!(*f, "layout" | "start_ms" | "window_ms" | "price"))
+            .collect();
+        let mut c = self.conn.clone();
+        self.timed(async { c.hset_multiple::<_, _, _, ()>(&k.sale, &terms).await })
+            .await?;
+
+        let orders: Vec<&(Order, Option<String>)> = s.orders.values().collect();
+        for chunk in orders.chunks(CHUNK) {
+            let mut inv = self.scripts.rebuild_write.prepare_invoke();
+            for key in k.order_script_keys() {
+                inv.key(key);
+            }
+            inv.arg("rebuilding");
+            for (o, _) in chunk {
+                inv.arg(o.id.seq()).arg(o.pack());
+            }
+            let mut c = self.conn.clone();
+            self.timed(inv.invoke_async::<i64>(&mut c)).await?;
+        }
+
+        let mut buyers: BTreeMap<u64, i64> = BTreeMap::new();
+        let mut idem: Vec<(String, u64)> = Vec::new();
+        let mut due: BTreeMap<u64, Vec<(i64, String)>> = BTreeMap::new();
+        for (o, key) in s.orders.values() {
+            let seq = o.id.seq();
+            let bucket = seq / DUE_BUCKET_SIZE;
+            match o.status {
+                OrderStatus::Pending => {
+                    *buyers.entry(o.user.get()).or_default() += i64::from(o.qty);
+                    due.entry(bucket)
+                        .or_default()
+                        .push((o.deadline_ms, seq.to_string()));
+                }
+                OrderStatus::Paid => *buyers.entry(o.user.get()).or_default() += i64::from(o.qty),
+                OrderStatus::RefundPending => {
+                    *buyers.entry(o.user.get()).or_default() += i64::from(o.qty);
+                    // Retried at once: its order is settled now.
+                    due.entry(bucket)
+                        .or_default()
+                        .push((s.now_ms, format!("r{seq}:1:{}", s.now_ms)));
+                }
+                _ => {}
+            }
+            if let Some(key) = key {
+                idem.push((format!("{}:{key}", o.user), seq));
+            }
+        }
+        let buyers: Vec<(u64, i64)> = buyers.into_iter().collect();
+        for chunk in buyers.chunks(CHUNK) {
+            let mut c = self.conn.clone();
+            self.timed(async { c.hset_multiple::<_, _, _, ()>(&k.buyers, chunk).await })
+                .await?;
+        }
+        for chunk in idem.chunks(CHUNK) {
+            let mut c = self.conn.clone();
+            self.timed(async { c.hset_multiple::<_, _, _, ()>(&k.idem, chunk).await })
+                .await?;
+        }
+        let mut index: Vec<(i64, u64)> = Vec::with_capacity(due.len());
+        let mut pipe = redis::pipe();
+        for (bucket, entries) in &due {
+            let first = entries.iter().map(|(at, _)| *at).min().unwrap_or(s.now_ms);
+            index.push((first, *bucket));
+            pipe.zadd_multiple(format!("{}:{bucket}", k.deadlines), entries)
+                .ignore();
+            if pipe.cmd_iter().count() >= CHUNK {
+                let mut c = self.conn.clone();
+                self.timed(pipe.query_async::<()>(&mut c)).await?;
+                pipe = redis::pipe();
+            }
+        }
+        for chunk in index.chunks(CHUNK) {
+            pipe.zadd_multiple(&k.deadlines, chunk).ignore();
+        }
+        let mut c = self.conn.clone();
+        self.timed(pipe.query_async::<()>(&mut c)).await?;
+        Ok(())
+    }
+
+    /// The last step of a rebuild: the sale hash and the lifted fence
+    /// (`lua/rebuilt.lua`).
+    pub async fn unfence(&self, s: &RebuiltSale) -> Result<Unfenced, EngineError> {
+        let k = self.keys.sale(s.terms.id);
+        let mut inv = self.scripts.rebuilt.key(&k.sale);
+        inv.key(&k.flow)
+            .arg(&s.terms.token)
+            .arg("rebuilding")
+            .arg(s.lost_hint)
+            .arg(s.cursor.to_string());
+        for (f, v) in s.fields() {
+            inv.arg(f).arg(v);
+        }
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => {
+                self.sold_out.clear(s.terms.id);
+                Ok(Unfenced::Done)
+            }
+            Some("again") => reply
+                .get(1)
+                .and_then(|h| h.parse().ok())
+                .map(Unfenced::Again)
+                .ok_or_else(|| EngineError::Protocol(format!("rebuilt: {reply:?}"))),
+            _ => Err(EngineError::Protocol(format!("rebuilt: {reply:?}"))),
+        }
+    }
+
+    /// Whether Redis holds `sale`'s hash (fenced or not).
+    pub async fn sale_exists(&self, sale: SaleId) -> Result<bool, EngineError> {
+        let k = self.keys.sale(sale);
+        let mut c = self.conn.clone();
+        self.timed(async { c.exists(&k.sale).await }).await
+    }
+
+    /// Deletes every key of `sale` whatever its token (an operator's
+    /// decision: keys another database left under the sale's name), and
+    /// leaves a fence-only hash of `token`, so the guard rebuilds the sale
+    /// from MySQL. Returns the keys deleted.
+    pub async fn discard_foreign(&self, sale: SaleId, token: &str) -> Result<u64, EngineError> {
+        let deleted = self.drop_sale_keys(sale).await?;
+        let k = self.keys.sale(sale);
+        let mut c = self.conn.clone();
+        self.timed(async {
+            c.hset_multiple::<_, _, _, ()>(&k.sale, &[("fence", "missing"), ("db", token)])
+                .await
+        })
+        .await?;
+        Ok(deleted)
+    }
+}

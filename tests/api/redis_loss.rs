@@ -1,0 +1,536 @@
+//! Drills: Redis forgets or goes back in time while a sale serves. Each
+//! runs the whole service against real Redis and MariaDB; the ones that
+//! restart Redis use the test's own redis-server.
+
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+use serde_json::Value;
+
+use crate::audit::{audit, wait_backlog_empty};
+use crate::helpers::*;
+use flashsale::config::Role;
+
+fn all_roles(c: &mut flashsale::config::ServeConfig) {
+    c.roles = vec![Role::Http, Role::Expiry, Role::Reconciler];
+}
+
+async fn refund(app: &TestApp, order_id: &str, user: u64) -> (u16, Value) {
+    let res = app
+        .client
+        .post(app.url(&format!("/api/v1/orders/{order_id}/refund")))
+        .bearer_auth(buyer_token(user))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+async fn get_order(app: &TestApp, order_id: &str, user: u64) -> (u16, Value) {
+    let res = app
+        .client
+        .get(app.url(&format!("/api/v1/orders/{order_id}")))
+        .bearer_auth(buyer_token(user))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until the app's reconciler has rebuilt `n` sales.
+async fn wait_rebuilds(app: &TestApp, n: u64) {
+    let until = Instant::now() + Duration::from_secs(10);
+    let want = format!("flashsale_sale_rebuilds_total {n}");
+    while !app.metrics().await.contains(&want) {
+        assert!(Instant::now() < until, "no rebuild");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn pool(app: &TestApp) -> sqlx::MySqlPool {
+    sqlx::MySqlPool::connect(&app.target.database_url)
+        .await
+        .unwrap()
+}
+
+/// MySQL's orders of the sale: seq -> (user, status, payment id).
+async fn mysql_orders(
+    pool: &sqlx::MySqlPool,
+) -> std::collections::BTreeMap<u64, (u64, String, Option<String>)> {
+    let rows: Vec<(u64, u64, String, Option<String>)> =
+        sqlx::query_as("SELECT seq, user_id, status, payment_id FROM orders")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.into_iter()
+        .map(|(seq, u, s, p)| (seq, (u, s, p)))
+        .collect()
+}
+
+async fn lost_count(pool: &sqlx::MySqlPool) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM lost_orders")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Every key of the sale as DUMP payloads (the snapshot case).
+async fn dump_sale(app: &TestApp, sale: &str) -> Vec<(String, Vec<u8>)> {
+    let mut c = app.engine.connection();
+    let keys: Vec<String> = c.keys(app.sale_keys(sale).pattern()).await.unwrap();
+    let mut out = Vec::new();
+    for k in keys {
+        let d: Vec<u8> = redis::cmd("DUMP")
+            .arg(&k)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        out.push((k, d));
+    }
+    out
+}
+
+/// Replaces the sale's keys with `dump` (keys made since are deleted).
+async fn restore_sale(app: &TestApp, sale: &str, dump: &[(String, Vec<u8>)]) {
+    let mut c = app.engine.connection();
+    let keys: Vec<String> = c.keys(app.sale_keys(sale).pattern()).await.unwrap();
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    if !keys.is_empty() {
+        pipe.del(&keys).ignore();
+    }
+    for (k, d) in dump {
+        pipe.cmd("RESTORE")
+            .arg(k)
+            .arg(0)
+            .arg(d.as_slice())
+            .arg("REPLACE")
+            .ignore();
+    }
+    pipe.query_async::<()>(&mut c).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_deleted_mid_sale_are_fenced_rebuilt_and_serve_again() {
+    let app = spawn_with(Target::fresh(), all_roles).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 50,
+            per_user_limit: 2,
+            ..SaleSpec::default()
+        })
+        .await;
+    let mut orders = Vec::new();
+    for u in 1..=10u64 {
+        let (s, o) = app.reserve(&sale, u, Some(&format!("key-{u}"))).await;
+        assert_eq!(s, 201, "{o}");
+        orders.push(o["order_id"].as_str().unwrap().to_owned());
+    }
+    for (i, id) in orders.iter().enumerate().take(4) {
+        assert_eq!(app.pay(id, &format!("pay-{i}"), 1999).await.0, 200);
+    }
+    wait_backlog_empty(&app, &sale).await;
+
+    // Redis forgets the sale while it serves.
+    let lost_at = Instant::now();
+    app.engine
+        .drop_sale_keys(sale.parse().unwrap())
+        .await
+        .unwrap();
+    // Until it is rebuilt it answers 503 with Retry-After, never 404.
+    let res = app
+        .client
+        .get(app.url(&format!("/api/v1/sales/{sale}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        matches!(res.status().as_u16(), 200 | 503),
+        "a live sale Redis lost is never 404: {}",
+        res.status()
+    );
+    if res.status() == 503 {
+        assert!(res.headers().contains_key("retry-after"));
+    }
+    app.wait_serving(&sale, Duration::from_secs(10)).await;
+    let took = lost_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "serving again after {took:?}"
+    );
+
+    // Paid stay paid; pending stay payable; keys find their orders.
+    for (i, id) in orders.iter().enumerate() {
+        let u = i as u64 + 1;
+        let (s, o) = get_order(&app, id, u).await;
+        assert_eq!(s, 200, "{o}");
+        let want = if i < 4 { "paid" } else { "pending" };
+        assert_eq!(o["status"], want, "{id}");
+    }
+    assert_eq!(app.pay(&orders[4], "pay-late", 1999).await.0, 200);
+    let (s, o) = app.reserve(&sale, 6, Some("key-6")).await;
+    assert_eq!(
+        (s, o["order_id"].as_str()),
+        (201, Some(orders[5].as_str())),
+        "the same key finds the same order: {o}"
+    );
+    // Limits hold: buyer 1 holds one, may take one more, not a third.
+    assert_eq!(app.reserve(&sale, 1, None).await.0, 201);
+    let (s, o) = app.reserve(&sale, 1, None).await;
+    assert_eq!((s, code(&o)), (409, "limit_exceeded"));
+    // No id is reused: the next order is past every one before.
+    let (s, o) = app.reserve(&sale, 11, None).await;
+    assert_eq!(s, 201);
+    assert_eq!(o["order_id"], format!("{sale}-12"));
+    assert_eq!(app.sale_field(&sale, "avail").await, 50 - 12);
+
+    wait_backlog_empty(&app, &sale).await;
+    let (code, out) = audit(&app.target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "{out}");
+    let pool = pool(&app).await;
+    assert_eq!(lost_count(&pool).await, 0, "nothing acknowledged was lost");
+    assert!(app
+        .metrics()
+        .await
+        .contains("flashsale_sale_rebuilds_total 1"));
+    pool.close().await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_restored_to_an_older_snapshot_keeps_every_payment_and_reuses_no_id() {
+    let app = spawn_with(Target::fresh(), all_roles).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 50,
+            per_user_limit: 1,
+            ..SaleSpec::default()
+        })
+        .await;
+    let mut orders = Vec::new();
+    for u in 1..=6u64 {
+        let (s, o) = app.reserve(&sale, u, None).await;
+        assert_eq!(s, 201);
+        orders.push(o["order_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(app.pay(&orders[0], "pay-0", 1999).await.0, 200);
+    wait_backlog_empty(&app, &sale).await;
+    let snapshot = dump_sale(&app, &sale).await;
+
+    // After the snapshot: payments, a refund, new orders; all reach MySQL.
+    for (i, id) in orders.iter().enumerate().take(4).skip(1) {
+        assert_eq!(app.pay(id, &format!("pay-{i}"), 1999).await.0, 200);
+    }
+    assert_eq!(refund(&app, &orders[0], 1).await.0, 200);
+    for u in 7..=9u64 {
+        assert_eq!(app.reserve(&sale, u, None).await.0, 201);
+    }
+    wait_backlog_empty(&app, &sale).await;
+    let pool = pool(&app).await;
+    let before = mysql_orders(&pool).await;
+    assert_eq!(before.len(), 9);
+
+    // Redis comes back older.
+    restore_sale(&app, &sale, &snapshot).await;
+    wait_rebuilds(&app, 1).await;
+    app.wait_serving(&sale, Duration::from_secs(10)).await;
+
+    // MySQL kept every fact; Redis has them again.
+    assert_eq!(mysql_orders(&pool).await, before, "MySQL lost nothing");
+    for (i, id) in orders.iter().enumerate().take(4) {
+        let (s, o) = get_order(&app, id, i as u64 + 1).await;
+        assert_eq!(s, 200);
+        let want = if i == 0 { "refunded" } else { "paid" };
+        assert_eq!(o["status"], want, "{id}: {o}");
+    }
+    // The refund is not applied twice.
+    let (_, o) = refund(&app, &orders[0], 1).await;
+    assert_eq!(o["status"], "refunded", "{o}");
+    assert_eq!(app.sale_field(&sale, "refunded").await, 1);
+    assert_eq!(app.sale_field(&sale, "restocked").await, 1);
+    // A buyer of an order made after the snapshot still holds it.
+    let (s, o) = app.reserve(&sale, 8, None).await;
+    assert_eq!((s, code(&o)), (409, "limit_exceeded"), "{o}");
+    // No id reused.
+    let (s, o) = app.reserve(&sale, 20, None).await;
+    assert_eq!(s, 201);
+    assert_eq!(o["order_id"], format!("{sale}-10"));
+
+    wait_backlog_empty(&app, &sale).await;
+    let after = mysql_orders(&pool).await;
+    for (seq, row) in &before {
+        assert_eq!(after.get(seq), Some(row), "order {seq} unchanged");
+    }
+    let (code, out) = audit(&app.target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "{out}");
+    let quarantined: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM quarantined_flows")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(quarantined, 0);
+    pool.close().await;
+    app.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reserve_against_a_redis_behind_what_it_has_seen_fences_before_reusing_an_id() {
+    // No reconciler: MySQL never hears of these orders, so only the
+    // process's memory of the ids it gave out can tell Redis went back.
+    let app = spawn_with(Target::fresh(), |c| c.roles = vec![Role::Http]).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 20,
+            ..SaleSpec::default()
+        })
+        .await;
+    assert_eq!(app.reserve(&sale, 1, None).await.0, 201);
+    let snapshot = dump_sale(&app, &sale).await;
+    for u in 2..=4u64 {
+        assert_eq!(app.reserve(&sale, u, None).await.0, 201);
+    }
+    restore_sale(&app, &sale, &snapshot).await;
+    let (s, o) = app.reserve(&sale, 5, None).await;
+    assert_eq!((s, code(&o)), (503, "unavailable"), "{o}");
+    assert!(o["error"]["retry_key"].is_string());
+    assert_eq!(app.sale_field(&sale, "seq").await, 1, "no id given out");
+    let mut c = app.engine.connection();
+    let k = app.sale_keys(&sale);
+    let (fence, hint): (String, u64) = redis::cmd("HMGET")
+        .arg(&k.sale)
+        .arg("fence")
+        .arg("lost_hint")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((fence.as_str(), hint), ("behind", 4));
+    app.finish().await;
+}
+
+/// The drill with the test's own redis-server: restarted from an AOF
+/// copied `N` acknowledged orders earlier. An HTTP-only process took the
+/// `N` orders (MySQL never heard of them) and lives on: its next reserve
+/// finds Redis behind what it gave out and fences the sale; a reconciler
+/// rebuilds it and counts exactly `N` orders lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restarted_from_an_older_aof_counts_exactly_the_orders_it_lost() {
+    const N: u64 = 7;
+    let mut redis = OwnRedis::start().await;
+    let target = Target::fresh_on(&redis.url());
+    let mut app = spawn_with(target.clone(), all_roles).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 100,
+            ..SaleSpec::default()
+        })
+        .await;
+    for u in 1..=5u64 {
+        assert_eq!(app.reserve(&sale, u, None).await.0, 201);
+    }
+    wait_backlog_empty(&app, &sale).await;
+    app.stop().await;
+    let front = spawn_with(target.clone(), |c| c.roles = vec![Role::Http]).await;
+    let older = redis.copy_data();
+    for u in 6..6 + N {
+        assert_eq!(front.reserve(&sale, u, None).await.0, 201);
+    }
+    redis.kill();
+    redis.restore_data(&older);
+    redis.restart().await;
+
+    // The front door notices before it gives an id out twice.
+    let until = Instant::now() + Duration::from_secs(10);
+    let fence_key = front.sale_keys(&sale).sale;
+    loop {
+        let (s, o) = front.reserve(&sale, 50, None).await;
+        let mut c = front.engine.connection();
+        let fence: Option<String> = c.hget(&fence_key, "fence").await.unwrap_or(None);
+        if s == 503 && fence.as_deref() == Some("behind") {
+            break;
+        }
+        assert!(s != 201, "an id was given out again: {o}");
+        assert!(Instant::now() < until, "{s} {o}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rec = spawn_with(target.clone(), |c| {
+        c.roles = vec![Role::Http, Role::Reconciler]
+    })
+    .await;
+    front.wait_serving(&sale, Duration::from_secs(10)).await;
+    let pool = pool(&rec).await;
+    assert_eq!(lost_count(&pool).await as u64, N, "exactly the orders lost");
+    assert!(rec.metrics().await.contains(&format!(
+        "flashsale_orders_lost_total{{sale=\"{sale}\"}} {N}"
+    )));
+    let (s, o) = front.reserve(&sale, 50, None).await;
+    assert_eq!(s, 201, "{o}");
+    assert_eq!(
+        o["order_id"],
+        format!("{sale}-{}", 5 + N + 1),
+        "no id reused"
+    );
+    wait_backlog_empty(&rec, &sale).await;
+    let (code, out) = audit(&target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "a counted loss is information, not drift: {out}");
+    assert!(
+        out.contains(&format!("information: {N} acknowledged order(s) lost")),
+        "{out}"
+    );
+    pool.close().await;
+    front.finish().await;
+    rec.finish().await;
+}
+
+/// SIGKILL mid-rush with `appendfsync always`: every order acknowledged
+/// before the kill is there after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_killed_mid_rush_with_fsync_always_loses_nothing_acknowledged() {
+    let mut redis = OwnRedis::start().await;
+    let target = Target::fresh_on(&redis.url());
+    let app = spawn_with(target.clone(), all_roles).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 100_000,
+            ..SaleSpec::default()
+        })
+        .await;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..16u64 {
+        let (client, url, acked, stop) =
+            (app.client.clone(), app.url(""), acked.clone(), stop.clone());
+        let sale = sale.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut u = 1000 + t;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let res = client
+                    .post(format!("{url}/api/v1/sales/{sale}/orders"))
+                    .bearer_auth(buyer_token(u))
+                    .json(&serde_json::json!({"qty": 1}))
+                    .send()
+                    .await;
+                if let Ok(res) = res {
+                    if res.status() == 201 {
+                        let o: Value = res.json().await.unwrap();
+                        acked
+                            .lock()
+                            .unwrap()
+                            .push((u, o["order_id"].as_str().unwrap().to_owned()));
+                    }
+                }
+                u += 16;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    app.wait_serving(&sale, Duration::from_secs(10)).await;
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 50, "the rush made orders: {}", acked.len());
+    let held = app.orders(&sale).await;
+    for (user, id) in &acked {
+        let seq: u64 = id.rsplit('-').next().unwrap().parse().unwrap();
+        let o = held
+            .get(&seq)
+            .unwrap_or_else(|| panic!("acknowledged order {id} lost"));
+        assert_eq!(o.user.get(), *user, "{id}");
+    }
+    wait_backlog_empty(&app, &sale).await;
+    let pool = pool(&app).await;
+    assert_eq!(lost_count(&pool).await, 0);
+    let (code, out) = audit(&target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "{out}");
+    pool.close().await;
+    app.finish().await;
+}
+
+/// A new database whose sale 1 meets another database's `{s1}` under the
+/// same prefix never sells from the old stock: creating it is refused
+/// while those keys are there, and keys that show up under a live sale's
+/// name later fence it (503) and are never applied to this database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_databases_sale_under_the_same_name_is_never_adopted() {
+    let old = spawn_app().await;
+    let sale = old.create_sale(SaleSpec::default()).await;
+    assert_eq!(old.reserve(&sale, 1, None).await.0, 201);
+    let mut fresh = Target::fresh();
+    fresh.key_prefix = old.target.key_prefix.clone();
+    let new = spawn_with(fresh, all_roles).await;
+    let body = serde_json::json!({
+        "sku": "SKU-T", "title": "Test item", "price_cents": 1999, "stock": 10,
+        "start_at": "2026-01-01T00:00:00Z", "end_at": "2036-01-01T00:00:00Z",
+        "per_user_limit": 1, "payment_window_secs": 900,
+    });
+    let create = || async {
+        new.client
+            .post(new.url("/api/v1/sales"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(create().await, 500, "refused, not adopted");
+    assert_eq!(old.sale_field(&sale, "seq").await, 1, "theirs untouched");
+
+    // A sale of this database's own; then keys of another database take
+    // its name (the other's token in its hash).
+    let res = new
+        .client
+        .post(new.url("/api/v1/sales"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let mine = res.json::<Value>().await.unwrap()["sale_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(new.reserve(&mine, 2, None).await.0, 201);
+    let mut c = new.engine.connection();
+    let _: () = c
+        .hset(new.sale_keys(&mine).sale, "db", "0123456789abcdef")
+        .await
+        .unwrap();
+    let sale = mine;
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (s, o) = new.reserve(&sale, 3, None).await;
+        if s == 503 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "still sells from their stock: {s} {o}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, out) = audit(&new.target, &["--sale", &sale]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("sale_foreign"), "{out}");
+    let pool = pool(&new).await;
+    let users: Vec<u64> = sqlx::query_scalar("SELECT user_id FROM orders")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(
+        !users.contains(&1),
+        "their order never reached this database"
+    );
+    pool.close().await;
+    new.finish().await;
+    old.finish().await;
+}
