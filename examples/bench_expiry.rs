@@ -161,6 +161,7 @@ fn only(sale: SaleId) -> Arc<LiveSales> {
     Arc::new(LiveSales::of(&[LiveSale {
         id: sale,
         end_ms: i64::MAX,
+        token: 0,
     }]))
 }
 

@@ -72,6 +72,8 @@ fn invocation<'a>(
         .arg(format!("{user:x}"))
         // The highest order seq seen: none (no rollback check).
         .arg(0)
+        // The sale's token: not checked.
+        .arg("")
         .arg(user)
         .arg(1)
         .arg("");

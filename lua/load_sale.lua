@@ -19,7 +19,7 @@
 local token = ARGV[1]
 if redis.call('EXISTS', KEYS[1]) == 1 then
   local s = redis.call('HMGET', KEYS[1], 'db', 'fence', 'layout')
-  if s[1] ~= token then
+  if s[1] ~= token and (s[1] or s[3]) then
     return -1
   end
   if not (s[2] == 'missing' and not s[3]) then

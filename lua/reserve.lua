@@ -30,7 +30,11 @@
 -- ARGV[3]     the highest order seq of the sale the caller has seen ("0":
 --             none); a sale whose counter is below it is fenced (check_seen
 --             in prelude.lua) and the call fails with "FENCED behind"
--- ARGV[4+3i], ARGV[5+3i], ARGV[6+3i]  (i = 0, 1, ...) one reservation:
+-- ARGV[4]     the sale's token as the caller knows it from MySQL ("": not
+--             known yet); a sale hash of another token is another
+--             database's: the call fails with "FENCED foreign", writing
+--             nothing
+-- ARGV[5+3i], ARGV[6+3i], ARGV[7+3i]  (i = 0, 1, ...) one reservation:
 --             buyer's user id (decimal), quantity (>= 1), idempotency key
 --             or "" for none
 --
@@ -48,7 +52,7 @@
 -- rebuilt from MySQL still finds an order by its key.
 -- A fenced sale fails the call with the error "FENCED <reason>".
 
-local n = math.floor((#ARGV - 3) / 3)
+local n = math.floor((#ARGV - 4) / 3)
 local call_id = ARGV[2]
 local replies = {}
 local function refuse_all(code)
@@ -101,7 +105,7 @@ end
 -- The key a reservation is judged under: the buyer's idempotency key, or
 -- for none this call's retry key of it (found only if a retry came first).
 local function key_of(i)
-  local idem = ARGV[3 * i + 3]
+  local idem = ARGV[3 * i + 4]
   if idem ~= '' then
     return idem, true
   end
@@ -109,11 +113,21 @@ local function key_of(i)
 end
 
 local sale = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'avail', 'limit', 'price', 'window_ms',
-  'seq', 'layout', 'fence')
+  'seq', 'layout', 'fence', 'db')
 if sale[9] then
   fenced(sale[9])
 end
+if ARGV[4] ~= '' and sale[10] and sale[10] ~= ARGV[4] then
+  fenced('foreign')
+end
 if not sale[1] then
+  if (tonumber(ARGV[3]) or 0) > 0 then
+    -- This caller was given orders of the sale, so it existed: Redis lost
+    -- it. A fence-only hash keeps the highest id given out (the guard adds
+    -- the token and the rebuild counts the lost orders up to it).
+    redis.call('HSET', KEYS[1], 'fence', 'missing', 'lost_hint', ARGV[3])
+    fenced('missing')
+  end
   return refuse_all('not_found')
 end
 if sale[8] ~= LAYOUT then
@@ -132,7 +146,7 @@ if record then
       local _, packed = load_order(seq)
       replies[i] = {'ok', seq, packed}
     elseif letter == 'd' then
-      local user = ARGV[3 * i + 1]
+      local user = ARGV[3 * i + 2]
       local seq = made_before(user, key_of(i))
       local _, packed = load_order(seq)
       replies[i] = {'dup', seq, packed}
@@ -169,7 +183,7 @@ local accepted = {}
 local claimed, echoes = {}, {}
 local letters = {}
 for i = 1, n do
-  local user, qty = ARGV[3 * i + 1], tonumber(ARGV[3 * i + 2])
+  local user, qty = ARGV[3 * i + 2], tonumber(ARGV[3 * i + 3])
   local key, own_key = key_of(i)
   local idem_field = user .. ':' .. key
   local made = made_before(user, key, own_key)

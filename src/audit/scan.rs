@@ -142,7 +142,12 @@ pub(super) async fn audit_sale(
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let last_flow: Option<FlowId> = snap.last_flow.parse().ok();
-    let fence = snap.fields.get("fence").cloned();
+    let mut fence = snap.fields.get("fence").cloned();
+    if let Some(terms) = crate::db::sale_terms(&mut *tx, sale).await? {
+        if snap.fields.get("db") != Some(&terms.token) {
+            fence = Some("foreign".into());
+        }
+    }
     let behind = redis_seq < settled.max_seq
         || (settled.cursor != FlowId::default() && last_flow.is_none_or(|l| l < settled.cursor));
     if fence.is_some() || behind {

@@ -23,19 +23,23 @@ pub struct LiveSale {
     pub id: SaleId,
     /// Its end, ms since the epoch (retirement is looked at only after it).
     pub end_ms: i64,
+    /// Its token (`sales.redis_token`, 16 hex digits, as a number; 0: not
+    /// known).
+    pub token: u64,
 }
 
 /// Every sale that is not retired (served by `idx_sales_retired`).
 pub async fn live_sales(pool: &MySqlPool) -> anyhow::Result<Vec<LiveSale>> {
-    let rows: Vec<(u64, DateTime<Utc>)> =
-        sqlx::query_as("SELECT id, end_at FROM sales WHERE retired_at IS NULL")
+    let rows: Vec<(u64, DateTime<Utc>, String)> =
+        sqlx::query_as("SELECT id, end_at, redis_token FROM sales WHERE retired_at IS NULL")
             .fetch_all(pool)
             .await?;
     rows.into_iter()
-        .map(|(id, end)| {
+        .map(|(id, end, token)| {
             Ok(LiveSale {
                 id: SaleId::new(id)?,
                 end_ms: end.timestamp_millis(),
+                token: u64::from_str_radix(&token, 16).unwrap_or(0),
             })
         })
         .collect()

@@ -195,6 +195,8 @@ pub(crate) struct ReserveCall {
     /// every call passes it, and a Redis whose counter is below it (it lost
     /// orders) fences the sale instead of giving an order id out twice.
     seen: Arc<Mutex<HashMap<SaleId, u64>>>,
+    /// The live sales and their tokens (`Engine::set_live`).
+    live: super::LiveMap,
 }
 
 impl ReserveCall {
@@ -203,6 +205,7 @@ impl ReserveCall {
         script: Arc<Script>,
         timeout: Duration,
         backlog_limit: u64,
+        live: super::LiveMap,
     ) -> Self {
         Self {
             conn,
@@ -212,6 +215,7 @@ impl ReserveCall {
             stats: ReserveStats::default(),
             ids: Arc::new(CallIds::new()),
             seen: Default::default(),
+            live,
         }
     }
 }
@@ -242,6 +246,11 @@ impl Combiner {
 
     pub fn stats(&self) -> &ReserveStats {
         &self.call.stats
+    }
+
+    /// The highest order seq of `sale` a reply of this process carried.
+    pub fn seen(&self, sale: SaleId) -> u64 {
+        self.call.seen().get(&sale).copied().unwrap_or(0)
     }
 
     /// Sales with a live queue in this process.
@@ -441,8 +450,23 @@ impl ReserveCall {
         {
             inv.key(key);
         }
-        let seen = self.seen().get(&sale).copied().unwrap_or(0);
-        inv.arg(self.backlog_limit).arg(&*call).arg(seen);
+        // Only a sale MySQL lists as live is checked against what this
+        // process has seen and against its token.
+        let token = self
+            .live
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sale)
+            .copied();
+        let seen = match token {
+            Some(_) => self.seen().get(&sale).copied().unwrap_or(0),
+            None => 0,
+        };
+        let token = match token {
+            Some(t) if t != 0 => format!("{t:016x}"),
+            _ => String::new(),
+        };
+        inv.arg(self.backlog_limit).arg(&*call).arg(seen).arg(token);
         for (i, job) in batch.iter().enumerate() {
             let _ = job.shared.sent_as.set((call.clone(), i + 1));
             inv.arg(job.user.get())

@@ -132,6 +132,11 @@ fn script_fault(e: &redis::RedisError) -> bool {
     }
 }
 
+/// The sales MySQL lists as live, each with its token (0: not known yet),
+/// shared by the engine and its reserve calls.
+pub(crate) type LiveMap =
+    std::sync::Arc<std::sync::RwLock<std::sync::Arc<std::collections::HashMap<SaleId, u64>>>>;
+
 /// Connection settings for the engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -188,7 +193,7 @@ pub struct EngineInner {
     sold_out: std::sync::Arc<sold_out::SoldOut>,
     combiner: std::sync::Arc<combiner::Combiner>,
     /// See [`Engine::set_live`].
-    live: std::sync::RwLock<std::sync::Arc<std::collections::HashSet<SaleId>>>,
+    live: LiveMap,
 }
 
 impl std::ops::Deref for Engine {
@@ -215,12 +220,14 @@ impl Engine {
             .set_max_delay(Duration::from_millis(200));
         let conn = ConnectionManager::new_lazy_with_config(client, config)?;
         let scripts = Scripts::default();
+        let live = LiveMap::default();
         let combiner = combiner::Combiner::new(
             combiner::ReserveCall::new(
                 conn.clone(),
                 scripts.reserve.clone(),
                 opts.timeout,
                 opts.flow_backlog_limit,
+                live.clone(),
             ),
             combiner::Batching {
                 max_wait: opts.timeout,
@@ -235,7 +242,7 @@ impl Engine {
             refunds: opts.refunds,
             sold_out: std::sync::Arc::new(sold_out::SoldOut::new(opts.sold_out_ttl)),
             combiner: std::sync::Arc::new(combiner),
-            live: Default::default(),
+            live,
         })))
     }
 
@@ -281,9 +288,12 @@ impl Engine {
     /// The sales MySQL lists as live (the live list of `workers::live`
     /// keeps it up to date): a sale on it that Redis does not hold was lost
     /// by Redis, and is answered as fenced, never as not found.
-    pub fn set_live(&self, sales: impl IntoIterator<Item = SaleId>) {
-        let set: std::collections::HashSet<SaleId> = sales.into_iter().collect();
-        *self.live.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(set);
+    /// Each sale comes with its token (`sales.redis_token` as a number; 0
+    /// while not known): reserve calls pass it, and a sale hash of another
+    /// token is refused as another database's.
+    pub fn set_live(&self, sales: impl IntoIterator<Item = (SaleId, u64)>) {
+        let map: std::collections::HashMap<SaleId, u64> = sales.into_iter().collect();
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(map);
     }
 
     /// Whether MySQL lists `sale` as live (see [`Engine::set_live`]).
@@ -291,7 +301,7 @@ impl Engine {
         self.live
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&sale)
+            .contains_key(&sale)
     }
 
     /// What a call that found no sale `sale` in Redis answers: nothing (a

@@ -136,6 +136,8 @@ impl Engine {
     /// Checks a live sale against MySQL's token, highest order seq and
     /// cursor, and fences it when Redis lost it, is behind, or holds
     /// another database's sale under its name (`lua/guard.lua`).
+    /// The highest order seq of `sale` this process handed out counts
+    /// too: a Redis below it lost orders that MySQL may never have seen.
     pub async fn guard(
         &self,
         sale: SaleId,
@@ -148,7 +150,8 @@ impl Engine {
         inv.key(&k.flow)
             .arg(token)
             .arg(mysql_seq)
-            .arg(cursor.to_string());
+            .arg(cursor.to_string())
+            .arg(self.combiner.seen(sale));
         let mut c = self.conn.clone();
         let reply: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
         match reply.first().map(String::as_str) {
@@ -335,8 +338,10 @@ impl Engine {
         for chunk in index.chunks(CHUNK) {
             pipe.zadd_multiple(&k.deadlines, chunk).ignore();
         }
-        let mut c = self.conn.clone();
-        self.timed(pipe.query_async::<()>(&mut c)).await?;
+        if pipe.cmd_iter().next().is_some() {
+            let mut c = self.conn.clone();
+            self.timed(pipe.query_async::<()>(&mut c)).await?;
+        }
         Ok(())
     }
 

@@ -39,6 +39,9 @@ pub struct SaleSnapshot {
     pub now_ms: i64,
     /// The sale is retired: MySQL alone is its truth now.
     pub retired: bool,
+    /// The sale's token (the hash's `db`: `sales.redis_token`), as a number
+    /// (0: none).
+    pub token: u64,
 }
 
 /// Where a sale stands, judged by Redis's clock.
@@ -211,6 +214,10 @@ impl Engine {
                 .parse()
                 .map_err(|_| EngineError::Protocol("bad clock".into()))?,
             retired: map.contains_key("retired"),
+            token: map
+                .get("db")
+                .and_then(|t| u64::from_str_radix(t, 16).ok())
+                .unwrap_or(0),
         }))
     }
 

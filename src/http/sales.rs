@@ -93,7 +93,7 @@ async fn create(
             CreateError::Engine(e) => e.into(),
             e @ CreateError::Foreign(..) => ApiError::Internal(e.into()),
         })?;
-    state.live.add(snapshot.id, snapshot.end_ms);
+    state.live.add(snapshot.id, snapshot.end_ms, snapshot.token);
     state.wakeup.sale_added();
     tracing::info!(sale = %snapshot.id, sku = %snapshot.sku, stock = snapshot.stock_total, "sale created");
     Ok((StatusCode::CREATED, Json(snapshot.into())))

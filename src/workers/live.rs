@@ -37,8 +37,9 @@ struct State {
     /// The list as the workers see it.
     list: Arc<[LiveSale]>,
     /// Sales created through this process that no MySQL read has shown
-    /// yet (a read that began before their insert committed lacks them).
-    added: BTreeMap<SaleId, i64>,
+    /// yet (a read that began before their insert committed lacks them),
+    /// with their ends and tokens.
+    added: BTreeMap<SaleId, (i64, u64)>,
     /// Sales this process retired that the last MySQL read still showed
     /// (it began before the retirement committed).
     retired: HashSet<SaleId>,
@@ -48,17 +49,17 @@ struct State {
 
 impl State {
     fn rebuild(&mut self, from_mysql: &[LiveSale]) {
-        let mut all: BTreeMap<SaleId, i64> = from_mysql
+        let mut all: BTreeMap<SaleId, (i64, u64)> = from_mysql
             .iter()
             .filter(|s| !self.retired.contains(&s.id))
-            .map(|s| (s.id, s.end_ms))
+            .map(|s| (s.id, (s.end_ms, s.token)))
             .collect();
         for (id, end) in &self.added {
             all.entry(*id).or_insert(*end);
         }
         self.list = all
             .into_iter()
-            .map(|(id, end_ms)| LiveSale { id, end_ms })
+            .map(|(id, (end_ms, token))| LiveSale { id, end_ms, token })
             .collect();
     }
 }
@@ -77,13 +78,13 @@ impl LiveSales {
 
     /// Tells `engine` the list now and on every change.
     pub fn watch(&self, engine: crate::engine::Engine) {
-        engine.set_live(self.ids());
+        engine.set_live(self.snapshot().iter().map(|s| (s.id, s.token)));
         let _ = self.engine.set(engine);
     }
 
     fn changed(&self) {
         if let Some(e) = self.engine.get() {
-            e.set_live(self.ids());
+            e.set_live(self.snapshot().iter().map(|s| (s.id, s.token)));
         }
     }
 
@@ -107,9 +108,9 @@ impl LiveSales {
     }
 
     /// A sale created through this process: on the list at once.
-    pub fn add(&self, sale: SaleId, end_ms: i64) {
+    pub fn add(&self, sale: SaleId, end_ms: i64, token: u64) {
         let mut s = self.write();
-        s.added.insert(sale, end_ms);
+        s.added.insert(sale, (end_ms, token));
         s.retired.remove(&sale);
         let list: Vec<LiveSale> = s.list.to_vec();
         s.rebuild(&list);
@@ -221,13 +222,14 @@ mod tests {
         LiveSale {
             id: SaleId::new(id).unwrap(),
             end_ms: id as i64 * 1000,
+            token: 0,
         }
     }
 
     #[test]
     fn a_read_that_missed_a_change_of_this_process_does_not_undo_it() {
         let live = LiveSales::of(&[sale(1), sale(2)]);
-        live.add(SaleId::new(3).unwrap(), 3000);
+        live.add(SaleId::new(3).unwrap(), 3000, 0);
         live.retire(SaleId::new(1).unwrap());
         assert_eq!(live.ids(), [2, 3].map(|i| SaleId::new(i).unwrap()));
         // A read that began before both changes committed.

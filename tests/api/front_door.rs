@@ -398,7 +398,7 @@ async fn the_same_reserve_call_twice_has_its_effect_once() {
         ] {
             inv.key(key);
         }
-        inv.arg(1_000_000).arg(id).arg(0);
+        inv.arg(1_000_000).arg(id).arg(0).arg("");
         for user in [1, 2, 3] {
             inv.arg(user).arg(1).arg("");
         }

@@ -534,3 +534,149 @@ async fn another_databases_sale_under_the_same_name_is_never_adopted() {
     new.finish().await;
     old.finish().await;
 }
+
+/// Pending orders keep their deadlines across a rebuild: cancellable,
+/// and closed by expiry on time, their units back on sale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pending_orders_keep_their_deadlines_across_a_rebuild() {
+    let app = spawn_with(Target::fresh(), all_roles).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 5,
+            payment_window_secs: 2,
+            ..SaleSpec::default()
+        })
+        .await;
+    let (_, a) = app.reserve(&sale, 1, None).await;
+    let (_, b) = app.reserve(&sale, 2, None).await;
+    let (a, b) = (
+        a["order_id"].as_str().unwrap().to_owned(),
+        b["order_id"].as_str().unwrap().to_owned(),
+    );
+    let (_, o) = get_order(&app, &b, 2).await;
+    let deadline =
+        chrono::DateTime::parse_from_rfc3339(o["payment_deadline"].as_str().unwrap()).unwrap();
+    wait_backlog_empty(&app, &sale).await;
+    app.engine
+        .drop_sale_keys(sale.parse().unwrap())
+        .await
+        .unwrap();
+    wait_rebuilds(&app, 1).await;
+    app.wait_serving(&sale, Duration::from_secs(10)).await;
+    let (s, o) = get_order(&app, &b, 2).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        chrono::DateTime::parse_from_rfc3339(o["payment_deadline"].as_str().unwrap()).unwrap(),
+        deadline,
+        "the deadline is kept"
+    );
+    assert_eq!(app.cancel(&a, 1).await.0, 200, "still cancellable");
+    // Expiry closes b at its deadline (not much later).
+    let until = Instant::now() + Duration::from_secs(6);
+    loop {
+        let (_, o) = get_order(&app, &b, 2).await;
+        if o["status"] == "closed" {
+            let closed =
+                chrono::DateTime::parse_from_rfc3339(o["closed_at"].as_str().unwrap()).unwrap();
+            let late = closed - deadline;
+            assert!(
+                late.num_milliseconds() >= 0 && late.num_milliseconds() < 1500,
+                "closed {late:?} after its deadline"
+            );
+            break;
+        }
+        assert!(Instant::now() < until, "never closed: {o}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        app.sale_field(&sale, "avail").await,
+        5,
+        "units back on sale"
+    );
+    wait_backlog_empty(&app, &sale).await;
+    let (code, out) = audit(&app.target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "{out}");
+    app.finish().await;
+}
+
+/// Keys deleted while a rush of buyers hits the sale: no oversell, no id
+/// given to two buyers, every acknowledged order either kept or counted
+/// lost, and the audit clean after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_deleted_under_a_rush_oversell_nothing_and_reuse_no_id() {
+    const STOCK: i64 = 400;
+    let app = spawn_with(Target::fresh(), all_roles).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: STOCK,
+            ..SaleSpec::default()
+        })
+        .await;
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let (client, url, acked) = (app.client.clone(), app.url(""), acked.clone());
+        let sale = sale.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..100u64 {
+                let u = 10_000 + t * 1000 + i;
+                let res = client
+                    .post(format!("{url}/api/v1/sales/{sale}/orders"))
+                    .bearer_auth(buyer_token(u))
+                    .json(&serde_json::json!({"qty": 1}))
+                    .send()
+                    .await
+                    .unwrap();
+                if res.status() == 201 {
+                    let o: Value = res.json().await.unwrap();
+                    acked
+                        .lock()
+                        .unwrap()
+                        .push((u, o["order_id"].as_str().unwrap().to_owned()));
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    app.engine
+        .drop_sale_keys(sale.parse().unwrap())
+        .await
+        .unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    app.wait_serving(&sale, Duration::from_secs(10)).await;
+    wait_backlog_empty(&app, &sale).await;
+    let acked = acked.lock().unwrap().clone();
+    let mut owner = std::collections::HashMap::new();
+    for (u, id) in &acked {
+        assert!(
+            owner.insert(id.clone(), *u).is_none(),
+            "order id {id} given to two buyers"
+        );
+    }
+    let pool = pool(&app).await;
+    let lost: Vec<u64> = sqlx::query_scalar("SELECT seq FROM lost_orders")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let held = app.orders(&sale).await;
+    for (u, id) in &acked {
+        let seq: u64 = id.rsplit('-').next().unwrap().parse().unwrap();
+        match held.get(&seq) {
+            Some(o) => assert_eq!(o.user.get(), *u, "{id}"),
+            None => assert!(lost.contains(&seq), "{id} neither kept nor counted lost"),
+        }
+    }
+    let units: i64 = held
+        .values()
+        .filter(|o| o.status.as_str() == "pending")
+        .map(|o| i64::from(o.qty))
+        .sum();
+    assert!(units <= STOCK);
+    assert_eq!(app.sale_field(&sale, "avail").await + units, STOCK);
+    let (code, out) = audit(&app.target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "{out}");
+    pool.close().await;
+    app.finish().await;
+}

@@ -556,6 +556,7 @@ async fn the_live_list_keeps_its_last_good_state_while_mysql_is_unreachable() {
     let sales = [1, 2].map(|i| LiveSale {
         id: SaleId::new(i).unwrap(),
         end_ms: 0,
+        token: 0,
     });
     let live = Arc::new(LiveSales::of(&sales));
     let unreachable = sqlx::mysql::MySqlPoolOptions::new()
