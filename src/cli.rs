@@ -117,6 +117,28 @@ enum SaleCommand {
         #[command(flatten)]
         store: StoreConfig,
     },
+    /// Rebuild a sale from MySQL now (it must be fenced: Redis lost it or
+    /// is behind; a running reconciler does this by itself).
+    Rebuild {
+        /// The sale's id.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        store: StoreConfig,
+    },
+    /// Delete keys that another database left under a sale's name (the
+    /// sale is fenced `foreign`), so that the sale is rebuilt from this
+    /// database's MySQL. Shows what it would delete without `--yes`.
+    DiscardForeign {
+        /// The sale's id.
+        #[arg(long)]
+        id: String,
+        /// Delete them.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        store: StoreConfig,
+    },
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -215,6 +237,62 @@ async fn execute(command: Command) -> anyhow::Result<i32> {
                     Ok(1)
                 }
             }
+        }
+        Command::Sale(SaleCommand::Rebuild { id, store }) => {
+            let id: SaleId = id.parse().context("--id")?;
+            let db = crate::db::connect(&store.database_url).await?;
+            let engine = engine(&store)?;
+            engine.load_scripts().await.context("cannot reach Redis")?;
+            crate::sales::load_missing(&db, &engine, Some(id)).await?;
+            match crate::workers::guard::rebuild_now(&engine, &db, id).await? {
+                Some(r) => {
+                    println!(
+                        "sale {id} rebuilt in {:.3} s: {} orders, {} counted lost, order counter {}",
+                        r.took.as_secs_f64(),
+                        r.orders,
+                        r.lost,
+                        r.counter
+                    );
+                    Ok(0)
+                }
+                None => {
+                    eprintln!(
+                        "sale {id} was not rebuilt: it is not fenced for a reason a rebuild cures \
+                         (missing, behind), is retired, or another reconciler holds it now"
+                    );
+                    Ok(1)
+                }
+            }
+        }
+        Command::Sale(SaleCommand::DiscardForeign { id, yes, store }) => {
+            let id: SaleId = id.parse().context("--id")?;
+            let db = crate::db::connect(&store.database_url).await?;
+            let engine = engine(&store)?;
+            let Some(terms) = crate::db::sale_terms(&db, id).await? else {
+                eprintln!("no live sale {id} in MySQL");
+                return Ok(1);
+            };
+            let mut c = engine.connection();
+            let held: Option<String> =
+                redis::AsyncCommands::hget(&mut c, engine.keys().sale(id).sale, "db").await?;
+            if held.as_deref() == Some(terms.token.as_str()) {
+                eprintln!(
+                    "Redis holds this database's sale {id} (token {}): nothing to discard",
+                    terms.token
+                );
+                return Ok(1);
+            }
+            let pattern = engine.keys().sale(id).pattern();
+            if !yes {
+                println!(
+                    "would delete every key matching {pattern} (token {:?}, this database's is {}); run again with --yes",
+                    held, terms.token
+                );
+                return Ok(0);
+            }
+            let n = engine.discard_foreign(id, &terms.token).await?;
+            println!("deleted {n} keys of sale {id}; a running reconciler rebuilds it from MySQL");
+            Ok(0)
         }
     }
 }

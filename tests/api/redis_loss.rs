@@ -500,6 +500,7 @@ async fn another_databases_sale_under_the_same_name_is_never_adopted() {
         .unwrap()
         .to_owned();
     assert_eq!(new.reserve(&mine, 2, None).await.0, 201);
+    wait_backlog_empty(&new, &mine).await;
     let mut c = new.engine.connection();
     let _: () = c
         .hset(new.sale_keys(&mine).sale, "db", "0123456789abcdef")
@@ -518,18 +519,40 @@ async fn another_databases_sale_under_the_same_name_is_never_adopted() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (code, out) = audit(&new.target, &["--sale", &sale]).await;
-    assert_eq!(code, 1, "{out}");
+    let (exit, out) = audit(&new.target, &["--sale", &sale]).await;
+    assert_eq!(exit, 1, "{out}");
     assert!(out.contains("sale_foreign"), "{out}");
     let pool = pool(&new).await;
     let users: Vec<u64> = sqlx::query_scalar("SELECT user_id FROM orders")
         .fetch_all(&pool)
         .await
         .unwrap();
+    assert_eq!(users, [2], "only this database's order");
+
+    // A person decides the keys are debris: discarded, the sale is rebuilt.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
+        .args(["sale", "discard-foreign", "--id", &sale, "--yes"])
+        .env("REDIS_URL", &new.target.redis_url)
+        .env("DATABASE_URL", &new.target.database_url)
+        .env("FLASHSALE_KEY_PREFIX", &new.target.key_prefix)
+        .output()
+        .await
+        .unwrap();
     assert!(
-        !users.contains(&1),
-        "their order never reached this database"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    new.wait_serving(&sale, Duration::from_secs(10)).await;
+    let (s, o) = new.reserve(&sale, 2, None).await;
+    assert_eq!(
+        (s, code(&o)),
+        (409, "limit_exceeded"),
+        "buyer 2's order is back: {o}"
+    );
+    wait_backlog_empty(&new, &sale).await;
+    let (code, out) = audit(&new.target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "{out}");
     pool.close().await;
     new.finish().await;
     old.finish().await;
