@@ -97,7 +97,12 @@ impl Retirer {
         // Cheap looks first: most calls end here while work is left. The
         // sale hash alone answers for a sale that has not ended or still
         // has pending orders (whose due-queue may be large).
-        let Some(sale_now) = self.engine.sale(sale).await? else {
+        let sale_now = match self.engine.sale(sale).await {
+            // Fenced: the guard rebuilds it first.
+            Err(crate::engine::EngineError::Fenced(_)) => return not_yet("fenced"),
+            other => other?,
+        };
+        let Some(sale_now) = sale_now else {
             // Not in Redis, not retired in MySQL: lost, not finished. Never
             // retire it on that ground (the Redis-loss checks own it).
             return not_yet("missing in redis");
