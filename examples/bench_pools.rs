@@ -72,8 +72,8 @@ fn invocation<'a>(
         .arg(format!("{user:x}"))
         // The highest order seq seen: none (no rollback check).
         .arg(0)
-        // The sale's token: not checked.
-        .arg("")
+        // The sale's token (loaded as "bench" above).
+        .arg("bench")
         .arg(user)
         .arg(1)
         .arg("");

@@ -89,10 +89,11 @@ keys() { local p="$tag:{s$1}"; echo "$p:sale $p:buyers $p:orders $p:deadlines $p
 #    on keys of the same shape (a sale of its own). Each call carries an id
 #    (a random 12-digit number here, like the buyer) as the service's do.
 raw_sale=$(mk_sale 10000000 1000000)
+raw_token=$(redis-cli HGET "$tag:{s$raw_sale}:sale" db)
 sha=$(redis-cli SCRIPT LOAD "$(cat lua/prelude.lua; echo; cat lua/reserve.lua)")
 raw_n=$((25000 * SECS))
 raw=$(redis-benchmark -c "$CONC" -P 1 -n "$raw_n" -r 100000000 -q \
-    EVALSHA "$sha" 7 $(keys "$raw_sale") 1000000000 __rand_int__ 0 "" __rand_int__ 1 "" | tr -d '\r' \
+    EVALSHA "$sha" 7 $(keys "$raw_sale") 1000000000 __rand_int__ 0 "$raw_token" __rand_int__ 1 "" | tr -d '\r' \
     | grep -o '[0-9.]* requests per second' | cut -d' ' -f1)
 raw_made=$(redis-cli HLEN "$tag:{s$raw_sale}:orders")
 

@@ -22,6 +22,11 @@
 --          only: exact up to about a thousand, a lower bound beyond)
 
 check_layout()
+-- A sale hash without its terms (Redis lost the sale, or a fence-only hash
+-- stands in for it) has nothing to expire until it is rebuilt.
+if not redis.call('HGET', KEYS[1], 'layout') then
+  fenced('missing')
+end
 
 local limit, first, longest, max_age =
   tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])

@@ -25,12 +25,40 @@ local function layout_error()
     LAYOUT .. '; settle it with the build that made it'})
 end
 
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- %d keeps large integers out of Lua's exponent notation.
+local function int(n)
+  return string.format('%d', n)
+end
+
 -- A fenced sale (Redis lost some of it or went back in time; its `fence`
--- field says why: missing, behind, foreign, rebuilding) takes no write and
--- answers no read until it is rebuilt from MySQL (src/workers/guard.rs).
+-- field says why: missing, behind, foreign, rebuilding:<id>) takes no write
+-- and answers no read until it is rebuilt from MySQL (src/workers/guard.rs).
 -- The error reply "FENCED <reason>" is answered 503 with Retry-After.
 local function fenced(reason)
   error({err = 'FENCED ' .. reason})
+end
+
+-- Fences the sale for `reason` (with the time, `fenced_at`), unless it is.
+local function set_fence(reason)
+  if not redis.call('HGET', KEYS[1], 'fence') then
+    redis.call('HSET', KEYS[1], 'fence', reason, 'fenced_at', int(now_ms()))
+  end
+end
+
+-- Keeps the highest order seq a caller was given for the sale in
+-- `lost_hint`: the rebuild counts lost orders up to it and moves the
+-- counter past it, so an id a caller saw is never given out again.
+local function keep_hint(seen)
+  seen = tonumber(seen) or 0
+  if seen > tonumber(redis.call('HGET', KEYS[1], 'lost_hint') or '0') then
+    redis.call('HSET', KEYS[1], 'lost_hint', int(seen))
+  end
 end
 
 -- Refuses a fenced sale, and a sale of another layout (a missing sale
@@ -60,28 +88,13 @@ end
 -- order counter is below the highest order seq the caller was given for
 -- the sale (`seen`), so Redis lost orders (a restart from an older
 -- snapshot, a replica promoted while it lagged). The sale is fenced here,
--- before it can give an order id out twice, and `lost_hint` keeps the
--- highest seq any caller saw, which the rebuild counts lost orders up to.
+-- before it can give an order id out twice.
 local function check_seen(seen, counter)
-  seen = tonumber(seen) or 0
-  if seen > (tonumber(counter) or 0) then
-    local hint = tonumber(redis.call('HGET', KEYS[1], 'lost_hint') or '0')
-    if seen > hint then
-      redis.call('HSET', KEYS[1], 'lost_hint', string.format('%d', seen))
-    end
-    redis.call('HSET', KEYS[1], 'fence', 'behind')
+  if (tonumber(seen) or 0) > (tonumber(counter) or 0) then
+    keep_hint(seen)
+    set_fence('behind')
     fenced('behind')
   end
-end
-
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-
--- %d keeps large integers out of Lua's exponent notation.
-local function int(n)
-  return string.format('%d', n)
 end
 
 -- The due-queue holds payment deadlines (member: the order seq) and refund
@@ -233,15 +246,20 @@ end
 -- refund; `key` adds k=<the key a new order was made under> to a reserve)
 -- and stores the order with the record's id. Returns the packed order.
 local function save(seq, o, event, restocked, key)
-  local id
+  -- `n` numbers the sale's records 1, 2, 3, ... (the sale hash's `flows`):
+  -- MySQL keeps the last one applied, so a Redis that went back in time
+  -- shows by its numbers, whatever its clock says (workers/guard.rs).
+  local n = redis.call('HINCRBY', KEYS[1], 'flows', 1)
+  local fields = {'ev', event, 'o', seq, 's', pack_order(o), 'n', int(n)}
   if key then
-    id = redis.call('XADD', KEYS[5], '*', 'ev', event, 'o', seq, 's', pack_order(o), 'k', key)
-  elseif restocked == nil then
-    id = redis.call('XADD', KEYS[5], '*', 'ev', event, 'o', seq, 's', pack_order(o))
-  else
-    id = redis.call('XADD', KEYS[5], '*', 'ev', event, 'o', seq, 's', pack_order(o),
-      'r', restocked and '1' or '0')
+    fields[#fields + 1] = 'k'
+    fields[#fields + 1] = key
   end
+  if restocked ~= nil then
+    fields[#fields + 1] = 'r'
+    fields[#fields + 1] = restocked and '1' or '0'
+  end
+  local id = redis.call('XADD', KEYS[5], '*', unpack(fields))
   o.flow = id
   store_order(seq, o)
   return pack_order(o)

@@ -4,7 +4,7 @@
 -- price, layout) already: the rebuild writes them first.
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
--- ARGV[1]     the fence the rebuild holds ("rebuilding")
+-- ARGV[1]     the fence this rebuild holds ("rebuilding:<id>")
 -- ARGV[2k], ARGV[2k+1]  (k = 1, 2, ...) order seq, packed order
 --
 -- Returns: the number of orders stored; an error when the sale's fence is

@@ -30,8 +30,9 @@
 -- ARGV[3]     the highest order seq of the sale the caller has seen ("0":
 --             none); a sale whose counter is below it is fenced (check_seen
 --             in prelude.lua) and the call fails with "FENCED behind"
--- ARGV[4]     the sale's token as the caller knows it from MySQL ("": not
---             known yet); a sale hash of another token is another
+-- ARGV[4]     the sale's token as the caller knows it from MySQL ("": the
+--             caller does not list the sale as live, and is served without
+--             the check); a sale hash of another token is another
 --             database's: the call fails with "FENCED foreign", writing
 --             nothing
 -- ARGV[5+3i], ARGV[6+3i], ARGV[7+3i]  (i = 0, 1, ...) one reservation:
@@ -114,18 +115,29 @@ end
 
 local sale = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'avail', 'limit', 'price', 'window_ms',
   'seq', 'layout', 'fence', 'db')
+local token = ARGV[4]
 if sale[9] then
+  -- What this caller has seen still counts toward the rebuild.
+  if token ~= '' and sale[10] == token then
+    keep_hint(ARGV[3])
+  end
   fenced(sale[9])
 end
-if ARGV[4] ~= '' and sale[10] and sale[10] ~= ARGV[4] then
-  fenced('foreign')
+if token ~= '' and sale[10] ~= token then
+  -- Another database's sale (a sale hash without a token is the guard's
+  -- to judge). A caller without a token (it does not list the sale as
+  -- live yet: created elsewhere a moment ago) cannot tell, and is served.
+  if sale[10] then
+    fenced('foreign')
+  end
 end
 if not sale[1] then
   if (tonumber(ARGV[3]) or 0) > 0 then
     -- This caller was given orders of the sale, so it existed: Redis lost
     -- it. A fence-only hash keeps the highest id given out (the guard adds
     -- the token and the rebuild counts the lost orders up to it).
-    redis.call('HSET', KEYS[1], 'fence', 'missing', 'lost_hint', ARGV[3])
+    keep_hint(ARGV[3])
+    set_fence('missing')
     fenced('missing')
   end
   return refuse_all('not_found')

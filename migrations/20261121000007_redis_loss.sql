@@ -10,6 +10,11 @@ UPDATE sales SET redis_token = SUBSTRING(SHA2(CONCAT(id, '-', UUID()), 256), 1, 
     WHERE redis_token IS NULL;
 ALTER TABLE sales MODIFY redis_token CHAR(16) NOT NULL;
 
+-- The number of the last flow record applied (records of a sale are
+-- numbered 1, 2, 3, ... in Redis): a record numbered at or below it comes
+-- from a Redis that went back in time, whatever its stream id says.
+ALTER TABLE reconcile_cursors ADD COLUMN last_n BIGINT UNSIGNED NOT NULL DEFAULT 0 AFTER last_seq;
+
 -- The key an order was made under: the buyer's Idempotency-Key, or the
 -- retry key ("rk-...") of the request that made it. A rebuilt sale answers
 -- a retried key with the same order.

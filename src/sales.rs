@@ -205,10 +205,18 @@ pub async fn load_missing(
             continue;
         }
         let cursor = crate::db::rebuild::settled_point(db, id).await?;
-        if let GuardVerdict::Fenced(reason) = engine
-            .guard(id, &t.token, cursor.max_seq, cursor.cursor)
-            .await?
-        {
+        let input = crate::engine::GuardInput {
+            sale: id,
+            token: &t.token,
+            max_seq: cursor.max_seq,
+            cursor: cursor.cursor,
+            last_n: 0,
+            start_ms: t.start_ms,
+            end_ms: t.end_ms,
+            total: t.stock_total,
+            price_cents: t.price_cents,
+        };
+        if let GuardVerdict::Fenced(reason) = engine.guard(&input).await? {
             tracing::warn!(sale = %id, reason, "sale missing from Redis: fenced until the reconciler rebuilds it from MySQL");
             fenced += 1;
         }

@@ -177,6 +177,7 @@ mod tests {
             order: Order::unpack("1-5".parse().unwrap(), packed).unwrap(),
             restocked: false,
             key: None,
+            n: None,
         }
     }
 

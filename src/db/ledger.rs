@@ -53,14 +53,22 @@ pub async fn lock_cursor(
     tx: &mut Transaction<'_, MySql>,
     sale: SaleId,
 ) -> sqlx::Result<Option<FlowId>> {
-    let row: Option<(u64, u64)> = sqlx::query_as(
-        "SELECT last_ms, last_seq FROM reconcile_cursors \
+    Ok(lock_numbered_cursor(tx, sale).await?.map(|(c, _)| c))
+}
+
+/// As [`lock_cursor`], with the number of the last record applied.
+pub async fn lock_numbered_cursor(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+) -> sqlx::Result<Option<(FlowId, u64)>> {
+    let row: Option<(u64, u64, u64)> = sqlx::query_as(
+        "SELECT last_ms, last_seq, last_n FROM reconcile_cursors \
          WHERE sale_id = ? FOR UPDATE SKIP LOCKED",
     )
     .bind(sale.get())
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(row.map(|(ms, seq)| FlowId { ms, seq }))
+    Ok(row.map(|(ms, seq, n)| (FlowId { ms, seq }, n)))
 }
 
 /// Units moved by one change, as inventory deltas.
@@ -189,13 +197,19 @@ pub async fn apply(
         r => r?,
     };
     quarantine::insert(tx, sale, &out.quarantined).await?;
+    let last_n = entries
+        .iter()
+        .filter_map(FlowEntry::number)
+        .max()
+        .unwrap_or(0);
     sqlx::query(
-        "UPDATE reconcile_cursors SET last_ms = ?, last_seq = ?, applied = applied + ? \
-         WHERE sale_id = ?",
+        "UPDATE reconcile_cursors SET last_ms = ?, last_seq = ?, applied = applied + ?, \
+         last_n = GREATEST(last_n, ?) WHERE sale_id = ?",
     )
     .bind(last.ms)
     .bind(last.seq)
     .bind(out.applied as u64)
+    .bind(last_n)
     .bind(sale.get())
     .execute(&mut **tx)
     .await?;

@@ -21,35 +21,78 @@ pub struct SettledPoint {
     pub cursor: FlowId,
 }
 
-/// A live sale's token and settled point.
+/// What the guard compares a live sale's Redis copy with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuardFacts {
     /// `sales.redis_token`.
     pub token: String,
     /// What MySQL has settled.
     pub settled: SettledPoint,
+    /// The number of the last flow record applied.
+    pub last_n: u64,
+    /// Its terms.
+    pub start_ms: i64,
+    /// See `start_ms`.
+    pub end_ms: i64,
+    /// See `start_ms`.
+    pub total: i64,
+    /// See `start_ms`.
+    pub price_cents: i64,
+    /// Created in the last few seconds with nothing settled yet: its
+    /// creator may not have loaded it into Redis yet.
+    pub young: bool,
 }
 
-/// Every live (not retired) sale's token and settled point, in one query
-/// (the highest seq by the primary key, one index dive per sale).
+type FactsRow = (
+    u64,
+    String,
+    u64,
+    u64,
+    u64,
+    u64,
+    DateTime<Utc>,
+    DateTime<Utc>,
+    i64,
+    i64,
+    i64,
+);
+
+/// Every live (not retired) sale's facts, in one query (the highest seq by
+/// the primary key, one index dive per sale).
 pub async fn guard_facts(pool: &MySqlPool) -> anyhow::Result<HashMap<SaleId, GuardFacts>> {
-    let rows: Vec<(u64, String, u64, u64, u64)> = sqlx::query_as(
+    let rows: Vec<FactsRow> = sqlx::query_as(
         "SELECT s.id, s.redis_token, \
          CAST(COALESCE((SELECT MAX(o.seq) FROM orders o WHERE o.sale_id = s.id), 0) AS UNSIGNED), \
-         CAST(COALESCE(c.last_ms, 0) AS UNSIGNED), CAST(COALESCE(c.last_seq, 0) AS UNSIGNED) \
+         CAST(COALESCE(c.last_ms, 0) AS UNSIGNED), CAST(COALESCE(c.last_seq, 0) AS UNSIGNED), \
+         CAST(COALESCE(c.last_n, 0) AS UNSIGNED), s.start_at, s.end_at, \
+         CAST(s.stock_total AS SIGNED), s.price_cents, \
+         CAST(s.created_at > NOW(3) - INTERVAL 10 SECOND AS SIGNED) \
          FROM sales s LEFT JOIN reconcile_cursors c ON c.sale_id = s.id \
          WHERE s.retired_at IS NULL",
     )
     .fetch_all(pool)
     .await?;
     rows.into_iter()
-        .map(|(id, token, max_seq, ms, seq)| {
-            let settled = SettledPoint {
-                max_seq,
-                cursor: FlowId { ms, seq },
-            };
-            Ok((SaleId::new(id)?, GuardFacts { token, settled }))
-        })
+        .map(
+            |(id, token, max_seq, ms, seq, last_n, start, end, total, price_cents, recent)| {
+                let settled = SettledPoint {
+                    max_seq,
+                    cursor: FlowId { ms, seq },
+                };
+                let young = recent == 1 && max_seq == 0 && last_n == 0;
+                let facts = GuardFacts {
+                    token,
+                    settled,
+                    last_n,
+                    start_ms: start.timestamp_millis(),
+                    end_ms: end.timestamp_millis(),
+                    total,
+                    price_cents,
+                    young,
+                };
+                Ok((SaleId::new(id)?, facts))
+            },
+        )
         .collect()
 }
 

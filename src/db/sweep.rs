@@ -60,11 +60,28 @@ pub async fn overdue_pending(
         .collect()
 }
 
-/// Closes one pending order in MySQL, returns its units to the sale's
-/// inventory and logs the correction, in one transaction. False when the
-/// order was no longer pending (nothing changed).
-pub async fn close_lost_order(pool: &MySqlPool, row: &PendingRow) -> anyhow::Result<bool> {
+/// A transaction holding `sale`'s cursor row: a rebuild of the sale (which
+/// holds it while it reads MySQL and writes Redis) finishes first, and
+/// none starts until [`close_lost_order`] commits.
+pub async fn lock_sale(
+    pool: &MySqlPool,
+    sale: crate::domain::SaleId,
+) -> anyhow::Result<sqlx::Transaction<'static, sqlx::MySql>> {
     let mut tx = pool.begin().await?;
+    sqlx::query("SELECT sale_id FROM reconcile_cursors WHERE sale_id = ? FOR UPDATE")
+        .bind(sale.get())
+        .fetch_optional(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// Closes one pending order in MySQL, returns its units to the sale's
+/// inventory and logs the correction, in `tx` (from [`lock_sale`]), and
+/// commits. False when the order was no longer pending (nothing changed).
+pub async fn close_lost_order(
+    mut tx: sqlx::Transaction<'static, sqlx::MySql>,
+    row: &PendingRow,
+) -> anyhow::Result<bool> {
     let sale = row.id.sale().get();
     let closed = sqlx::query(
         "UPDATE orders SET status = 'closed', closed_at = UTC_TIMESTAMP(3) \

@@ -458,6 +458,7 @@ impl ReserveCall {
             .unwrap_or_else(|p| p.into_inner())
             .get(&sale)
             .copied();
+        let live = token.is_some();
         let seen = match token {
             Some(_) => self.seen().get(&sale).copied().unwrap_or(0),
             None => 0,
@@ -498,7 +499,7 @@ impl ReserveCall {
                     .filter(|r| r.first().is_some_and(|c| c == "ok" || c == "dup"))
                     .filter_map(|r| r.get(1)?.parse::<u64>().ok())
                     .max();
-                if let Some(h) = highest.filter(|&h| h > seen) {
+                if let Some(h) = highest.filter(|&h| live && h > seen) {
                     let mut all = self.seen();
                     let e = all.entry(sale).or_insert(0);
                     *e = (*e).max(h);

@@ -3,8 +3,9 @@
 //!
 //! Records are appended by the order scripts (see `lua/prelude.lua`, `save`):
 //! `ev` (the event), `o` (the order's seq), `s` (the packed order after
-//! the event), on refunds `r` ("1" when the units went back on sale), and
-//! on reservations `k` (the key the order was made under). Stream ids are Redis-clock milliseconds plus a sequence, so
+//! the event), `n` (its number among the sale's records), on refunds `r`
+//! ("1" when the units went back on sale), and on reservations `k` (the key
+//! the order was made under). Stream ids are Redis-clock milliseconds plus a sequence, so
 //! they order a sale's changes exactly as Redis applied them.
 
 use std::fmt;
@@ -114,6 +115,9 @@ pub struct FlowRecord {
     /// idempotency key, or the request's retry key), kept in MySQL so a
     /// sale rebuilt from there still finds the order by it.
     pub key: Option<String>,
+    /// Its number among the sale's records (1, 2, 3, ...; `None` in records
+    /// written before records were numbered).
+    pub n: Option<u64>,
 }
 
 /// A stream entry the reconciler cannot read as a flow record (an unknown
@@ -139,6 +143,14 @@ pub enum FlowEntry {
 }
 
 impl FlowEntry {
+    /// Its number among the sale's records, when it has one.
+    pub fn number(&self) -> Option<u64> {
+        match self {
+            Self::Record(r) => r.n,
+            Self::Unreadable(u) => u.fields.get("n").and_then(|n| n.parse().ok()),
+        }
+    }
+
     /// Its place in the sale's stream.
     pub fn id(&self) -> FlowId {
         match self {
@@ -167,6 +179,10 @@ fn decode(sale: SaleId, entry: &redis::streams::StreamId) -> Result<FlowEntry, E
             order,
             restocked: field("r").is_some_and(|r| r == "1"),
             key: field("k").filter(|_| event == FlowEvent::Reserve),
+            n: match field("n") {
+                Some(n) => Some(n.parse().map_err(|_| "field n is not a number")?),
+                None => None,
+            },
         })
     })();
     Ok(match record {

@@ -30,7 +30,7 @@ pub use flow::{FlowEntry, FlowEvent, FlowId, FlowRecord, UnreadableRecord};
 pub use keys::{Keys, SaleKeys};
 pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reservation};
 pub use order::{Order, OrderStatus};
-pub use rebuild::{GuardVerdict, RebuiltSale, RedisSide, Unfenced};
+pub use rebuild::{GuardInput, GuardVerdict, RebuiltSale, RedisSide, Unfenced, FENCE_AT_LEAST};
 pub use retire::Retirement;
 pub use sale::{Loaded, SaleSnapshot, SaleState, SaleTerms};
 use scripts::Scripts;
@@ -95,7 +95,13 @@ impl EngineError {
     /// missing sale's ("NOSALE", see [`Engine::missing`]) told apart.
     pub(crate) fn from_redis(e: redis::RedisError) -> Self {
         match e.code() {
-            Some("FENCED") => Self::Fenced(e.detail().unwrap_or("unknown").trim().to_owned()),
+            // Redis adds the script's name after the reason.
+            Some("FENCED") => Self::Fenced(
+                e.detail()
+                    .and_then(|d| d.split_whitespace().next())
+                    .unwrap_or("unknown")
+                    .to_owned(),
+            ),
             _ => Self::Redis(e),
         }
     }

@@ -41,8 +41,32 @@ pub enum GuardVerdict {
 impl GuardVerdict {
     /// Whether a rebuild cures it (a foreign sale needs a person).
     pub fn rebuildable(&self) -> bool {
-        matches!(self, Self::Fenced(r) if r == "missing" || r == "behind" || r == "rebuilding")
+        matches!(self, Self::Fenced(r) if r == "missing" || r == "behind" || r.starts_with("rebuilding"))
     }
+}
+
+/// What the guard compares Redis's copy of a sale with: MySQL's side.
+#[derive(Debug, Clone)]
+pub struct GuardInput<'a> {
+    /// The sale.
+    pub sale: SaleId,
+    /// Its token (`sales.redis_token`).
+    pub token: &'a str,
+    /// The highest order seq MySQL holds.
+    pub max_seq: u64,
+    /// The reconciler's cursor.
+    pub cursor: FlowId,
+    /// The number of the last flow record MySQL applied.
+    pub last_n: u64,
+    /// Its terms (a sale hash written before sales had tokens is adopted
+    /// only when they are the same).
+    pub start_ms: i64,
+    /// See `start_ms`.
+    pub end_ms: i64,
+    /// See `start_ms`.
+    pub total: i64,
+    /// See `start_ms`.
+    pub price_cents: i64,
 }
 
 /// What the surviving Redis holds of a sale taken for a rebuild.
@@ -54,8 +78,14 @@ pub struct RedisSide {
     pub counter: u64,
     /// The highest seq a caller reported having been given (0: none).
     pub lost_hint: u64,
+    /// The number of its last flow record.
+    pub flows: u64,
     /// Its orders.
     pub orders: Vec<Order>,
+    /// Its refund dead-letter (order seqs), kept as it is.
+    pub dead_refunds: std::collections::BTreeSet<u64>,
+    /// The fence this rebuild holds (`rebuilding:<id>`).
+    pub held: String,
 }
 
 /// A sale as the rebuild writes it.
@@ -74,7 +104,17 @@ pub struct RebuiltSale {
     /// Redis's clock when the rebuild began (refunds waiting for their
     /// order to settle are retried from then).
     pub now_ms: i64,
+    /// The number of the sale's last flow record: past MySQL's and Redis's.
+    pub flows: u64,
+    /// Refunds in the dead-letter (left there, not retried).
+    pub dead_refunds: std::collections::BTreeSet<u64>,
+    /// The fence this rebuild holds (`rebuilding:<id>`).
+    pub held: String,
 }
+
+/// The least time a sale stays fenced, so that every process that calls
+/// meanwhile reports the order ids it handed out.
+pub const FENCE_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How the last step of a rebuild ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +124,8 @@ pub enum Unfenced {
     /// A caller has since reported this higher seq: count the lost orders
     /// up to it and try again.
     Again(u64),
+    /// The fence is younger than [`FENCE_AT_LEAST`]: try again after this.
+    Wait(std::time::Duration),
 }
 
 impl RebuiltSale {
@@ -98,7 +140,9 @@ impl RebuiltSale {
                 OrderStatus::Paid => *units.entry("paid").or_default() += q,
                 OrderStatus::RefundPending => {
                     *units.entry("paid").or_default() += q;
-                    waiting += 1;
+                    if !self.dead_refunds.contains(&o.id.seq()) {
+                        waiting += 1;
+                    }
                 }
                 OrderStatus::Cancelled => *units.entry("cancelled").or_default() += q,
                 OrderStatus::Closed => *units.entry("closed").or_default() += q,
@@ -120,6 +164,7 @@ impl RebuiltSale {
                 "avail" => avail,
                 "seq" => self.counter as i64,
                 "refunds_waiting" => waiting,
+                "refunds_dead" => self.dead_refunds.len() as i64,
                 "pending" | "paid" | "cancelled" | "closed" | "refunded" | "restocked" => u(name),
                 _ => continue,
             };
@@ -128,30 +173,31 @@ impl RebuiltSale {
         if self.cursor != FlowId::default() {
             f.push(("settled", self.cursor.to_string()));
         }
+        f.push(("flows", self.flows.to_string()));
         f
     }
 }
 
 impl Engine {
-    /// Checks a live sale against MySQL's token, highest order seq and
-    /// cursor, and fences it when Redis lost it, is behind, or holds
-    /// another database's sale under its name (`lua/guard.lua`).
-    /// The highest order seq of `sale` this process handed out counts
-    /// too: a Redis below it lost orders that MySQL may never have seen.
-    pub async fn guard(
-        &self,
-        sale: SaleId,
-        token: &str,
-        mysql_seq: u64,
-        cursor: FlowId,
-    ) -> Result<GuardVerdict, EngineError> {
-        let k = self.keys.sale(sale);
+    /// Checks a live sale against what MySQL holds of it (token, highest
+    /// order seq, cursor, last flow number, terms), and fences it when
+    /// Redis lost it, is behind, or holds another database's sale under its
+    /// name (`lua/guard.lua`). The highest order seq of `sale` this process
+    /// handed out counts too: a Redis below it lost orders that MySQL may
+    /// never have seen.
+    pub async fn guard(&self, f: &GuardInput<'_>) -> Result<GuardVerdict, EngineError> {
+        let k = self.keys.sale(f.sale);
         let mut inv = self.scripts.guard.key(&k.sale);
         inv.key(&k.flow)
-            .arg(token)
-            .arg(mysql_seq)
-            .arg(cursor.to_string())
-            .arg(self.combiner.seen(sale));
+            .arg(f.token)
+            .arg(f.max_seq)
+            .arg(f.cursor.to_string())
+            .arg(self.combiner.seen(f.sale))
+            .arg(f.last_n)
+            .arg(f.start_ms)
+            .arg(f.end_ms)
+            .arg(f.total)
+            .arg(f.price_cents);
         let mut c = self.conn.clone();
         let reply: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
         match reply.first().map(String::as_str) {
@@ -163,25 +209,48 @@ impl Engine {
         }
     }
 
-    /// Takes a fenced sale for a rebuild (its fence becomes `rebuilding`)
-    /// and reads what Redis still holds of it. `Err(reason)` when the sale
-    /// is not one a rebuild may take (foreign, not fenced).
-    pub async fn begin_rebuild(
-        &self,
-        sale: SaleId,
-        token: &str,
-    ) -> Result<Result<RedisSide, String>, EngineError> {
+    /// Fences `sale` for `reason` unless it is fenced (`lua/fence.lua`);
+    /// whether this call fenced it.
+    pub async fn fence(&self, sale: SaleId, reason: &str) -> Result<bool, EngineError> {
         let k = self.keys.sale(sale);
         let mut c = self.conn.clone();
-        let reply: Vec<String> = self
+        let n: i64 = self
             .timed(
                 self.scripts
-                    .rebuild_begin
+                    .fence
                     .key(&k.sale)
-                    .arg(token)
+                    .arg(reason)
                     .invoke_async(&mut c),
             )
             .await?;
+        Ok(n == 1)
+    }
+
+    /// Takes a fenced sale for a rebuild (its fence becomes
+    /// `rebuilding:<id>`, its terms are written into its hash) and reads
+    /// what Redis still holds of it. `Err(reason)` when the sale is not one
+    /// a rebuild may take (foreign, not fenced).
+    pub async fn begin_rebuild(
+        &self,
+        terms: &SaleTerms,
+    ) -> Result<Result<RedisSide, String>, EngineError> {
+        let sale = terms.id;
+        let k = self.keys.sale(sale);
+        let id = format!(
+            "{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        let mut inv = self.scripts.rebuild_begin.key(&k.sale);
+        inv.arg(&terms.token).arg(&id);
+        for (f, v) in terms.fields() {
+            if matches!(f, "layout" | "start_ms" | "window_ms" | "price") {
+                inv.arg(f).arg(v);
+            }
+        }
+        let mut c = self.conn.clone();
+        let reply: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
         let num = |i: usize| -> Result<u64, EngineError> {
             reply
                 .get(i)
@@ -193,11 +262,16 @@ impl Engine {
             Some("refused") => return Ok(Err(reply.get(1).cloned().unwrap_or_default())),
             _ => return Err(EngineError::Protocol(format!("rebuild_begin: {reply:?}"))),
         }
+        let mut c = self.conn.clone();
+        let dead: Vec<u64> = self.timed(async { c.hkeys(&k.dead_refunds).await }).await?;
         let mut side = RedisSide {
             fence: reply.get(1).cloned().unwrap_or_default(),
             counter: num(2)?,
             lost_hint: num(3)?,
+            flows: num(4)?,
             orders: Vec::new(),
+            dead_refunds: dead.into_iter().collect(),
+            held: format!("rebuilding:{id}"),
         };
         // The orders hash, a page at a time (Redis is fenced: it does not
         // change meanwhile).
@@ -230,45 +304,29 @@ impl Engine {
         Ok(Ok(side))
     }
 
-    /// Writes a rebuilt sale while it is fenced `rebuilding`, then lifts the
-    /// fence (see the module's comment).
+    /// Writes a rebuilt sale while this rebuild holds its fence (every
+    /// step checks it: a rebuild that lost the sale to another writes
+    /// nothing more), then the caller lifts it with [`Engine::unfence`].
     pub async fn write_rebuilt(&self, s: &RebuiltSale) -> Result<(), EngineError> {
         let sale = s.terms.id;
         let k = self.keys.sale(sale);
         let mut c = self.conn.clone();
         // What a rebuild replaces: everything but the sale hash (it holds
-        // the fence) and the flow stream (its records are in MySQL; it keeps
-        // its position).
+        // the fence), the flow stream (its records are in MySQL; it keeps
+        // its position) and the refund dead-letter.
         let buckets: Vec<String> = self
             .timed(async { c.zrange(&k.deadlines, 0, -1).await })
             .await?;
-        let mut doomed: Vec<String> = buckets
-            .iter()
-            .map(|b| format!("{}:{b}", k.deadlines))
-            .collect();
-        doomed.extend(
-            [
-                &k.deadlines,
-                &k.buyers,
-                &k.idem,
-                &k.orders,
-                &k.calls,
-                &k.dead_refunds,
-            ]
-            .map(|k| k.clone()),
-        );
+        let mut clear = self.scripts.rebuild_clear.key(&k.sale);
+        for key in [&k.buyers, &k.idem, &k.orders, &k.calls, &k.deadlines] {
+            clear.key(key);
+        }
+        for b in &buckets {
+            clear.key(format!("{}:{b}", k.deadlines));
+        }
+        clear.arg(&s.held);
         let mut c = self.conn.clone();
-        self.timed(async { c.del::<_, ()>(&doomed).await }).await?;
-        // The terms store_order reads (times are kept relative to the start).
-        let terms: Vec<(&str, String)> = s
-            .terms
-            .fields()
-            .into_iter()
-            .filter(|(f, _)| matches!(*f, "layout" | "start_ms" | "window_ms" | "price"))
-            .collect();
-        let mut c = self.conn.clone();
-        self.timed(async { c.hset_multiple::<_, _, _, ()>(&k.sale, &terms).await })
-            .await?;
+        self.timed(clear.invoke_async::<i64>(&mut c)).await?;
 
         let orders: Vec<&(Order, Option<String>)> = s.orders.values().collect();
         for chunk in orders.chunks(CHUNK) {
@@ -276,7 +334,7 @@ impl Engine {
             for key in k.order_script_keys() {
                 inv.key(key);
             }
-            inv.arg("rebuilding");
+            inv.arg(&s.held);
             for (o, _) in chunk {
                 inv.arg(o.id.seq()).arg(o.pack());
             }
@@ -285,7 +343,7 @@ impl Engine {
         }
 
         let mut buyers: BTreeMap<u64, i64> = BTreeMap::new();
-        let mut idem: Vec<(String, u64)> = Vec::new();
+        let mut idem: Vec<(String, String)> = Vec::new();
         let mut due: BTreeMap<u64, Vec<(i64, String)>> = BTreeMap::new();
         for (o, key) in s.orders.values() {
             let seq = o.id.seq();
@@ -300,47 +358,67 @@ impl Engine {
                 OrderStatus::Paid => *buyers.entry(o.user.get()).or_default() += i64::from(o.qty),
                 OrderStatus::RefundPending => {
                     *buyers.entry(o.user.get()).or_default() += i64::from(o.qty);
-                    // Retried at once: its order is settled now.
-                    due.entry(bucket)
-                        .or_default()
-                        .push((s.now_ms, format!("r{seq}:1:{}", s.now_ms)));
+                    // Retried at once (its order is settled now), unless a
+                    // person has it in the dead-letter.
+                    if !s.dead_refunds.contains(&seq) {
+                        due.entry(bucket)
+                            .or_default()
+                            .push((s.now_ms, format!("r{seq}:1:{}", s.now_ms)));
+                    }
                 }
                 _ => {}
             }
             if let Some(key) = key {
-                idem.push((format!("{}:{key}", o.user), seq));
+                idem.push((format!("{}:{key}", o.user), seq.to_string()));
             }
         }
-        let buyers: Vec<(u64, i64)> = buyers.into_iter().collect();
-        for chunk in buyers.chunks(CHUNK) {
-            let mut c = self.conn.clone();
-            self.timed(async { c.hset_multiple::<_, _, _, ()>(&k.buyers, chunk).await })
-                .await?;
-        }
-        for chunk in idem.chunks(CHUNK) {
-            let mut c = self.conn.clone();
-            self.timed(async { c.hset_multiple::<_, _, _, ()>(&k.idem, chunk).await })
-                .await?;
-        }
-        let mut index: Vec<(i64, u64)> = Vec::with_capacity(due.len());
-        let mut pipe = redis::pipe();
+        let buyers: Vec<(String, String)> = buyers
+            .into_iter()
+            .map(|(u, n)| (u.to_string(), n.to_string()))
+            .collect();
+        self.put(&k.sale, &k.buyers, &s.held, "hash", &buyers)
+            .await?;
+        self.put(&k.sale, &k.idem, &s.held, "hash", &idem).await?;
+        let mut index: Vec<(String, String)> = Vec::with_capacity(due.len());
         for (bucket, entries) in &due {
             let first = entries.iter().map(|(at, _)| *at).min().unwrap_or(s.now_ms);
-            index.push((first, *bucket));
-            pipe.zadd_multiple(format!("{}:{bucket}", k.deadlines), entries)
-                .ignore();
-            if pipe.cmd_iter().count() >= CHUNK {
-                let mut c = self.conn.clone();
-                self.timed(pipe.query_async::<()>(&mut c)).await?;
-                pipe = redis::pipe();
+            index.push((first.to_string(), bucket.to_string()));
+            let entries: Vec<(String, String)> = entries
+                .iter()
+                .map(|(at, m)| (at.to_string(), m.clone()))
+                .collect();
+            self.put(
+                &k.sale,
+                &format!("{}:{bucket}", k.deadlines),
+                &s.held,
+                "zset",
+                &entries,
+            )
+            .await?;
+        }
+        self.put(&k.sale, &k.deadlines, &s.held, "zset", &index)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes `pairs` into `key` (a hash or a sorted set) through
+    /// `lua/rebuild_put.lua`, a chunk a call, while `held` is the fence.
+    async fn put(
+        &self,
+        sale_key: &str,
+        key: &str,
+        held: &str,
+        kind: &str,
+        pairs: &[(String, String)],
+    ) -> Result<(), EngineError> {
+        for chunk in pairs.chunks(CHUNK) {
+            let mut inv = self.scripts.rebuild_put.key(sale_key);
+            inv.key(key).arg(held).arg(kind);
+            for (a, b) in chunk {
+                inv.arg(a).arg(b);
             }
-        }
-        for chunk in index.chunks(CHUNK) {
-            pipe.zadd_multiple(&k.deadlines, chunk).ignore();
-        }
-        if pipe.cmd_iter().next().is_some() {
             let mut c = self.conn.clone();
-            self.timed(pipe.query_async::<()>(&mut c)).await?;
+            self.timed(inv.invoke_async::<i64>(&mut c)).await?;
         }
         Ok(())
     }
@@ -352,9 +430,10 @@ impl Engine {
         let mut inv = self.scripts.rebuilt.key(&k.sale);
         inv.key(&k.flow)
             .arg(&s.terms.token)
-            .arg("rebuilding")
+            .arg(&s.held)
             .arg(s.lost_hint)
-            .arg(s.cursor.to_string());
+            .arg(s.cursor.to_string())
+            .arg(FENCE_AT_LEAST.as_millis() as u64);
         for (f, v) in s.fields() {
             inv.arg(f).arg(v);
         }
@@ -369,6 +448,11 @@ impl Engine {
                 .get(1)
                 .and_then(|h| h.parse().ok())
                 .map(Unfenced::Again)
+                .ok_or_else(|| EngineError::Protocol(format!("rebuilt: {reply:?}"))),
+            Some("wait") => reply
+                .get(1)
+                .and_then(|h| h.parse().ok())
+                .map(|ms| Unfenced::Wait(std::time::Duration::from_millis(ms)))
                 .ok_or_else(|| EngineError::Protocol(format!("rebuilt: {reply:?}"))),
             _ => Err(EngineError::Protocol(format!("rebuilt: {reply:?}"))),
         }

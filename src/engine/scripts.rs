@@ -29,6 +29,9 @@ pub(crate) struct Scripts {
     pub rebuild_read: Arc<Script>,
     pub rebuild_write: Arc<Script>,
     pub rebuilt: Arc<Script>,
+    pub fence: Arc<Script>,
+    pub rebuild_clear: Arc<Script>,
+    pub rebuild_put: Arc<Script>,
 }
 
 fn plain(src: &str) -> Arc<Script> {
@@ -55,17 +58,20 @@ impl Default for Scripts {
             read_orders: order_script(include_str!("../../lua/read_orders.lua")),
             retire: order_script(include_str!("../../lua/retire.lua")),
             guard: order_script(include_str!("../../lua/guard.lua")),
-            rebuild_begin: plain(include_str!("../../lua/rebuild_begin.lua")),
+            rebuild_begin: order_script(include_str!("../../lua/rebuild_begin.lua")),
             rebuild_read: order_script(include_str!("../../lua/rebuild_read.lua")),
             rebuild_write: order_script(include_str!("../../lua/rebuild_write.lua")),
             rebuilt: order_script(include_str!("../../lua/rebuilt.lua")),
+            fence: order_script(include_str!("../../lua/fence.lua")),
+            rebuild_clear: plain(include_str!("../../lua/rebuild_clear.lua")),
+            rebuild_put: plain(include_str!("../../lua/rebuild_put.lua")),
         }
     }
 }
 
 impl Scripts {
     /// Every script, for loading them all at start.
-    pub fn all(&self) -> [Arc<Script>; 17] {
+    pub fn all(&self) -> [Arc<Script>; 20] {
         [
             self.reserve.clone(),
             self.pay.clone(),
@@ -84,6 +90,9 @@ impl Scripts {
             self.rebuild_read.clone(),
             self.rebuild_write.clone(),
             self.rebuilt.clone(),
+            self.fence.clone(),
+            self.rebuild_clear.clone(),
+            self.rebuild_put.clone(),
         ]
     }
 }

@@ -34,7 +34,7 @@ use super::reconciler::Reconciler;
 use crate::db::rebuild::{self as queries, GuardFacts, LostReason};
 use crate::db::{self, ledger};
 use crate::domain::SaleId;
-use crate::engine::{GuardVerdict, Order, RebuiltSale, Unfenced};
+use crate::engine::{GuardInput, GuardVerdict, Order, OrderStatus, RebuiltSale, Unfenced};
 use crate::telemetry::{FenceLabels, SaleLabels};
 
 /// Longest time between two guard passes over the live list.
@@ -51,6 +51,8 @@ pub struct GuardState {
     facts: Option<(Instant, HashMap<SaleId, GuardFacts>)>,
     /// Sales fenced foreign, and when that was last logged.
     foreign_logged: HashMap<SaleId, Instant>,
+    /// Sales this reconciler is rebuilding now (each in its own task).
+    rebuilding: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<SaleId>>>,
 }
 
 impl GuardState {
@@ -154,15 +156,26 @@ impl Reconciler {
         let mut fenced: HashMap<String, i64> = HashMap::new();
         let mut stay = Vec::new();
         let mut still_foreign = std::collections::HashSet::new();
+        let rebuilding = self.guard.lock().await.rebuilding.clone();
         for &sale in sales {
             let Some(f) = facts.get(&sale) else {
                 continue; // created after the facts were read: next pass
             };
-            let verdict = match self
-                .engine
-                .guard(sale, &f.token, f.settled.max_seq, f.settled.cursor)
-                .await
-            {
+            if f.young {
+                continue; // its creator may not have loaded it yet
+            }
+            let input = GuardInput {
+                sale,
+                token: &f.token,
+                max_seq: f.settled.max_seq,
+                cursor: f.settled.cursor,
+                last_n: f.last_n,
+                start_ms: f.start_ms,
+                end_ms: f.end_ms,
+                total: f.total,
+                price_cents: f.price_cents,
+            };
+            let verdict = match self.engine.guard(&input).await {
                 Ok(v) => v,
                 // Redis down fails the sale's batch as well; the others go on.
                 Err(e) => {
@@ -173,20 +186,42 @@ impl Reconciler {
             let GuardVerdict::Fenced(reason) = &verdict else {
                 continue;
             };
+            *fenced
+                .entry(reason.split(':').next().unwrap_or_default().to_owned())
+                .or_default() += 1;
+            stay.push(sale);
             if verdict.rebuildable() {
-                tracing::warn!(sale = %sale, reason, "sale fenced: Redis lost some of it; rebuilding it from MySQL");
-                match self.rebuild(sale).await {
-                    Ok(Some(r)) => {
-                        tracing::info!(sale = %sale, fence = r.fence, orders = r.orders, lost = r.lost,
-                            counter = r.counter, took_ms = r.took.as_millis() as u64,
-                            "sale rebuilt from MySQL; serving again");
-                        continue;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(sale = %sale, error = %format!("{e:#}"), "rebuilding the sale failed; will retry")
-                    }
+                // Each rebuild in its own task: the other sales are checked
+                // and reconciled meanwhile.
+                if !rebuilding
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(sale)
+                {
+                    continue;
                 }
+                tracing::warn!(sale = %sale, reason, "sale fenced: Redis lost some of it; rebuilding it from MySQL");
+                let worker = Reconciler::new(
+                    self.engine.clone(),
+                    self.db.clone(),
+                    self.live.clone(),
+                    self.metrics.clone(),
+                    self.opts,
+                );
+                let done = rebuilding.clone();
+                tokio::spawn(async move {
+                    match worker.rebuild(sale).await {
+                        Ok(Some(r)) => {
+                            tracing::info!(sale = %sale, fence = r.fence, orders = r.orders,
+                            lost = r.lost, counter = r.counter, took_ms = r.took.as_millis() as u64,
+                            "sale rebuilt from MySQL; serving again")
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(sale = %sale, error = %format!("{e:#}"),
+                            "rebuilding the sale failed; the next guard pass retries"),
+                    }
+                    done.lock().unwrap_or_else(|p| p.into_inner()).remove(&sale);
+                });
             } else {
                 still_foreign.insert(sale);
                 let mut st = self.guard.lock().await;
@@ -202,8 +237,6 @@ impl Reconciler {
                          `flashsale sale discard-foreign`");
                 }
             }
-            *fenced.entry(reason.clone()).or_default() += 1;
-            stay.push(sale);
         }
         self.guard
             .lock()
@@ -232,14 +265,14 @@ impl Reconciler {
         };
         // 1. What the surviving Redis holds that MySQL lacks.
         loop {
-            if self.reconcile_sale(sale).await? < self.opts.max_batch {
+            if self.reconcile_batch(sale, false).await? < self.opts.max_batch {
                 break;
             }
         }
         // 2. The sale is this rebuild's until the commit.
         ledger::ensure_cursor(&self.db, sale).await?;
         let mut tx = self.db.begin().await?;
-        let Some(cursor) = ledger::lock_cursor(&mut tx, sale).await? else {
+        let Some((cursor, last_n)) = ledger::lock_numbered_cursor(&mut tx, sale).await? else {
             return Ok(None);
         };
         if !self
@@ -250,7 +283,7 @@ impl Reconciler {
         {
             return Ok(None); // records still wait: drain them first
         }
-        let side = match self.engine.begin_rebuild(sale, &terms.token).await? {
+        let side = match self.engine.begin_rebuild(&terms).await? {
             Ok(side) => side,
             Err(_) => return Ok(None),
         };
@@ -261,9 +294,19 @@ impl Reconciler {
         let mut counted = queries::lost_seqs(&mut tx, sale).await?;
         let (orders, reused) = merge(mysql, side.orders);
         let mut lost_now = record_lost(&self.db, sale, &reused, &mut counted).await?;
+        let dead_refunds: std::collections::BTreeSet<u64> = side
+            .dead_refunds
+            .iter()
+            .copied()
+            .filter(|s| {
+                orders
+                    .get(s)
+                    .is_some_and(|(o, _)| o.status == OrderStatus::RefundPending)
+            })
+            .collect();
         let mut hint = side.lost_hint;
         let mut written = false;
-        loop {
+        let counter = loop {
             let top = [
                 hint,
                 side.counter,
@@ -283,6 +326,9 @@ impl Reconciler {
                 lost_hint: hint,
                 cursor,
                 now_ms,
+                flows: last_n.max(side.flows),
+                dead_refunds: dead_refunds.clone(),
+                held: side.held.clone(),
             };
             // 4. Write, then lift the fence.
             if !written {
@@ -290,10 +336,11 @@ impl Reconciler {
                 written = true;
             }
             match self.engine.unfence(&rebuilt).await? {
-                Unfenced::Done => break,
+                Unfenced::Done => break top,
                 Unfenced::Again(h) => hint = h,
+                Unfenced::Wait(d) => tokio::time::sleep(d).await,
             }
-        }
+        };
         tx.commit().await?;
         if let Err(e) = self.engine.settle(sale, cursor).await {
             tracing::warn!(sale = %sale, error = %e, "trimming the rebuilt sale's stream failed; the reconciler retries");
@@ -311,14 +358,6 @@ impl Reconciler {
                 "acknowledged orders were lost with Redis (they reached neither MySQL nor the surviving Redis); \
                  their ids are listed in lost_orders and never given out again");
         }
-        let counter = orders
-            .keys()
-            .next_back()
-            .copied()
-            .unwrap_or(0)
-            .max(counted.last().copied().unwrap_or(0))
-            .max(hint)
-            .max(side.counter);
         Ok(Some(RebuildReport {
             sale,
             fence: side.fence,

@@ -73,7 +73,7 @@ pub struct Reconciler {
     pub(super) db: MySqlPool,
     pub(super) metrics: Arc<Metrics>,
     pub(super) opts: ReconcilerOptions,
-    live: Arc<LiveSales>,
+    pub(super) live: Arc<LiveSales>,
     /// The guard's memory (`workers::guard`).
     pub(super) guard: tokio::sync::Mutex<super::guard::GuardState>,
     retirer: Retirer,
@@ -166,12 +166,25 @@ impl Reconciler {
 
     /// Applies the next batch of one sale; returns how many records.
     pub async fn reconcile_sale(&self, sale: SaleId) -> anyhow::Result<usize> {
+        self.reconcile_batch(sale, true).await
+    }
+
+    /// Applies the next batch of one sale. With `numbered`, a record
+    /// numbered at or below the last one MySQL applied (Redis went back in
+    /// time and numbers records again) fences the sale instead: nothing is
+    /// applied, and the guard rebuilds it. The rebuild itself drains a
+    /// fenced sale without that check (the forward-only judge still holds).
+    pub(super) async fn reconcile_batch(
+        &self,
+        sale: SaleId,
+        numbered: bool,
+    ) -> anyhow::Result<usize> {
         if !self.known_cursors.lock().await.contains(&sale) {
             ledger::ensure_cursor(&self.db, sale).await?;
             self.known_cursors.lock().await.insert(sale);
         }
         let mut tx = self.db.begin().await?;
-        let Some(cursor) = ledger::lock_cursor(&mut tx, sale).await? else {
+        let Some((cursor, last_n)) = ledger::lock_numbered_cursor(&mut tx, sale).await? else {
             return Ok(0); // another reconciler has this sale right now
         };
         // Records (and the settled mark) a crash left behind after a commit.
@@ -184,6 +197,20 @@ impl Reconciler {
             tx.commit().await?;
             return Ok(0);
         };
+        if numbered {
+            if let Some(n) = records
+                .iter()
+                .filter_map(|r| r.number())
+                .find(|&n| n <= last_n)
+            {
+                tx.rollback().await?;
+                if self.engine.fence(sale, "behind").await? {
+                    tracing::warn!(sale = %sale, record = n, applied = last_n,
+                        "a flow record numbered at or below the last one MySQL applied: Redis went back in time; sale fenced");
+                }
+                return Ok(0);
+            }
+        }
         let out = ledger::apply(&mut tx, sale, &records).await?;
         tx.commit().await?;
         self.metrics.reconciler_batches.inc();

@@ -111,7 +111,17 @@ impl Sweeper {
             };
             match order {
                 None => {
-                    if queries::close_lost_order(&self.db, &row).await? {
+                    // Under the sale's cursor lock, Redis is asked again: a
+                    // rebuild that ran meanwhile may have the order back.
+                    let tx = queries::lock_sale(&self.db, sale).await?;
+                    match self.engine.order(row.id).await {
+                        Ok(None) => {}
+                        _ => {
+                            tx.rollback().await?;
+                            continue;
+                        }
+                    }
+                    if queries::close_lost_order(tx, &row).await? {
                         out.corrected += 1;
                         self.metrics.sweep_corrections.inc();
                         tracing::warn!(order = %row.id, qty = row.qty, "sweep closed an overdue order that Redis no longer knows");

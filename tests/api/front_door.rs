@@ -380,6 +380,8 @@ async fn the_same_reserve_call_twice_has_its_effect_once() {
         })
         .await;
     let k = app.sale_keys(&sale);
+    let mut c = app.engine.connection();
+    let token: String = c.hget(&k.sale, "db").await.unwrap();
     let script = redis::Script::new(&format!(
         "{}\n{}",
         include_str!("../../lua/prelude.lua"),
@@ -398,7 +400,7 @@ async fn the_same_reserve_call_twice_has_its_effect_once() {
         ] {
             inv.key(key);
         }
-        inv.arg(1_000_000).arg(id).arg(0).arg("");
+        inv.arg(1_000_000).arg(id).arg(0).arg(&token);
         for user in [1, 2, 3] {
             inv.arg(user).arg(1).arg("");
         }

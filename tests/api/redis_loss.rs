@@ -566,7 +566,7 @@ async fn pending_orders_keep_their_deadlines_across_a_rebuild() {
     let sale = app
         .create_sale(SaleSpec {
             stock: 5,
-            payment_window_secs: 2,
+            payment_window_secs: 4,
             ..SaleSpec::default()
         })
         .await;
@@ -701,5 +701,118 @@ async fn keys_deleted_under_a_rush_oversell_nothing_and_reuse_no_id() {
     let (code, out) = audit(&app.target, &["--sale", &sale]).await;
     assert_eq!(code, 0, "{out}");
     pool.close().await;
+    app.finish().await;
+}
+
+/// A payment MySQL applied and Redis then lost (AOF `everysec` losing its
+/// last second) is noticed by the flow records' numbers, even when a write
+/// lands on the older Redis first (its stream id, from the clock, would
+/// pass): the payment stands, the sale is rebuilt, nothing is quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_payment_is_noticed_even_after_a_new_write() {
+    let app = spawn_with(Target::fresh(), all_roles).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 10,
+            ..SaleSpec::default()
+        })
+        .await;
+    let mut ids = Vec::new();
+    for u in 1..=3u64 {
+        let (_, o) = app.reserve(&sale, u, None).await;
+        ids.push(o["order_id"].as_str().unwrap().to_owned());
+    }
+    wait_backlog_empty(&app, &sale).await;
+    let snapshot = dump_sale(&app, &sale).await;
+    assert_eq!(app.pay(&ids[0], "pay-kept", 1999).await.0, 200);
+    wait_backlog_empty(&app, &sale).await;
+    restore_sale(&app, &sale, &snapshot).await;
+    // A write on the older Redis (it may already be fenced: then 503).
+    let (s, _) = app.cancel(&ids[1], 2).await;
+    assert!(s == 200 || s == 503, "{s}");
+    wait_rebuilds(&app, 1).await;
+    app.wait_serving(&sale, Duration::from_secs(10)).await;
+    let (_, o) = get_order(&app, &ids[0], 1).await;
+    assert_eq!(o["status"], "paid", "{o}");
+    wait_backlog_empty(&app, &sale).await;
+    let pool = pool(&app).await;
+    let (status, pid): (String, Option<String>) =
+        sqlx::query_as("SELECT status, payment_id FROM orders WHERE seq = 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (status.as_str(), pid.as_deref()),
+        ("paid", Some("pay-kept"))
+    );
+    let quarantined: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM quarantined_flows")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(quarantined, 0);
+    let (code, out) = audit(&app.target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "{out}");
+    pool.close().await;
+    app.finish().await;
+}
+
+/// Only the sale hash lost (its orders survive): rebuilt all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_hash_lost_alone_is_rebuilt() {
+    let app = spawn_with(Target::fresh(), all_roles).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 10,
+            ..SaleSpec::default()
+        })
+        .await;
+    let (_, o) = app.reserve(&sale, 1, None).await;
+    let id = o["order_id"].as_str().unwrap().to_owned();
+    wait_backlog_empty(&app, &sale).await;
+    let mut c = app.engine.connection();
+    let _: () = c.del(app.sale_keys(&sale).sale).await.unwrap();
+    wait_rebuilds(&app, 1).await;
+    app.wait_serving(&sale, Duration::from_secs(10)).await;
+    assert_eq!(get_order(&app, &id, 1).await.1["status"], "pending");
+    assert_eq!(app.sale_field(&sale, "avail").await, 9);
+    let (code, out) = audit(&app.target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "{out}");
+    app.finish().await;
+}
+
+/// A sale hash written before sales had tokens (no `db` field) whose terms
+/// and settled mark are MySQL's is adopted, not fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_from_before_tokens_is_adopted_when_it_matches_mysql() {
+    let app = spawn_with(Target::fresh(), all_roles).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 10,
+            ..SaleSpec::default()
+        })
+        .await;
+    assert_eq!(app.reserve(&sale, 1, None).await.0, 201);
+    wait_backlog_empty(&app, &sale).await;
+    let key = app.sale_keys(&sale).sale;
+    let mut c = app.engine.connection();
+    let token: String = c.hget(&key, "db").await.unwrap();
+    let _: () = c.hdel(&key, "db").await.unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now: Option<String> = c.hget(&key, "db").await.unwrap();
+        if now.is_some() {
+            assert_eq!(now.as_deref(), Some(token.as_str()));
+            break;
+        }
+        assert!(Instant::now() < until, "never adopted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let fence: Option<String> = c.hget(&key, "fence").await.unwrap();
+    assert_eq!(fence, None);
+    assert_eq!(app.reserve(&sale, 2, None).await.0, 201);
+    assert!(app
+        .metrics()
+        .await
+        .contains("flashsale_sale_rebuilds_total 0"));
     app.finish().await;
 }

@@ -259,7 +259,9 @@ async fn one_combined_call_judges_each_reservation_as_if_it_came_alone() {
     ] {
         inv.key(key);
     }
-    inv.arg(1_000_000).arg("c0ffee").arg(0).arg("");
+    let mut c = app.engine.connection();
+    let token: String = c.hget(&k.sale, "db").await.unwrap();
+    inv.arg(1_000_000).arg("c0ffee").arg(0).arg(token);
     for (user, qty, idem, _) in batch {
         inv.arg(user).arg(qty).arg(idem);
     }
