@@ -439,13 +439,23 @@ impl TestApp {
 
     /// The owner (or anyone) cancels an order.
     pub async fn cancel(&self, order_id: &str, user: u64) -> (u16, Value) {
-        let res = self
-            .client
-            .post(self.url(&format!("/api/v1/orders/{order_id}/cancel")))
-            .bearer_auth(buyer_token(user))
-            .send()
-            .await
-            .unwrap();
+        self.order_call("POST", order_id, "/cancel", user).await
+    }
+
+    /// `method /api/v1/orders/{order_id}{action}` as buyer `user`.
+    pub async fn order_call(
+        &self,
+        method: &str,
+        order_id: &str,
+        action: &str,
+        user: u64,
+    ) -> (u16, Value) {
+        let url = self.url(&format!("/api/v1/orders/{order_id}{action}"));
+        let req = match method {
+            "GET" => self.client.get(url),
+            _ => self.client.post(url),
+        };
+        let res = req.bearer_auth(buyer_token(user)).send().await.unwrap();
         let status = res.status().as_u16();
         (status, res.json().await.unwrap_or(Value::Null))
     }

@@ -16,27 +16,68 @@ fn all_roles(c: &mut flashsale::config::ServeConfig) {
 }
 
 async fn refund(app: &TestApp, order_id: &str, user: u64) -> (u16, Value) {
-    let res = app
-        .client
-        .post(app.url(&format!("/api/v1/orders/{order_id}/refund")))
-        .bearer_auth(buyer_token(user))
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
+    app.order_call("POST", order_id, "/refund", user).await
 }
 
 async fn get_order(app: &TestApp, order_id: &str, user: u64) -> (u16, Value) {
-    let res = app
-        .client
-        .get(app.url(&format!("/api/v1/orders/{order_id}")))
-        .bearer_auth(buyer_token(user))
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
+    app.order_call("GET", order_id, "", user).await
+}
+
+/// Buyers reserving one unit each, `tasks` at a time, until stopped or
+/// `per_task` requests each; collects the acknowledged (buyer, order id).
+struct Rush {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: std::sync::Arc<std::sync::Mutex<Vec<(u64, String)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Rush {
+    fn start(app: &TestApp, sale: &str, tasks: u64, per_task: u64) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tasks = (0..tasks)
+            .map(|t| {
+                let (client, url, acked, stop) =
+                    (app.client.clone(), app.url(""), acked.clone(), stop.clone());
+                let sale = sale.to_owned();
+                tokio::spawn(async move {
+                    let mut i = 0;
+                    while i < per_task && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let u = 10_000 + t * 1_000_000 + i;
+                        i += 1;
+                        let res = client
+                            .post(format!("{url}/api/v1/sales/{sale}/orders"))
+                            .bearer_auth(buyer_token(u))
+                            .json(&serde_json::json!({"qty": 1}))
+                            .send()
+                            .await;
+                        let Ok(res) = res else { continue };
+                        if res.status() == 201 {
+                            let o: Value = res.json().await.unwrap();
+                            let id = o["order_id"].as_str().unwrap().to_owned();
+                            acked.lock().unwrap().push((u, id));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self { stop, acked, tasks }
+    }
+
+    /// Stops the buyers; what was acknowledged.
+    async fn stop(self) -> Vec<(u64, String)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.finish().await
+    }
+
+    /// Waits for the buyers to end; what was acknowledged.
+    async fn finish(self) -> Vec<(u64, String)> {
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        acked
+    }
 }
 
 /// Waits until the app's reconciler has rebuilt `n` sales.
@@ -395,46 +436,14 @@ async fn a_redis_killed_mid_rush_with_fsync_always_loses_nothing_acknowledged() 
             ..SaleSpec::default()
         })
         .await;
-    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for t in 0..16u64 {
-        let (client, url, acked, stop) =
-            (app.client.clone(), app.url(""), acked.clone(), stop.clone());
-        let sale = sale.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut u = 1000 + t;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let res = client
-                    .post(format!("{url}/api/v1/sales/{sale}/orders"))
-                    .bearer_auth(buyer_token(u))
-                    .json(&serde_json::json!({"qty": 1}))
-                    .send()
-                    .await;
-                if let Ok(res) = res {
-                    if res.status() == 201 {
-                        let o: Value = res.json().await.unwrap();
-                        acked
-                            .lock()
-                            .unwrap()
-                            .push((u, o["order_id"].as_str().unwrap().to_owned()));
-                    }
-                }
-                u += 16;
-            }
-        }));
-    }
+    let rush = Rush::start(&app, &sale, 16, u64::MAX);
     tokio::time::sleep(Duration::from_millis(700)).await;
     redis.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     redis.restart().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let acked = rush.stop().await;
     app.wait_serving(&sale, Duration::from_secs(10)).await;
-    let acked = acked.lock().unwrap().clone();
     assert!(acked.len() > 50, "the rush made orders: {}", acked.len());
     let held = app.orders(&sale).await;
     for (user, id) in &acked {
@@ -635,42 +644,15 @@ async fn keys_deleted_under_a_rush_oversell_nothing_and_reuse_no_id() {
             ..SaleSpec::default()
         })
         .await;
-    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for t in 0..8u64 {
-        let (client, url, acked) = (app.client.clone(), app.url(""), acked.clone());
-        let sale = sale.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in 0..100u64 {
-                let u = 10_000 + t * 1000 + i;
-                let res = client
-                    .post(format!("{url}/api/v1/sales/{sale}/orders"))
-                    .bearer_auth(buyer_token(u))
-                    .json(&serde_json::json!({"qty": 1}))
-                    .send()
-                    .await
-                    .unwrap();
-                if res.status() == 201 {
-                    let o: Value = res.json().await.unwrap();
-                    acked
-                        .lock()
-                        .unwrap()
-                        .push((u, o["order_id"].as_str().unwrap().to_owned()));
-                }
-            }
-        }));
-    }
+    let rush = Rush::start(&app, &sale, 8, 100);
     tokio::time::sleep(Duration::from_millis(150)).await;
     app.engine
         .drop_sale_keys(sale.parse().unwrap())
         .await
         .unwrap();
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let acked = rush.finish().await;
     app.wait_serving(&sale, Duration::from_secs(10)).await;
     wait_backlog_empty(&app, &sale).await;
-    let acked = acked.lock().unwrap().clone();
     let mut owner = std::collections::HashMap::new();
     for (u, id) in &acked {
         assert!(
