@@ -32,6 +32,7 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::scripts::reserve::{Outcome, Refusal};
 use super::{EngineError, SaleKeys};
 use crate::domain::{IdempotencyKey, Qty, SaleId, UserId};
 
@@ -41,7 +42,7 @@ pub(crate) type Reply = Result<Answer, ReserveFailed>;
 /// The script's reply for one reservation, and the job it answers.
 pub(crate) struct Answer {
     /// The reply, as `lua/reserve.lua` describes it.
-    pub reply: Vec<String>,
+    pub reply: Outcome,
     job: Arc<JobShared>,
     ids: Arc<CallIds>,
 }
@@ -348,8 +349,7 @@ impl Combiner {
                         Ok(reply) => reply,
                         Err(_) => failed(EngineError::Combined("the reserve task stopped".into())),
                     };
-                    if matches!(&reply, Ok(a) if a.reply.first().is_some_and(|c| c == "not_found"))
-                    {
+                    if matches!(&reply, Ok(a) if a.reply == Outcome::Refused(Refusal::NotFound)) {
                         // No such sale: its queue goes at once (the task ends
                         // when the last sender does), so probing ids leaves
                         // nothing behind.
@@ -477,28 +477,22 @@ impl ReserveCall {
         self.stats.calls.inc();
         self.stats.reservations.inc_by(batch.len() as u64);
         let mut conn = self.conn.clone();
-        let result: Result<Vec<Vec<String>>, EngineError> = match tokio::time::timeout(
-            self.timeout,
-            inv.invoke_async::<Vec<Vec<String>>>(&mut conn),
-        )
-        .await
-        {
-            Ok(Ok(replies)) if replies.len() == batch.len() => Ok(replies),
-            Ok(Ok(replies)) => Err(EngineError::Protocol(format!(
-                "reserve: {} replies for {} reservations",
-                replies.len(),
-                batch.len()
-            ))),
-            Ok(Err(e)) => Err(EngineError::from_redis(e)),
-            Err(_) => Err(EngineError::Timeout(self.timeout)),
-        };
+        let result: Result<Vec<Outcome>, EngineError> =
+            match tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<Outcome>>(&mut conn))
+                .await
+            {
+                Ok(Ok(replies)) if replies.len() == batch.len() => Ok(replies),
+                Ok(Ok(replies)) => Err(EngineError::Protocol(format!(
+                    "reserve: {} replies for {} reservations",
+                    replies.len(),
+                    batch.len()
+                ))),
+                Ok(Err(e)) => Err(EngineError::from_redis(e)),
+                Err(_) => Err(EngineError::Timeout(self.timeout)),
+            };
         match result {
             Ok(replies) => {
-                let highest = replies
-                    .iter()
-                    .filter(|r| r.first().is_some_and(|c| c == "ok" || c == "dup"))
-                    .filter_map(|r| r.get(1)?.parse::<u64>().ok())
-                    .max();
+                let highest = replies.iter().filter_map(Outcome::seq).max();
                 if let Some(h) = highest.filter(|&h| live && h > seen) {
                     let mut all = self.seen();
                     let e = all.entry(sale).or_insert(0);

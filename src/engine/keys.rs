@@ -118,6 +118,21 @@ impl Keys {
 mod tests {
     use super::*;
 
+    /// The constants both languages use are written once in each; this
+    /// test keeps them equal.
+    #[test]
+    fn the_scripts_use_the_same_layout_and_bucket_size() {
+        let prelude = include_str!("../../lua/prelude.lua");
+        assert!(
+            prelude.contains(&format!("local LAYOUT = '{LAYOUT}'\n")),
+            "LAYOUT differs between lua/prelude.lua and keys.rs"
+        );
+        assert!(
+            prelude.contains(&format!("local DUE_BUCKET = {DUE_BUCKET}\n")),
+            "DUE_BUCKET differs between lua/prelude.lua and keys.rs"
+        );
+    }
+
     #[test]
     fn every_sale_key_shares_one_hash_tag() {
         let keys = Keys::new("fs").unwrap().sale(SaleId::new(42).unwrap());

@@ -131,22 +131,44 @@ impl SaleKeys {
     }
 }
 
-/// Parses a `{tag, packed_order}` reply.
-fn order_in(id: OrderId, reply: &[String]) -> Result<Order, EngineError> {
-    reply
-        .get(1)
-        .and_then(|p| Order::unpack(id, p))
-        .ok_or_else(|| EngineError::Protocol(format!("order {id}: {reply:?}")))
+/// A packed order of a reply.
+fn unpacked(id: OrderId, packed: &str) -> Result<Order, EngineError> {
+    Order::unpack(id, packed)
+        .ok_or_else(|| EngineError::Protocol(format!("order {id}: {packed:?}")))
+}
+
+/// A reply type with a "no such order" answer: what an order script
+/// answers for a sale Redis does not hold at all (and MySQL does not list).
+trait NotFound {
+    fn not_found() -> Self;
+}
+
+impl NotFound for super::scripts::pay::Reply {
+    fn not_found() -> Self {
+        Self::NotFound
+    }
+}
+
+impl NotFound for super::scripts::cancel::Reply {
+    fn not_found() -> Self {
+        Self::NotFound
+    }
+}
+
+impl NotFound for super::scripts::refund::Reply {
+    fn not_found() -> Self {
+        Self::NotFound
+    }
 }
 
 impl Engine {
-    async fn run_order_script(
+    async fn run_order_script<R: redis::FromRedisValue + NotFound>(
         &self,
         script: &redis::Script,
         sale: SaleId,
         extra_keys: &[&str],
         args: &[&str],
-    ) -> Result<Vec<String>, EngineError> {
+    ) -> Result<R, EngineError> {
         let k = self.keys.sale(sale);
         let mut inv = script.prepare_invoke();
         for key in k.order_script_keys().iter().chain(extra_keys) {
@@ -157,7 +179,7 @@ impl Engine {
         }
         let mut c = self.conn.clone();
         match self.timed(inv.invoke_async(&mut c)).await {
-            Err(e) if e.is_no_sale() => self.missing(sale).map(|()| vec!["not_found".into()]),
+            Err(e) if e.is_no_sale() => self.missing(sale).map(|()| R::not_found()),
             other => other,
         }
     }
@@ -179,41 +201,38 @@ impl Engine {
             .combiner
             .reserve(sale, || self.keys.sale(sale), user, qty, idem)
             .await?;
-        let reply = &answer.reply;
-        let bad = || ReserveFailed {
-            source: EngineError::Protocol(format!("reserve: {reply:?}")),
-            retry_key: answer.retry_key(idem),
-        };
+        use super::scripts::reserve::{Outcome, Refusal as Refused};
         let refused = |r| Ok(Reservation::Refused(r));
-        let with_order = |make: fn(Order) -> Reservation| {
-            let seq = reply.get(1).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-            let id = OrderId::new(sale, seq);
-            let packed: Vec<String> = reply.iter().skip(1).cloned().collect();
-            order_in(id, &packed).map(make).map_err(|_| bad())
+        let with_order = |seq: u64, packed: &str, make: fn(Order) -> Reservation| {
+            unpacked(OrderId::new(sale, seq), packed)
+                .map(make)
+                .map_err(|source| ReserveFailed {
+                    source,
+                    retry_key: answer.retry_key(idem),
+                })
         };
-        match reply.first().map(String::as_str) {
-            Some("ok") => with_order(Reservation::Created),
-            Some("dup") => with_order(Reservation::Existing),
-            Some("not_found") => match self.missing(sale) {
+        match &answer.reply {
+            Outcome::Created { seq, packed } => with_order(*seq, packed, Reservation::Created),
+            Outcome::Existing { seq, packed } => with_order(*seq, packed, Reservation::Existing),
+            Outcome::SoldOut { left } => {
+                // Only a sale with nothing left is remembered as sold out:
+                // an ask larger than what is left refuses that ask alone.
+                if *left == 0 {
+                    self.sold_out.mark(sale);
+                }
+                refused(Refusal::SoldOut)
+            }
+            Outcome::Refused(Refused::NotFound) => match self.missing(sale) {
                 Ok(()) => refused(Refusal::NotFound),
                 Err(source) => Err(ReserveFailed {
                     source,
                     retry_key: answer.retry_key(idem),
                 }),
             },
-            Some("sale_not_started") => refused(Refusal::NotStarted),
-            Some("sale_ended") => refused(Refusal::Ended),
-            Some("sold_out") => {
-                // Only a sale with nothing left is remembered as sold out:
-                // an ask larger than what is left refuses that ask alone.
-                if reply.get(1).is_some_and(|left| left == "0") {
-                    self.sold_out.mark(sale);
-                }
-                refused(Refusal::SoldOut)
-            }
-            Some("limit_exceeded") => refused(Refusal::LimitExceeded),
-            Some("backlog_full") => refused(Refusal::BacklogFull),
-            _ => Err(bad()),
+            Outcome::Refused(Refused::NotStarted) => refused(Refusal::NotStarted),
+            Outcome::Refused(Refused::Ended) => refused(Refusal::Ended),
+            Outcome::Refused(Refused::LimitExceeded) => refused(Refusal::LimitExceeded),
+            Outcome::Refused(Refused::BacklogFull) => refused(Refusal::BacklogFull),
         }
     }
 
@@ -224,7 +243,8 @@ impl Engine {
         payment_id: &str,
         amount_cents: i64,
     ) -> Result<Payment, EngineError> {
-        let reply = self
+        use super::scripts::pay::Reply;
+        let reply: Reply = self
             .run_order_script(
                 &self.scripts.pay,
                 id.sale(),
@@ -232,30 +252,29 @@ impl Engine {
                 &[&id.seq().to_string(), payment_id, &amount_cents.to_string()],
             )
             .await?;
-        let order = || order_in(id, &reply);
-        let closed_now = reply.get(2).is_some_and(|c| c == "1");
-        Ok(match reply.first().map(String::as_str) {
-            Some("ok") => Payment::Paid(order()?),
-            Some("dup") => Payment::AlreadyPaid(order()?),
-            Some("order_expired") => {
+        let order = |p: &str| unpacked(id, p);
+        Ok(match reply {
+            Reply::Paid(p) => Payment::Paid(order(&p)?),
+            Reply::AlreadyPaid(p) => Payment::AlreadyPaid(order(&p)?),
+            Reply::Expired { packed, closed_now } => {
                 if closed_now {
                     self.sold_out.clear(id.sale());
                 }
                 Payment::Expired {
-                    order: order()?,
+                    order: order(&packed)?,
                     closed_now,
                 }
             }
-            Some("order_not_pending") => Payment::NotPending(order()?),
-            Some("amount_mismatch") => Payment::AmountMismatch(order()?),
-            Some("not_found") => Payment::NotFound,
-            _ => return Err(EngineError::Protocol(format!("pay: {reply:?}"))),
+            Reply::NotPending(p) => Payment::NotPending(order(&p)?),
+            Reply::AmountMismatch(p) => Payment::AmountMismatch(order(&p)?),
+            Reply::NotFound => Payment::NotFound,
         })
     }
 
     /// Cancels a pending order on behalf of `user`, its owner.
     pub async fn cancel(&self, id: OrderId, user: UserId) -> Result<Cancellation, EngineError> {
-        let reply = self
+        use super::scripts::cancel::Reply;
+        let reply: Reply = self
             .run_order_script(
                 &self.scripts.cancel,
                 id.sale(),
@@ -263,26 +282,29 @@ impl Engine {
                 &[&id.seq().to_string(), &user.to_string()],
             )
             .await?;
-        let order = || order_in(id, &reply);
-        let closed_now = reply.get(2).is_some_and(|c| c == "1");
-        if reply.first().is_some_and(|t| t == "ok") || closed_now {
-            self.sold_out.clear(id.sale());
-        }
-        Ok(match reply.first().map(String::as_str) {
-            Some("ok") => Cancellation::Cancelled(order()?),
-            Some("order_not_pending") => Cancellation::NotPending {
-                order: order()?,
-                closed_now,
-            },
-            Some("not_found") => Cancellation::NotFound,
-            _ => return Err(EngineError::Protocol(format!("cancel: {reply:?}"))),
+        Ok(match reply {
+            Reply::Cancelled(p) => {
+                self.sold_out.clear(id.sale());
+                Cancellation::Cancelled(unpacked(id, &p)?)
+            }
+            Reply::NotPending { packed, closed_now } => {
+                if closed_now {
+                    self.sold_out.clear(id.sale());
+                }
+                Cancellation::NotPending {
+                    order: unpacked(id, &packed)?,
+                    closed_now,
+                }
+            }
+            Reply::NotFound => Cancellation::NotFound,
         })
     }
 
     /// Refunds a paid order on behalf of its owner (`Some`) or the admin
     /// (`None`): at once when settled, otherwise accepted and queued.
     pub async fn refund(&self, id: OrderId, caller: Option<UserId>) -> Result<Refund, EngineError> {
-        let reply = self
+        use super::scripts::refund::Reply;
+        let reply: Reply = self
             .run_order_script(
                 &self.scripts.refund,
                 id.sale(),
@@ -294,23 +316,20 @@ impl Engine {
                 ],
             )
             .await?;
-        let order = || order_in(id, &reply);
-        Ok(match reply.first().map(String::as_str) {
-            Some("ok") => {
-                let now = reply.get(2).is_some_and(|n| n == "1");
+        Ok(match reply {
+            Reply::Refunded { packed, now } => {
                 if now {
                     self.sold_out.clear(id.sale());
                 }
                 Refund::Refunded {
-                    order: order()?,
+                    order: unpacked(id, &packed)?,
                     now,
                 }
             }
-            Some("accepted") => Refund::Accepted(order()?),
-            Some("order_not_paid") => Refund::NotPaid(order()?),
-            Some("not_found") => Refund::NotFound,
-            Some("retired") => Refund::Retired,
-            _ => return Err(EngineError::Protocol(format!("refund: {reply:?}"))),
+            Reply::Accepted(p) => Refund::Accepted(unpacked(id, &p)?),
+            Reply::NotPaid(p) => Refund::NotPaid(unpacked(id, &p)?),
+            Reply::NotFound => Refund::NotFound,
+            Reply::Retired => Refund::Retired,
         })
     }
 
@@ -329,30 +348,22 @@ impl Engine {
             .arg(p.max_retry.as_millis() as u64)
             .arg(p.dead_letter_after.as_millis() as u64);
         let mut c = self.conn.clone();
-        let reply: Vec<i64> = self.timed(inv.invoke_async(&mut c)).await?;
-        let count = |v: i64| usize::try_from(v).unwrap_or(0);
-        let bad = || EngineError::Protocol(format!("expire: {reply:?}"));
-        let head = reply.get(..8).ok_or_else(bad)?;
-        let (closed, refunded) = (count(head[1]), count(head[5]));
-        if closed + refunded > 0 {
+        let r: super::scripts::expire::Reply = self.timed(inv.invoke_async(&mut c)).await?;
+        if r.closed + r.refunded > 0 {
             self.sold_out.clear(sale);
         }
-        let lateness_ms = reply.get(8..8 + closed).ok_or_else(bad)?.to_vec();
-        let refund_wait_ms = reply
-            .get(8 + closed..8 + closed + refunded)
-            .ok_or_else(bad)?
-            .to_vec();
+        let count = |v: i64| usize::try_from(v).unwrap_or(0);
         Ok(ExpiryBatch {
-            claimed: count(head[0]),
-            closed,
-            still_due: count(head[2]),
-            next_deadline_ms: (head[3] >= 0).then_some(head[3]),
-            now_ms: head[4],
-            refunded,
-            dead_lettered: count(head[6]),
-            refunds_waiting: head[7],
-            lateness_ms,
-            refund_wait_ms,
+            claimed: count(r.claimed),
+            closed: r.closed,
+            still_due: count(r.still_due),
+            next_deadline_ms: r.next_due_ms,
+            now_ms: r.now_ms,
+            refunded: r.refunded,
+            dead_lettered: count(r.dead_lettered),
+            refunds_waiting: r.refunds_waiting,
+            lateness_ms: r.lateness_ms,
+            refund_wait_ms: r.refund_wait_ms,
         })
     }
 

@@ -94,6 +94,14 @@ impl EngineError {
     /// Redis's error reply, with a fenced sale's ("FENCED <reason>") and a
     /// missing sale's ("NOSALE", see [`Engine::missing`]) told apart.
     pub(crate) fn from_redis(e: redis::RedisError) -> Self {
+        // A reply its script's contract does not allow (see
+        // `scripts::reply`): a fault, not a passing state.
+        if matches!(
+            e.kind(),
+            redis::ErrorKind::Parse | redis::ErrorKind::UnexpectedReturnType
+        ) {
+            return Self::Protocol(e.to_string());
+        }
         match e.code() {
             // Redis adds the script's name after the reason.
             Some("FENCED") => Self::Fenced(

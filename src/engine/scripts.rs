@@ -7,6 +7,15 @@
 use redis::Script;
 use std::sync::Arc;
 
+// One module per script whose reply has a shape of its own: its reply
+// type decodes itself and refuses anything outside the script's contract.
+pub(crate) mod cancel;
+pub(crate) mod expire;
+pub(crate) mod pay;
+pub(crate) mod refund;
+mod reply;
+pub(crate) mod reserve;
+
 const PRELUDE: &str = include_str!("../../lua/prelude.lua");
 
 /// One field per atomic operation; see the header of each file in `lua/`.
