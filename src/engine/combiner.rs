@@ -443,11 +443,7 @@ impl ReserveCall {
     async fn run(&self, sale: SaleId, keys: &SaleKeys, batch: Vec<Job>) {
         let call: Arc<str> = self.ids.next().into();
         let mut inv = self.script.prepare_invoke();
-        for key in keys
-            .order_script_keys()
-            .into_iter()
-            .chain([keys.idem.as_str(), keys.calls.as_str()])
-        {
+        for key in keys.reserve_keys() {
             inv.key(key);
         }
         // Only a sale MySQL lists as live is checked against what this

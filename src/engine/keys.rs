@@ -50,6 +50,33 @@ pub struct SaleKeys {
 }
 
 impl SaleKeys {
+    /// The KEYS every order script takes first, in this order (the
+    /// helpers of `lua/prelude.lua` name them by position): sale, buyers,
+    /// orders, due-queue index, flow stream.
+    pub(crate) fn order_script_keys(&self) -> [&str; 5] {
+        [
+            &self.sale,
+            &self.buyers,
+            &self.orders,
+            &self.deadlines,
+            &self.flow,
+        ]
+    }
+
+    /// The KEYS of `lua/reserve.lua`: the order keys, the idempotency
+    /// hash, the calls hash.
+    pub(crate) fn reserve_keys(&self) -> [&str; 7] {
+        let [a, b, c, d, e] = self.order_script_keys();
+        [a, b, c, d, e, &self.idem, &self.calls]
+    }
+
+    /// The KEYS of `lua/expire.lua` and `lua/refund.lua`: the order keys
+    /// and the refund dead-letter.
+    pub(crate) fn with_dead_refunds(&self) -> [&str; 6] {
+        let [a, b, c, d, e] = self.order_script_keys();
+        [a, b, c, d, e, &self.dead_refunds]
+    }
+
     /// The due-queue bucket that holds the entries of order `seq`.
     pub fn due_bucket(&self, seq: u64) -> String {
         self.due_bucket_no(seq / DUE_BUCKET)

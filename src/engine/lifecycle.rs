@@ -1,7 +1,7 @@
 //! An order's life in Redis: reserve, pay, cancel and expire, each one
 //! script call. Every change writes its flow record in the same call.
 
-use super::{Engine, EngineError, Order, ReserveFailed, SaleKeys};
+use super::{Engine, EngineError, Order, ReserveFailed};
 use crate::domain::{IdempotencyKey, OrderId, Qty, SaleId, UserId};
 
 /// Why a reservation was refused.
@@ -116,19 +116,6 @@ pub struct ExpiryBatch {
     pub lateness_ms: Vec<i64>,
     /// Request-to-refund time of each refund carried out, in ms.
     pub refund_wait_ms: Vec<i64>,
-}
-
-impl SaleKeys {
-    /// The keys every order script takes first (see `lua/prelude.lua`).
-    pub(crate) fn order_script_keys(&self) -> [&str; 5] {
-        [
-            &self.sale,
-            &self.buyers,
-            &self.orders,
-            &self.deadlines,
-            &self.flow,
-        ]
-    }
 }
 
 /// A packed order of a reply.
@@ -338,12 +325,11 @@ impl Engine {
     pub async fn expire(&self, sale: SaleId, limit: usize) -> Result<ExpiryBatch, EngineError> {
         let k = self.keys.sale(sale);
         let mut inv = self.scripts.expire.prepare_invoke();
-        for key in k.order_script_keys() {
+        for key in k.with_dead_refunds() {
             inv.key(key);
         }
         let p = &self.refunds;
-        inv.key(&k.dead_refunds)
-            .arg(limit.max(1))
+        inv.arg(limit.max(1))
             .arg(p.first_retry.as_millis() as u64)
             .arg(p.max_retry.as_millis() as u64)
             .arg(p.dead_letter_after.as_millis() as u64);
