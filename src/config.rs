@@ -72,7 +72,8 @@ pub struct StoreConfig {
     pub key_prefix: String,
 
     /// How long one Redis call may take before the request fails with 503, in ms.
-    #[arg(long, env = "FLASHSALE_REDIS_TIMEOUT_MS", default_value_t = 1000)]
+    #[arg(long, env = "FLASHSALE_REDIS_TIMEOUT_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub redis_timeout_ms: u64,
 
     /// Flow records a sale may have waiting for MySQL before new reservations
@@ -92,11 +93,13 @@ pub struct StoreConfig {
 
     /// Most reservations of one sale combined into one Redis script call
     /// (1: one call per reservation). Calls never wait to fill up.
-    #[arg(long, env = "FLASHSALE_RESERVE_BATCH", default_value_t = 32)]
+    #[arg(long, env = "FLASHSALE_RESERVE_BATCH", default_value_t = 32,
+          value_parser = at_least_one)]
     pub reserve_batch: usize,
 
     /// Combined reserve calls per sale on the wire at once.
-    #[arg(long, env = "FLASHSALE_RESERVE_IN_FLIGHT", default_value_t = 2)]
+    #[arg(long, env = "FLASHSALE_RESERVE_IN_FLIGHT", default_value_t = 2,
+          value_parser = at_least_one)]
     pub reserve_in_flight: usize,
 
     /// Reservations one sale's queue holds at most in this process; past
@@ -108,11 +111,13 @@ pub struct StoreConfig {
 
     /// First retry of a refund waiting for its order to settle, in ms
     /// (doubling per attempt, with a spread per order).
-    #[arg(long, env = "FLASHSALE_REFUND_RETRY_MS", default_value_t = 200)]
+    #[arg(long, env = "FLASHSALE_REFUND_RETRY_MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub refund_retry_ms: u64,
 
     /// Longest delay between refund retries, in ms.
-    #[arg(long, env = "FLASHSALE_REFUND_RETRY_MAX_MS", default_value_t = 5000)]
+    #[arg(long, env = "FLASHSALE_REFUND_RETRY_MAX_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub refund_retry_max_ms: u64,
 
     /// Age in seconds at which a refund that still cannot settle moves to the
@@ -131,12 +136,12 @@ impl StoreConfig {
         crate::engine::EngineOptions {
             url: self.redis_url.clone(),
             key_prefix: self.key_prefix.clone(),
-            timeout: Duration::from_millis(self.redis_timeout_ms.max(1)),
+            timeout: Duration::from_millis(self.redis_timeout_ms),
             flow_backlog_limit: self.flow_backlog_limit,
             sold_out_ttl: Duration::from_millis(self.sold_out_ttl_ms),
             batching: crate::engine::Batching {
-                max: self.reserve_batch.max(1),
-                in_flight: self.reserve_in_flight.max(1),
+                max: self.reserve_batch,
+                in_flight: self.reserve_in_flight,
                 queue_limit: self
                     .reserve_queue_limit
                     .map_or(crate::engine::Batching::default().queue_limit, |n| {
@@ -145,8 +150,8 @@ impl StoreConfig {
                 ..Default::default()
             },
             refunds: crate::engine::RefundPolicy {
-                first_retry: Duration::from_millis(self.refund_retry_ms.max(1)),
-                max_retry: Duration::from_millis(self.refund_retry_max_ms.max(1)),
+                first_retry: Duration::from_millis(self.refund_retry_ms),
+                max_retry: Duration::from_millis(self.refund_retry_max_ms),
                 dead_letter_after: Duration::from_secs(self.refund_dead_letter_secs),
             },
         }
@@ -231,11 +236,13 @@ pub enum Role {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReconcilerConfig {
     /// Most flow records applied in one MySQL transaction (at most 5000).
-    #[arg(long, env = "FLASHSALE_RECONCILER_BATCH", default_value_t = 2000)]
+    #[arg(long, env = "FLASHSALE_RECONCILER_BATCH", default_value_t = 2000,
+          value_parser = at_least_one)]
     pub reconciler_batch: usize,
 
     /// Pause of an idle reconciler, in ms (the lag when traffic is light).
-    #[arg(long, env = "FLASHSALE_RECONCILER_IDLE_MS", default_value_t = 20)]
+    #[arg(long, env = "FLASHSALE_RECONCILER_IDLE_MS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub reconciler_idle_ms: u64,
 
     /// Longest pause between reconciler retries while MySQL is down, in ms.
@@ -247,7 +254,8 @@ pub struct ReconcilerConfig {
     pub reconciler_max_backoff_ms: u64,
 
     /// Seconds between safety-net sweeps of MySQL for overdue pending orders.
-    #[arg(long, env = "FLASHSALE_SWEEP_INTERVAL_SECS", default_value_t = 60)]
+    #[arg(long, env = "FLASHSALE_SWEEP_INTERVAL_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub sweep_interval_secs: u64,
 
     /// How far past its deadline (seconds) a pending order must be for the sweep.
@@ -273,12 +281,14 @@ pub struct ExpiryConfig {
     pub expiry_workers: usize,
 
     /// Most deadlines one expiry call claims (each call holds Redis meanwhile).
-    #[arg(long, env = "FLASHSALE_EXPIRY_BATCH", default_value_t = 128)]
+    #[arg(long, env = "FLASHSALE_EXPIRY_BATCH", default_value_t = 128,
+          value_parser = at_least_one)]
     pub expiry_batch: usize,
 
     /// Longest sleep of an idle worker, in ms; keep it at most the shortest
     /// payment window (1 s) so deadlines made by other processes are on time.
-    #[arg(long, env = "FLASHSALE_EXPIRY_MAX_SLEEP_MS", default_value_t = 1000)]
+    #[arg(long, env = "FLASHSALE_EXPIRY_MAX_SLEEP_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub expiry_max_sleep_ms: u64,
 }
 
@@ -336,5 +346,39 @@ impl ServeConfig {
     /// Whether this process serves the HTTP API.
     pub fn serves_http(&self) -> bool {
         self.roles.contains(&Role::Http)
+    }
+}
+
+/// A count of at least one: zero is refused at parse time, never clamped.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn zero_counts_and_durations_are_refused_at_parse_time() {
+        for (flag, value) in [
+            ("--reserve-batch", "0"),
+            ("--reserve-in-flight", "0"),
+            ("--redis-timeout-ms", "0"),
+            ("--reconciler-batch", "0"),
+            ("--expiry-batch", "0"),
+            ("--sweep-interval-secs", "0"),
+        ] {
+            let err = ServeOnly::try_parse_from(["flashsale", flag, value])
+                .err()
+                .unwrap_or_else(|| panic!("{flag} {value} was taken"));
+            assert!(err.to_string().contains(flag), "{err}");
+        }
+        let ok = ServeOnly::try_parse_from(["flashsale", "--reserve-batch", "1"]).unwrap();
+        assert_eq!(ok.serve.store.reserve_batch, 1);
     }
 }

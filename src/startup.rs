@@ -52,7 +52,7 @@ impl App {
             (None, false) => None,
         };
         let h = &cfg.http;
-        let redis_timeout = Duration::from_millis(cfg.store.redis_timeout_ms.max(1));
+        let redis_timeout = Duration::from_millis(cfg.store.redis_timeout_ms);
         let request_timeout = Duration::from_millis(h.request_timeout_ms);
         // A reserve may wait for its queue and then for its call, each up to
         // the Redis timeout; it must still answer (with its retry key)
@@ -139,7 +139,7 @@ impl App {
                 0
             },
             expiry: ExpiryOptions {
-                batch: cfg.expiry.expiry_batch.max(1),
+                batch: cfg.expiry.expiry_batch,
                 max_sleep: Duration::from_millis(cfg.expiry.expiry_max_sleep_ms.clamp(1, 1000)),
                 ..ExpiryOptions::default()
             },
@@ -149,12 +149,12 @@ impl App {
                     ReconcilerOptions {
                         // 12 placeholders per order row: MySQL allows 65,535.
                         max_batch: r.reconciler_batch.clamp(1, 5000),
-                        idle_sleep: Duration::from_millis(r.reconciler_idle_ms.max(1)),
+                        idle_sleep: Duration::from_millis(r.reconciler_idle_ms),
                         max_backoff: Duration::from_millis(r.reconciler_max_backoff_ms.max(100)),
-                        retention: Duration::from_secs(r.sale_retention_secs.max(1)),
+                        retention: Duration::from_secs(r.sale_retention_secs),
                     },
                     SweepOptions {
-                        interval: Duration::from_secs(r.sweep_interval_secs.max(1)),
+                        interval: Duration::from_secs(r.sweep_interval_secs),
                         grace: Duration::from_secs(r.sweep_grace_secs),
                         ..SweepOptions::default()
                     },
