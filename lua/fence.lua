@@ -13,5 +13,5 @@
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'fence') then
   return 0
 end
-set_fence(ARGV[1])
+set_fence(KEYS[1], ARGV[1])
 return 1

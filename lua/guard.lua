@@ -32,8 +32,8 @@ local token, mysql_seq, cursor, seen, mysql_n =
   ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('HSET', KEYS[1], 'db', token)
-  set_fence('missing')
-  keep_hint(seen)
+  set_fence(KEYS[1], 'missing')
+  keep_hint(KEYS[1], seen)
   return {'fenced', 'missing'}
 end
 local s = redis.call('HMGET', KEYS[1], 'db', 'fence', 'seq', 'layout', 'flows', 'settled',
@@ -58,7 +58,7 @@ if s[1] ~= token then
   return {'fenced', 'foreign'}
 end
 if s[2] then
-  keep_hint(seen)
+  keep_hint(KEYS[1], seen)
   return {'fenced', s[2]}
 end
 local counter = tonumber(s[3] or '0')
@@ -68,8 +68,8 @@ if not behind and cursor ~= '0-0' then
   behind = last == '' or not flow_le(cursor, last)
 end
 if behind then
-  keep_hint(seen)
-  set_fence('behind')
+  keep_hint(KEYS[1], seen)
+  set_fence(KEYS[1], 'behind')
   return {'fenced', 'behind'}
 end
 return {'ok'}

@@ -44,20 +44,22 @@ local function fenced(reason)
   error({err = 'FENCED ' .. reason})
 end
 
--- Fences the sale for `reason` (with the time, `fenced_at`), unless it is.
-local function set_fence(reason)
-  if not redis.call('HGET', KEYS[1], 'fence') then
-    redis.call('HSET', KEYS[1], 'fence', reason, 'fenced_at', int(now_ms()))
+-- Fences the sale whose hash is `sale` for `reason` (with the time,
+-- `fenced_at`), unless it is.
+local function set_fence(sale, reason)
+  if not redis.call('HGET', sale, 'fence') then
+    redis.call('HSET', sale, 'fence', reason, 'fenced_at', int(now_ms()))
   end
 end
 
--- Keeps the highest order seq a caller was given for the sale in
+-- Keeps the highest order seq a caller was given for the sale (hash
+-- `sale`) in
 -- `lost_hint`: the rebuild counts lost orders up to it and moves the
 -- counter past it, so an id a caller saw is never given out again.
-local function keep_hint(seen)
+local function keep_hint(sale, seen)
   seen = tonumber(seen) or 0
-  if seen > tonumber(redis.call('HGET', KEYS[1], 'lost_hint') or '0') then
-    redis.call('HSET', KEYS[1], 'lost_hint', int(seen))
+  if seen > tonumber(redis.call('HGET', sale, 'lost_hint') or '0') then
+    redis.call('HSET', sale, 'lost_hint', int(seen))
   end
 end
 
@@ -84,15 +86,15 @@ local function check_sale()
   end
 end
 
--- Refuses to write when Redis is behind what this caller has seen: its
--- order counter is below the highest order seq the caller was given for
--- the sale (`seen`), so Redis lost orders (a restart from an older
+-- Refuses to write when Redis is behind what this caller has seen: the
+-- order counter of the sale (hash `sale`) is below the highest order seq
+-- the caller was given for it (`seen`), so Redis lost orders (a restart from an older
 -- snapshot, a replica promoted while it lagged). The sale is fenced here,
 -- before it can give an order id out twice.
-local function check_seen(seen, counter)
+local function check_seen(sale, seen, counter)
   if (tonumber(seen) or 0) > (tonumber(counter) or 0) then
-    keep_hint(seen)
-    set_fence('behind')
+    keep_hint(sale, seen)
+    set_fence(sale, 'behind')
     fenced('behind')
   end
 end

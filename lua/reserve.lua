@@ -119,7 +119,7 @@ local token = ARGV[4]
 if sale[9] then
   -- What this caller has seen still counts toward the rebuild.
   if token ~= '' and sale[10] == token then
-    keep_hint(ARGV[3])
+    keep_hint(KEYS[1], ARGV[3])
   end
   fenced(sale[9])
 end
@@ -136,8 +136,8 @@ if not sale[1] then
     -- This caller was given orders of the sale, so it existed: Redis lost
     -- it. A fence-only hash keeps the highest id given out (the guard adds
     -- the token and the rebuild counts the lost orders up to it).
-    keep_hint(ARGV[3])
-    set_fence('missing')
+    keep_hint(KEYS[1], ARGV[3])
+    set_fence(KEYS[1], 'missing')
     fenced('missing')
   end
   return refuse_all('not_found')
@@ -145,7 +145,7 @@ end
 if sale[8] ~= LAYOUT then
   layout_error()
 end
-check_seen(ARGV[3], sale[7])
+check_seen(KEYS[1], ARGV[3], sale[7])
 
 -- The same call again: answer what it did the first time.
 local record = redis.call('HGET', KEYS[7], call_id)
