@@ -4,7 +4,8 @@
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     refund dead-letter hash
--- ARGV[1]     the repair:
+-- ARGV[1]     the repair (built by `Repair` in src/engine/audit.rs, whose tests
+--             check that it names the same repairs as this script):
 --   "counters"       ARGV[2] the flow stream's last-generated id the audit saw,
 --                    ARGV[3..] field, value pairs to set in the sale hash
 --   "buyer"          ARGV[2] the flow id as above, ARGV[3] user, ARGV[4] units

@@ -11,6 +11,8 @@
 -- The sale hash keeps unit counters (avail, pending, paid, cancelled, closed,
 -- refunded, restocked) so that avail + pending + paid + refunded - restocked
 -- = total at every moment, and `settled`, the last flow id MySQL committed.
+-- (src/units.rs lists the counters with their MySQL names; a test there
+-- checks this list.)
 -- The buyers hash holds each buyer's units in pending, paid and
 -- refund_pending orders.
 

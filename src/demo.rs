@@ -175,7 +175,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     )
     .await?;
     let snap = engine.audit_snapshot(sale_id.parse()?).await?;
-    let num = |f: &str| snap.as_ref().map_or(0, |s| s.num(f));
+    let u = snap.as_ref().map(|s| s.units()).unwrap_or_default();
     let t = &tally;
     println!();
     println!(
@@ -189,21 +189,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     );
     println!(
         "paid {}, cancelled {}, closed unpaid at the deadline {} (left unpaid by {} buyers), refunded {} ({} asked)",
-        num("paid") + num("refunded"),
-        num("cancelled"),
-        num("closed"),
+        u.paid + u.refunded,
+        u.cancelled,
+        u.closed,
         t.left_unpaid.load(Ordering::Relaxed),
-        num("refunded"),
+        u.refunded,
         t.refunds_asked.load(Ordering::Relaxed)
     );
     println!(
         "stock: total {} = available {} + pending {} + paid {} + refunded {} - restocked {}",
-        num("total"),
-        num("avail"),
-        num("pending"),
-        num("paid"),
-        num("refunded"),
-        num("restocked")
+        u.total, u.available, u.pending, u.paid, u.refunded, u.restocked
     );
     if t.other.load(Ordering::Relaxed) > 0 {
         println!("unexpected answers: {}", t.other.load(Ordering::Relaxed));

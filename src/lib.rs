@@ -25,6 +25,8 @@ pub mod sales;
 pub mod startup;
 /// Logs and metrics.
 pub mod telemetry;
+/// A sale's stock counters, with their Redis and MySQL names in one list.
+pub mod units;
 /// Background workers: expiry, reconciler, sweep, the live list of sales
 /// and retirement of old sales.
 pub mod workers;

@@ -8,7 +8,18 @@
 //! and checks that need a still sale are skipped, and said so, when it moved.
 //! Everything is paged, so memory stays bounded whatever the sale's size.
 //! A retired sale is audited in MySQL alone (`retired.rs`).
+//!
+//! Where things are: `finding.rs` (the kinds of finding, each with its
+//! default repair and the side it takes as the truth, and the builder the
+//! checks write findings with), `scan.rs` (a live sale's audit in its three
+//! phases: `scan/moment.rs` the counters at one moment, `scan/orders.rs`
+//! the order scan, `scan/still.rs` the checks that need a still sale and
+//! the queues), `retired.rs`, `repair.rs` (the plan and how each repair is
+//! applied; the Redis repairs are [`crate::engine::Repair`]) and
+//! `report.rs`. Its SQL is in `crate::db::audit` and `crate::db::inventory`;
+//! the stock counters are [`crate::units::Units`].
 
+mod finding;
 mod repair;
 mod report;
 mod retired;
@@ -20,7 +31,9 @@ use sqlx::MySqlPool;
 
 use crate::domain::SaleId;
 use crate::engine::Engine;
-pub use repair::apply;
+use crate::units::Units;
+pub use finding::{About, Finding, FindingKind, Fix, NewFinding, Truth};
+pub use repair::{apply, Applied};
 pub use report::{print_human, to_json};
 
 /// What to audit and how.
@@ -35,93 +48,6 @@ pub struct AuditOptions {
     pub progress: bool,
 }
 
-/// Which side a repair takes as the truth.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Truth {
-    /// Redis's orders (the hot path accepted every change there first).
-    RedisOrders,
-    /// MySQL (the only witness left of an order Redis lost).
-    Mysql,
-    /// Nothing to take sides on: the fix restarts stalled work.
-    Neither,
-}
-
-/// A repair the audit proposes.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "action", rename_all = "snake_case")]
-pub enum Fix {
-    /// Write the order to MySQL as Redis holds it, then recompute the
-    /// sale's MySQL inventory from its orders.
-    WriteOrderToMysql {
-        /// The order's seq.
-        seq: u64,
-        /// Also mark the order settled in Redis (its flow record is lost).
-        mark_settled: bool,
-    },
-    /// Recompute the sale's MySQL inventory from its MySQL orders.
-    RecomputeMysqlInventory,
-    /// Put the order back into Redis as MySQL holds it.
-    RestoreOrderInRedis {
-        /// The order's seq.
-        seq: u64,
-    },
-    /// Set Redis's counters to what Redis's orders add up to.
-    RecomputeRedisCounters,
-    /// Set a buyer's units in Redis to what their orders hold.
-    SetBuyerUnits {
-        /// The buyer.
-        user: u64,
-        /// The units their orders hold.
-        units: i64,
-    },
-    /// Remove a due-queue entry that nothing waits on.
-    DropDueEntry {
-        /// The entry.
-        member: String,
-    },
-    /// Give a pending order its missing deadline entry back.
-    AddDeadline {
-        /// The order's seq.
-        seq: u64,
-    },
-    /// Run the expiry for the sale now.
-    RunExpiry,
-    /// Put a dead-lettered refund back on the retry queue.
-    RequeueRefund {
-        /// The order's seq.
-        seq: u64,
-    },
-    /// Fence the sale and rebuild it from MySQL (what Redis lost).
-    LoadSale,
-}
-
-/// One thing that does not hold.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Finding {
-    /// A stable name of the check.
-    pub kind: &'static str,
-    /// The sale.
-    pub sale_id: String,
-    /// The order, when the finding is about one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub order_id: Option<String>,
-    /// What is wrong, with the numbers on each side.
-    pub message: String,
-    /// Redis's side.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub redis: Option<serde_json::Value>,
-    /// MySQL's side.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mysql: Option<serde_json::Value>,
-    /// The proposed repair (none: a person must look).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fix: Option<Fix>,
-    /// Which side the repair takes as the truth.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub truth: Option<Truth>,
-}
-
 /// One sale's audit.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct SaleReport {
@@ -134,9 +60,9 @@ pub struct SaleReport {
     /// Age of the oldest of them, ms.
     pub oldest_backlog_ms: i64,
     /// Redis's counters.
-    pub redis: Option<crate::db::audit::Counters>,
+    pub redis: Option<Units>,
     /// MySQL's inventory plus the backlog's changes.
-    pub mysql_plus_backlog: Option<crate::db::audit::Counters>,
+    pub mysql_plus_backlog: Option<Units>,
     /// What does not hold.
     pub findings: Vec<Finding>,
     /// Checks left out, and why.

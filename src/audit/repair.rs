@@ -6,16 +6,17 @@
 
 use sqlx::MySqlPool;
 
-use super::{Finding, Fix, Report, Truth};
+use super::{Finding, FindingKind, Fix, Report};
 use crate::db::{audit as q, ledger};
 use crate::domain::{OrderId, SaleId};
-use crate::engine::{Engine, FlowId, Order};
+use crate::engine::{Engine, FlowId, Order, Repair, Repaired};
+use crate::units::Units;
 
 /// What happened to one planned repair.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Applied {
     /// The finding's kind.
-    pub finding: &'static str,
+    pub finding: FindingKind,
     /// The sale.
     pub sale_id: String,
     /// The repair.
@@ -62,19 +63,6 @@ impl Fix {
     }
 }
 
-impl Truth {
-    /// Why this side is taken as the truth.
-    pub fn why(&self) -> &'static str {
-        match self {
-            Truth::RedisOrders => {
-                "Redis's orders: every change was accepted there first, atomically with its flow record"
-            }
-            Truth::Mysql => "MySQL: Redis lost this, and MySQL is the only witness left",
-            Truth::Neither => "no side: the fix restarts work that stalled",
-        }
-    }
-}
-
 /// Applies every repair the report proposes, once each, in a safe order.
 pub async fn apply(
     engine: &Engine,
@@ -104,16 +92,12 @@ pub async fn apply(
                 .as_deref()
                 .and_then(|o| o.parse::<OrderId>().ok())
                 .map(|o| o.seq());
-            let truth = finding.truth.map_or("neither", |t| match t {
-                Truth::RedisOrders => "redis_orders",
-                Truth::Mysql => "mysql",
-                Truth::Neither => "neither",
-            });
+            let truth = finding.truth.map_or("neither", |t| t.as_str());
             q::log_repair(
                 &mut tx,
                 sale,
                 seq,
-                finding.kind,
+                finding.kind.as_str(),
                 &fix.describe(),
                 truth,
                 &finding.message,
@@ -138,7 +122,9 @@ async fn apply_one(
     fix: &Fix,
     last_flow: &str,
 ) -> anyhow::Result<bool> {
-    let cas = |args: Vec<String>| async move { engine.audit_fix(sale, &args).await };
+    let cas = |repair: Repair| async move {
+        Ok::<_, anyhow::Error>(engine.repair(sale, &repair).await? == Repaired::Applied)
+    };
     Ok(match fix {
         Fix::WriteOrderToMysql { seq, mark_settled } => {
             ledger::ensure_cursor(db, sale).await?;
@@ -159,13 +145,12 @@ async fn apply_one(
             q::recompute_inventory(&mut tx, sale).await?;
             tx.commit().await?;
             if *mark_settled {
-                return Ok(cas(vec![
-                    "mark_settled".into(),
-                    seq.to_string(),
-                    order.pack(),
-                    cursor.to_string(),
-                ])
-                .await?);
+                return cas(Repair::MarkSettled {
+                    seq: *seq,
+                    seen: order.pack(),
+                    last_flow: cursor,
+                })
+                .await;
             }
             true
         }
@@ -183,28 +168,34 @@ async fn apply_one(
                 return Ok(false);
             };
             ledger::ensure_cursor(db, sale).await?;
-            let (ms, last): (u64, u64) =
-                sqlx::query_as("SELECT last_ms, last_seq FROM reconcile_cursors WHERE sale_id = ?")
-                    .bind(sale.get())
-                    .fetch_one(db)
-                    .await?;
+            let cursor = q::cursor(db, sale)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("sale {sale} has no reconciler cursor"))?;
             // Settled: MySQL holds all of it.
-            order.last_flow = FlowId { ms, seq: last }.to_string();
-            cas(vec!["restore_order".into(), seq.to_string(), order.pack()]).await?
+            order.last_flow = cursor.to_string();
+            cas(Repair::RestoreOrder {
+                seq: *seq,
+                packed: order.pack(),
+            })
+            .await?
         }
         Fix::RecomputeRedisCounters => recompute_redis_counters(engine, sale).await?,
         Fix::SetBuyerUnits { user, units } => {
-            cas(vec![
-                "buyer".into(),
-                last_flow.to_owned(),
-                user.to_string(),
-                units.to_string(),
-            ])
+            cas(Repair::BuyerUnits {
+                seen_flow: last_flow.to_owned(),
+                user: *user,
+                units: *units,
+            })
             .await?
         }
-        Fix::DropDueEntry { member } => cas(vec!["drop_deadline".into(), member.clone()]).await?,
-        Fix::AddDeadline { seq } => cas(vec!["add_deadline".into(), seq.to_string()]).await?,
-        Fix::RequeueRefund { seq } => cas(vec!["requeue_refund".into(), seq.to_string()]).await?,
+        Fix::DropDueEntry { member } => {
+            cas(Repair::DropDueEntry {
+                member: member.clone(),
+            })
+            .await?
+        }
+        Fix::AddDeadline { seq } => cas(Repair::AddDeadline { seq: *seq }).await?,
+        Fix::RequeueRefund { seq } => cas(Repair::RequeueRefund { seq: *seq }).await?,
         Fix::RunExpiry => {
             let mut closed = 0;
             loop {
@@ -252,11 +243,7 @@ async fn recompute_redis_counters(engine: &Engine, sale: SaleId) -> anyhow::Resu
         return Ok(false);
     };
     let end_ms = before.num("end_ms");
-    let mut sums = q::Counters {
-        total: before.num("total"),
-        ..q::Counters::default()
-    };
-    sums.available = sums.total;
+    let mut sums = Units::opening(before.units().total);
     let max_seq = before.num("seq").max(0) as u64;
     let mut from = 1;
     while from <= max_seq {
@@ -269,18 +256,9 @@ async fn recompute_redis_counters(engine: &Engine, sale: SaleId) -> anyhow::Resu
         }
         from = to + 1;
     }
-    let mut args = vec!["counters".to_owned(), before.last_flow.clone()];
-    for (field, v) in [
-        ("avail", sums.available),
-        ("pending", sums.pending),
-        ("paid", sums.paid),
-        ("cancelled", sums.cancelled),
-        ("closed", sums.closed),
-        ("refunded", sums.refunded),
-        ("restocked", sums.restocked),
-    ] {
-        args.push(field.into());
-        args.push(v.to_string());
-    }
-    Ok(engine.audit_fix(sale, &args).await?)
+    let repair = Repair::Counters {
+        seen_flow: before.last_flow.clone(),
+        units: sums,
+    };
+    Ok(engine.repair(sale, &repair).await? == Repaired::Applied)
 }

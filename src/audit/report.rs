@@ -27,7 +27,7 @@ fn line(f: &Finding, plan: bool) -> String {
     s
 }
 
-fn equation(c: &crate::db::audit::Counters) -> String {
+fn equation(c: &crate::units::Units) -> String {
     format!(
         "total {} = available {} + pending {} + paid {} + refunded {} - restocked {}",
         c.total, c.available, c.pending, c.paid, c.refunded, c.restocked

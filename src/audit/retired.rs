@@ -9,27 +9,18 @@
 use serde_json::json;
 use sqlx::MySqlPool;
 
-use super::{Finding, Fix, SaleReport, Truth};
+use super::scan::{still::check_quarantined, Ctx};
+use super::{FindingKind, SaleReport, Truth};
 use crate::db::audit as q;
 use crate::domain::SaleId;
 use crate::engine::Engine;
+use crate::units::Units;
 
-fn finding(
-    sale: SaleId,
-    kind: &'static str,
-    message: String,
-    fix: Option<(Fix, Truth)>,
-) -> Finding {
-    Finding {
-        kind,
-        sale_id: sale.to_string(),
-        order_id: None,
-        message,
-        redis: None,
-        mysql: None,
-        truth: fix.as_ref().map(|f| f.1),
-        fix: fix.map(|f| f.0),
-    }
+/// The counters as this finding's message has always written them (the
+/// form of Rust's `Debug` of the former `Counters` struct).
+fn listed(u: &Units) -> String {
+    let fields: Vec<String> = u.fields().map(|(n, v)| format!("{n}: {v}")).collect();
+    format!("Counters {{ {} }}", fields.join(", "))
 }
 
 /// Audits a sale that MySQL holds as retired.
@@ -38,31 +29,32 @@ pub(super) async fn audit_retired(
     db: &MySqlPool,
     sale: SaleId,
 ) -> anyhow::Result<SaleReport> {
-    let mut report = SaleReport {
-        sale_id: sale.to_string(),
-        retired: true,
-        ..SaleReport::default()
-    };
+    let mut cx = Ctx::new(engine, db, sale);
+    cx.report.retired = true;
     // One transaction: a refund applied meanwhile moves an order and the
     // inventory together, so the two reads agree.
     let mut tx = db.begin().await?;
-    let (inv, _) = q::inventory(&mut tx, sale)
+    let (inv, _) = crate::db::inventory::read(&mut tx, sale)
         .await?
         .ok_or_else(|| anyhow::anyhow!("no sale {sale} in MySQL"))?;
     let sums = q::order_sums(&mut tx, sale, inv.total).await?;
     let statuses = q::orders_by_status(&mut tx, sale).await?;
     tx.rollback().await?;
-    report.mysql_plus_backlog = Some(inv);
-    report.orders_checked = statuses.iter().map(|s| s.1.max(0) as u64).sum();
+    cx.report.mysql_plus_backlog = Some(inv);
+    cx.report.orders_checked = statuses.iter().map(|s| s.1.max(0) as u64).sum();
     if inv != sums {
-        let mut f = finding(
-            sale,
-            "mysql_inventory",
-            format!("MySQL inventory {inv:?} does not add up to its orders {sums:?}"),
-            Some((Fix::RecomputeMysqlInventory, Truth::Mysql)),
-        );
-        f.mysql = Some(json!({"inventory": inv, "orders": sums}));
-        report.findings.push(f);
+        cx.find(
+            FindingKind::MysqlInventory,
+            format!(
+                "MySQL inventory {} does not add up to its orders {}",
+                listed(&inv),
+                listed(&sums)
+            ),
+        )
+        .mysql(json!({"inventory": inv, "orders": sums}))
+        // MySQL is the retired sale's record.
+        .truth(Some(Truth::Mysql))
+        .push();
     }
     let waiting: Vec<String> = statuses
         .iter()
@@ -70,61 +62,42 @@ pub(super) async fn audit_retired(
         .map(|(s, n)| format!("{n} {s}"))
         .collect();
     if !waiting.is_empty() {
-        report.findings.push(finding(
-            sale,
-            "retired_with_work",
+        cx.find(
+            FindingKind::RetiredWithWork,
             format!(
                 "the sale is retired but MySQL holds orders still waiting ({}); a person must look",
                 waiting.join(", ")
             ),
-            None,
-        ));
+        )
+        .push();
     }
     // Records the reconciler refused stay a person's call after retirement.
-    for q in crate::db::quarantine::list(db, sale).await? {
-        let mut f = finding(
-            sale,
-            "quarantined_record",
-            format!(
-                "flow record {} ({}) was quarantined, not applied: {}",
-                q.flow_id, q.event, q.reason
-            ),
-            None,
-        );
-        f.order_id = q
-            .seq
-            .map(|s| crate::domain::OrderId::new(sale, s).to_string());
-        f.mysql = Some(json!(q));
-        report.findings.push(f);
-    }
+    check_quarantined(&mut cx).await?;
     match engine.audit_snapshot(sale).await? {
         None => {}
         Some(snap) if !snap.fields.contains_key("retired") => {
-            report.findings.push(finding(
-                sale,
-                "retired_sale_live_in_redis",
-                "the sale is retired in MySQL but Redis holds it as live: changes made there would never reach MySQL; a person must look".into(),
-                None,
-            ));
+            cx.find(
+                FindingKind::RetiredSaleLiveInRedis,
+                "the sale is retired in MySQL but Redis holds it as live: changes made there would never reach MySQL; a person must look",
+            )
+            .push();
         }
         Some(snap) => {
             if snap.flow_len > 0 {
-                report.backlog = snap.flow_len;
-                report.findings.push(finding(
-                    sale,
-                    "retired_sale_backlog",
+                cx.report.backlog = snap.flow_len;
+                cx.find(
+                    FindingKind::RetiredSaleBacklog,
                     format!(
                         "{} flow records of the retired sale wait in Redis; no reconciler carries them to MySQL any more; a person must look",
                         snap.flow_len
                     ),
-                    None,
-                ));
+                )
+                .push();
             }
-            report.skipped.push(
-                "Redis against MySQL: the sale is retired, MySQL is its record (Redis's keys are expiring)"
-                    .into(),
+            cx.skip(
+                "Redis against MySQL: the sale is retired, MySQL is its record (Redis's keys are expiring)",
             );
         }
     }
-    Ok(report)
+    Ok(cx.report)
 }

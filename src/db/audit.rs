@@ -7,83 +7,14 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use sqlx::{MySql, MySqlPool, Transaction};
 
+use super::inventory;
 use crate::domain::{OrderId, SaleId, UserId};
 use crate::engine::{FlowId, Order, OrderStatus};
+use crate::units::Units;
 
-/// Unit counters of a sale, in Redis's or MySQL's names.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Counters {
-    /// Units put on sale.
-    pub total: i64,
-    /// Units on sale now.
-    pub available: i64,
-    /// Units in pending orders.
-    pub pending: i64,
-    /// Units in paid (and refund_pending) orders.
-    pub paid: i64,
-    /// Units of cancelled orders.
-    pub cancelled: i64,
-    /// Units of closed orders.
-    pub closed: i64,
-    /// Units refunded.
-    pub refunded: i64,
-    /// Refunded units that went back on sale.
-    pub restocked: i64,
-}
-
-impl Counters {
-    /// available + pending + paid + refunded - restocked, which must be the total.
-    pub fn accounted(&self) -> i64 {
-        self.available + self.pending + self.paid + self.refunded - self.restocked
-    }
-
-    /// These counters moved by `d` (the total stays).
-    pub fn plus(&self, d: &crate::db::ledger::Deltas) -> Self {
-        Self {
-            total: self.total,
-            available: self.available + d.available,
-            pending: self.pending + d.pending,
-            paid: self.paid + d.paid,
-            cancelled: self.cancelled + d.cancelled,
-            closed: self.closed + d.closed,
-            refunded: self.refunded + d.refunded,
-            restocked: self.restocked + d.restocked,
-        }
-    }
-
-    /// The counters' names and values, in a fixed order.
-    pub fn fields(&self) -> [(&'static str, i64); 8] {
-        [
-            ("total", self.total),
-            ("available", self.available),
-            ("pending", self.pending),
-            ("paid", self.paid),
-            ("cancelled", self.cancelled),
-            ("closed", self.closed),
-            ("refunded", self.refunded),
-            ("restocked", self.restocked),
-        ]
-    }
-
-    /// Adds one order's units to the sums by status (`end_ms` decides
-    /// whether a refund restocked); `available` is derived from the total.
-    pub fn count_order(&mut self, o: &Order, end_ms: i64) {
-        let q = i64::from(o.qty);
-        match o.status {
-            OrderStatus::Pending => self.pending += q,
-            OrderStatus::Paid | OrderStatus::RefundPending => self.paid += q,
-            OrderStatus::Cancelled => self.cancelled += q,
-            OrderStatus::Closed => self.closed += q,
-            OrderStatus::Refunded => {
-                self.refunded += q;
-                if o.refunded_ms.is_some_and(|r| r < end_ms) {
-                    self.restocked += q;
-                }
-            }
-        }
-        self.available = self.total - self.pending - self.paid - self.refunded + self.restocked;
-    }
-}
+/// A sale's stock counters at one moment (Redis's, MySQL's inventory, or
+/// what its orders add up to).
+pub type Counters = Units;
 
 fn ms(t: Option<DateTime<Utc>>) -> Option<i64> {
     t.map(|t| t.timestamp_millis())
@@ -113,35 +44,14 @@ pub async fn lock_cursor(tx: &mut Transaction<'_, MySql>, sale: SaleId) -> sqlx:
     Ok(FlowId { ms, seq })
 }
 
-/// The sale's inventory row and end time (None when MySQL lacks the sale).
-pub async fn inventory(
-    tx: &mut Transaction<'_, MySql>,
-    sale: SaleId,
-) -> sqlx::Result<Option<(Counters, i64)>> {
-    #[allow(clippy::type_complexity)]
-    let row: Option<(i32, i32, i32, i32, i32, i32, i32, i32, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT i.total, i.available, i.pending, i.paid, i.cancelled, i.closed, i.refunded, \
-         i.restocked, s.end_at FROM inventory i JOIN sales s ON s.id = i.sale_id \
-         WHERE i.sale_id = ?",
-    )
-    .bind(sale.get())
-    .fetch_optional(&mut **tx)
-    .await?;
-    Ok(row.map(|r| {
-        (
-            Counters {
-                total: r.0.into(),
-                available: r.1.into(),
-                pending: r.2.into(),
-                paid: r.3.into(),
-                cancelled: r.4.into(),
-                closed: r.5.into(),
-                refunded: r.6.into(),
-                restocked: r.7.into(),
-            },
-            r.8.timestamp_millis(),
-        )
-    }))
+/// The reconciler's cursor of `sale`, unlocked (None when it has none).
+pub async fn cursor(pool: &MySqlPool, sale: SaleId) -> sqlx::Result<Option<FlowId>> {
+    let row: Option<(u64, u64)> =
+        sqlx::query_as("SELECT last_ms, last_seq FROM reconcile_cursors WHERE sale_id = ?")
+            .bind(sale.get())
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(ms, seq)| FlowId { ms, seq }))
 }
 
 /// The inventory as the sale's MySQL orders add up (available derived).
@@ -163,19 +73,11 @@ pub async fn order_sums(
         ..Counters::default()
     };
     for (status, units, restocked) in rows {
-        match status.as_str() {
-            "pending" => c.pending += units,
-            "paid" | "refund_pending" => c.paid += units,
-            "cancelled" => c.cancelled += units,
-            "closed" => c.closed += units,
-            "refunded" => {
-                c.refunded += units;
-                c.restocked += restocked;
-            }
-            _ => {}
+        if let Some(status) = OrderStatus::parse(&status) {
+            c.count(status, units, restocked);
         }
     }
-    c.available = total - c.pending - c.paid - c.refunded + c.restocked;
+    c.derive_available();
     Ok(c)
 }
 
@@ -322,24 +224,11 @@ pub async fn recompute_inventory(
     tx: &mut Transaction<'_, MySql>,
     sale: SaleId,
 ) -> anyhow::Result<()> {
-    let (inv, _) = inventory(tx, sale)
+    let (inv, _) = inventory::read(tx, sale)
         .await?
         .ok_or_else(|| anyhow::anyhow!("MySQL has no sale {sale}"))?;
     let c = order_sums(tx, sale, inv.total).await?;
-    sqlx::query(
-        "UPDATE inventory SET available = ?, pending = ?, paid = ?, cancelled = ?, closed = ?, \
-         refunded = ?, restocked = ? WHERE sale_id = ?",
-    )
-    .bind(c.available)
-    .bind(c.pending)
-    .bind(c.paid)
-    .bind(c.cancelled)
-    .bind(c.closed)
-    .bind(c.refunded)
-    .bind(c.restocked)
-    .bind(sale.get())
-    .execute(&mut **tx)
-    .await?;
+    inventory::set(tx, sale, &c).await?;
     Ok(())
 }
 

@@ -15,9 +15,11 @@ use sqlx::mysql::MySqlDatabaseError;
 use sqlx::{Executor, MySql, MySqlPool, QueryBuilder, Transaction};
 
 use super::forward::{judge, Held, Verdict};
+use super::inventory;
 use super::quarantine::{self, Quarantined};
 use crate::domain::SaleId;
-use crate::engine::{FlowEntry, FlowEvent, FlowId, FlowRecord, Order};
+use crate::engine::{FlowEntry, FlowId, Order};
+use crate::units::Units;
 
 fn at(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
@@ -71,73 +73,9 @@ pub async fn lock_numbered_cursor(
     Ok(row.map(|(ms, seq, n)| (FlowId { ms, seq }, n)))
 }
 
-/// Units moved by one change, as inventory deltas.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Deltas {
-    /// Change of available units.
-    pub available: i64,
-    /// Change of units in pending orders.
-    pub pending: i64,
-    /// Change of units in paid orders.
-    pub paid: i64,
-    /// Change of cancelled units.
-    pub cancelled: i64,
-    /// Change of closed units.
-    pub closed: i64,
-    /// Change of refunded units.
-    pub refunded: i64,
-    /// Change of refunded units put back on sale.
-    pub restocked: i64,
-}
-
-impl Deltas {
-    /// What `record` does to the sale's inventory.
-    pub fn of(record: &FlowRecord) -> Self {
-        let q = i64::from(record.order.qty);
-        let mut d = Self::default();
-        match record.event {
-            FlowEvent::Reserve => {
-                d.available = -q;
-                d.pending = q;
-            }
-            FlowEvent::Pay => {
-                d.pending = -q;
-                d.paid = q;
-            }
-            FlowEvent::Cancel => {
-                d.pending = -q;
-                d.available = q;
-                d.cancelled = q;
-            }
-            FlowEvent::Close => {
-                d.pending = -q;
-                d.available = q;
-                d.closed = q;
-            }
-            FlowEvent::RefundRequest => {}
-            FlowEvent::Refund => {
-                d.paid = -q;
-                d.refunded = q;
-                if record.restocked {
-                    d.available = q;
-                    d.restocked = q;
-                }
-            }
-        }
-        d
-    }
-
-    /// Adds another change's deltas.
-    pub fn add(&mut self, o: Self) {
-        self.available += o.available;
-        self.pending += o.pending;
-        self.paid += o.paid;
-        self.cancelled += o.cancelled;
-        self.closed += o.closed;
-        self.refunded += o.refunded;
-        self.restocked += o.restocked;
-    }
-}
+/// Units moved by changes, as inventory deltas (the total is 0: no change
+/// moves it); [`Units::of_flow`] gives one record's.
+pub type Deltas = Units;
 
 fn flow_id(sale: SaleId, id: FlowId) -> String {
     format!("{sale}-{id}")
@@ -341,7 +279,7 @@ async fn apply_entries(
                 }
                 held.insert(seq, Held::of(&r.order));
                 last_state.insert(seq, &r.order);
-                d.add(Deltas::of(r));
+                d += Units::of_flow(r);
                 rows.push(r);
             }
             Verdict::Repeat => rows.push(r),
@@ -371,21 +309,7 @@ async fn apply_entries(
         upsert_orders(tx, last_state.into_values(), &keys).await?;
     }
     if d != Deltas::default() {
-        sqlx::query(
-            "UPDATE inventory SET available = available + ?, pending = pending + ?, \
-             paid = paid + ?, cancelled = cancelled + ?, closed = closed + ?, \
-             refunded = refunded + ?, restocked = restocked + ? WHERE sale_id = ?",
-        )
-        .bind(d.available)
-        .bind(d.pending)
-        .bind(d.paid)
-        .bind(d.cancelled)
-        .bind(d.closed)
-        .bind(d.refunded)
-        .bind(d.restocked)
-        .bind(sale.get())
-        .execute(&mut **tx)
-        .await?;
+        inventory::add(tx, sale, &d).await?;
     }
     Ok(out)
 }

@@ -5,6 +5,7 @@
 
 pub mod audit;
 pub mod forward;
+pub mod inventory;
 pub mod ledger;
 pub mod quarantine;
 pub mod rebuild;

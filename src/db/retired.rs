@@ -13,8 +13,10 @@
 use chrono::{DateTime, Utc};
 use sqlx::{MySql, MySqlPool, Transaction};
 
+use super::inventory;
 use crate::domain::{OrderId, SaleId, UserId};
-use crate::engine::{FlowId, Order, OrderStatus};
+use crate::engine::{FlowEvent, FlowId, Order, OrderStatus};
+use crate::units::Units;
 
 /// A sale on the live list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,12 +296,9 @@ pub async fn refund(
     .bind(at)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE inventory SET paid = paid - ?, refunded = refunded + ? WHERE sale_id = ?")
-        .bind(order.qty)
-        .bind(order.qty)
-        .bind(sale)
-        .execute(&mut *tx)
-        .await?;
+    // After the end: the units do not go back on sale.
+    let refund = Units::moved_by(FlowEvent::Refund, i64::from(order.qty), false);
+    inventory::add(&mut tx, id.sale(), &refund).await?;
     tx.commit().await?;
     order.status = OrderStatus::Refunded;
     order.refunded_ms = Some(at.timestamp_millis());

@@ -5,7 +5,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::MySqlPool;
 
+use super::inventory;
 use crate::domain::{OrderId, SaleId};
+use crate::engine::FlowEvent;
+use crate::units::Units;
 
 /// A pending order as MySQL holds it.
 #[derive(Debug, Clone)]
@@ -96,16 +99,8 @@ pub async fn close_lost_order(
         tx.rollback().await?;
         return Ok(false);
     }
-    sqlx::query(
-        "UPDATE inventory SET pending = pending - ?, available = available + ?, \
-         closed = closed + ? WHERE sale_id = ?",
-    )
-    .bind(row.qty)
-    .bind(row.qty)
-    .bind(row.qty)
-    .bind(sale)
-    .execute(&mut *tx)
-    .await?;
+    let close = Units::moved_by(FlowEvent::Close, i64::from(row.qty), false);
+    inventory::add(&mut tx, row.id.sale(), &close).await?;
     sqlx::query("INSERT INTO sweep_corrections (sale_id, seq, action, detail) VALUES (?, ?, ?, ?)")
         .bind(sale)
         .bind(row.id.seq())

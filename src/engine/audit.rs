@@ -1,13 +1,17 @@
 //! The audit's reads and compare-and-set repairs of a sale in Redis. Reads
 //! are paged (bounded memory whatever the sale's size); the one read that
 //! must be atomic, the counters beside the stream's position, is a script.
+//! Repairs are typed ([`Repair`]): each renders its own arguments for
+//! `lua/audit_fix.lua`, and the script's reply decodes itself
+//! ([`Repaired`]), refusing any shape the script does not answer.
 
 use std::collections::HashMap;
 
-use redis::AsyncCommands;
+use redis::{AsyncCommands, FromRedisValue, ParsingError, Value};
 
-use super::{Engine, EngineError};
+use super::{Engine, EngineError, FlowId};
 use crate::domain::SaleId;
+use crate::units::Units;
 
 /// A sale's counters and the position of its flow stream, read at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +37,135 @@ impl AuditSnapshot {
             .get(field)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
+    }
+
+    /// The sale's stock counters (a counter absent from the hash is 0).
+    pub fn units(&self) -> Units {
+        Units::from_fn(|c| self.num(c.redis))
+    }
+}
+
+/// One compare-and-set repair of a sale in Redis (`lua/audit_fix.lua`):
+/// applied only if what the audit saw is still so, so a repair never
+/// overwrites a change that live traffic made after the audit looked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repair {
+    /// Set the sale hash's moving counters to `units` (the total stays),
+    /// if the flow stream's last generated id is still `seen_flow`.
+    Counters {
+        /// The stream's last generated id the audit saw.
+        seen_flow: String,
+        /// What Redis's orders add up to.
+        units: Units,
+    },
+    /// Set a buyer's units (0: remove the buyer), if the flow stream's last
+    /// generated id is still `seen_flow`.
+    BuyerUnits {
+        /// The stream's last generated id the audit saw.
+        seen_flow: String,
+        /// The buyer.
+        user: u64,
+        /// The units their orders hold.
+        units: i64,
+    },
+    /// Put an order back, only if it is missing (a pending one gets its
+    /// deadline entry back).
+    RestoreOrder {
+        /// The order's seq.
+        seq: u64,
+        /// The order, packed.
+        packed: String,
+    },
+    /// Remove a due-queue entry, only if its order does not wait on it.
+    DropDueEntry {
+        /// The entry.
+        member: String,
+    },
+    /// Record `last_flow` as the order's last flow id, only if the order is
+    /// still as the audit saw it.
+    MarkSettled {
+        /// The order's seq.
+        seq: u64,
+        /// The order as the audit saw it, packed.
+        seen: String,
+        /// The flow id to record as its last (MySQL holds all of it).
+        last_flow: FlowId,
+    },
+    /// Put a dead-lettered refund back on the retry queue.
+    RequeueRefund {
+        /// The order's seq.
+        seq: u64,
+    },
+    /// Give a pending order without one its deadline entry.
+    AddDeadline {
+        /// The order's seq.
+        seq: u64,
+    },
+}
+
+impl Repair {
+    /// The repair's name as `lua/audit_fix.lua` spells it (its `ARGV[1]`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Counters { .. } => "counters",
+            Self::BuyerUnits { .. } => "buyer",
+            Self::RestoreOrder { .. } => "restore_order",
+            Self::DropDueEntry { .. } => "drop_deadline",
+            Self::MarkSettled { .. } => "mark_settled",
+            Self::RequeueRefund { .. } => "requeue_refund",
+            Self::AddDeadline { .. } => "add_deadline",
+        }
+    }
+
+    /// The script's `ARGV`: the name, then the repair's arguments in the
+    /// order its header gives.
+    pub fn args(&self) -> Vec<String> {
+        let mut a = vec![self.name().to_owned()];
+        match self {
+            Self::Counters { seen_flow, units } => {
+                a.push(seen_flow.clone());
+                for c in Units::moving() {
+                    a.push(c.redis.to_owned());
+                    a.push(c.of(units).to_string());
+                }
+            }
+            Self::BuyerUnits {
+                seen_flow,
+                user,
+                units,
+            } => a.extend([seen_flow.clone(), user.to_string(), units.to_string()]),
+            Self::RestoreOrder { seq, packed } => a.extend([seq.to_string(), packed.clone()]),
+            Self::DropDueEntry { member } => a.push(member.clone()),
+            Self::MarkSettled {
+                seq,
+                seen,
+                last_flow,
+            } => a.extend([seq.to_string(), seen.clone(), last_flow.to_string()]),
+            Self::RequeueRefund { seq } | Self::AddDeadline { seq } => a.push(seq.to_string()),
+        }
+        a
+    }
+}
+
+/// What `lua/audit_fix.lua` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repaired {
+    /// The repair changed the sale (`1`).
+    Applied,
+    /// The state had moved on since the audit looked, or there was nothing
+    /// left to change (`0`): audit again.
+    Moved,
+}
+
+impl FromRedisValue for Repaired {
+    fn from_redis_value(v: Value) -> Result<Self, ParsingError> {
+        match v {
+            Value::Int(1) => Ok(Self::Applied),
+            Value::Int(0) => Ok(Self::Moved),
+            other => {
+                Err(format!("audit_fix answered {other:?}, not 1 (applied) or 0 (moved)").into())
+            }
+        }
     }
 }
 
@@ -65,9 +198,8 @@ impl Engine {
         }))
     }
 
-    /// Applies one compare-and-set repair (see `lua/audit_fix.lua`); false
-    /// when the state had moved on since the audit looked.
-    pub async fn audit_fix(&self, sale: SaleId, args: &[String]) -> Result<bool, EngineError> {
+    /// Applies one compare-and-set repair (see [`Repair`]).
+    pub async fn repair(&self, sale: SaleId, repair: &Repair) -> Result<Repaired, EngineError> {
         let k = self.keys.sale(sale);
         let mut inv = self.scripts.audit_fix.prepare_invoke();
         for key in [
@@ -80,12 +212,11 @@ impl Engine {
         ] {
             inv.key(key);
         }
-        for a in args {
+        for a in repair.args() {
             inv.arg(a);
         }
         let mut c = self.conn.clone();
-        let applied: i64 = self.timed(inv.invoke_async(&mut c)).await?;
-        Ok(applied == 1)
+        self.timed(inv.invoke_async(&mut c)).await
     }
 
     /// `command key item...` (HMGET, ZMSCORE): one answer per item.
@@ -247,5 +378,129 @@ impl Engine {
             .timed(async move { c.xrange_count(&key, &id, &id, 1).await })
             .await?;
         Ok(!found.ids.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names the script dispatches on (`op == '...'`).
+    fn script_names() -> Vec<String> {
+        include_str!("../../lua/audit_fix.lua")
+            .split("op == '")
+            .skip(1)
+            .filter_map(|rest| rest.split_once('\'').map(|(name, _)| name.to_owned()))
+            .collect()
+    }
+
+    /// One repair of each kind, with the `ARGV` it must render.
+    fn one_of_each() -> Vec<(Repair, Vec<&'static str>)> {
+        let units = Units {
+            total: 10,
+            available: 4,
+            pending: 1,
+            paid: 5,
+            ..Units::default()
+        };
+        vec![
+            (
+                Repair::Counters {
+                    seen_flow: "5-0".into(),
+                    units,
+                },
+                vec![
+                    "counters",
+                    "5-0",
+                    "avail",
+                    "4",
+                    "pending",
+                    "1",
+                    "paid",
+                    "5",
+                    "cancelled",
+                    "0",
+                    "closed",
+                    "0",
+                    "refunded",
+                    "0",
+                    "restocked",
+                    "0",
+                ],
+            ),
+            (
+                Repair::BuyerUnits {
+                    seen_flow: "5-0".into(),
+                    user: 7,
+                    units: 2,
+                },
+                vec!["buyer", "5-0", "7", "2"],
+            ),
+            (
+                Repair::RestoreOrder {
+                    seq: 3,
+                    packed: "p|x".into(),
+                },
+                vec!["restore_order", "3", "p|x"],
+            ),
+            (
+                Repair::DropDueEntry {
+                    member: "r3:0:1".into(),
+                },
+                vec!["drop_deadline", "r3:0:1"],
+            ),
+            (
+                Repair::MarkSettled {
+                    seq: 3,
+                    seen: "p|x".into(),
+                    last_flow: FlowId { ms: 9, seq: 1 },
+                },
+                vec!["mark_settled", "3", "p|x", "9-1"],
+            ),
+            (
+                Repair::RequeueRefund { seq: 3 },
+                vec!["requeue_refund", "3"],
+            ),
+            (Repair::AddDeadline { seq: 3 }, vec!["add_deadline", "3"]),
+        ]
+    }
+
+    #[test]
+    fn each_repair_renders_the_arguments_the_script_reads() {
+        for (repair, want) in one_of_each() {
+            assert_eq!(repair.args(), want, "{repair:?}");
+        }
+    }
+
+    #[test]
+    fn the_script_and_the_enum_name_the_same_repairs() {
+        let mut script = script_names();
+        script.sort();
+        let mut rust: Vec<String> = one_of_each()
+            .iter()
+            .map(|(r, _)| r.name().to_owned())
+            .collect();
+        rust.sort();
+        assert_eq!(script, rust);
+    }
+
+    #[test]
+    fn the_reply_is_one_or_zero_and_nothing_else() {
+        assert_eq!(
+            Repaired::from_redis_value(Value::Int(1)),
+            Ok(Repaired::Applied)
+        );
+        assert_eq!(
+            Repaired::from_redis_value(Value::Int(0)),
+            Ok(Repaired::Moved)
+        );
+        for other in [
+            Value::Int(2),
+            Value::Nil,
+            Value::SimpleString("OK".into()),
+            Value::Array(vec![]),
+        ] {
+            assert!(Repaired::from_redis_value(other).is_err());
+        }
     }
 }

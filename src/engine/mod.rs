@@ -24,7 +24,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::domain::SaleId;
 
-pub use audit::AuditSnapshot;
+pub use audit::{AuditSnapshot, Repair, Repaired};
 pub use combiner::{Batching, ReserveFailed, ReserveStats};
 pub use flow::{FlowEntry, FlowEvent, FlowId, FlowRecord, UnreadableRecord};
 pub use keys::{Keys, SaleKeys};

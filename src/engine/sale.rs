@@ -7,6 +7,7 @@ use redis::AsyncCommands;
 
 use super::{Engine, EngineError};
 use crate::domain::SaleId;
+use crate::units::{Units, REDIS};
 
 /// A sale's terms and counters as Redis holds them, read with Redis's clock.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,19 +116,15 @@ pub enum Loaded {
 impl SaleTerms {
     /// The sale hash's fields for a new sale (all but `db`, the token).
     pub(crate) fn fields(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut f = vec![
             ("layout", super::keys::LAYOUT.to_string()),
             ("sku", self.sku.clone()),
             ("title", self.title.clone()),
             ("price", self.price_cents.to_string()),
-            ("total", self.stock_total.to_string()),
-            ("avail", self.stock_total.to_string()),
-            ("pending", "0".into()),
-            ("paid", "0".into()),
-            ("cancelled", "0".into()),
-            ("closed", "0".into()),
-            ("refunded", "0".into()),
-            ("restocked", "0".into()),
+        ];
+        // The stock counters: everything on sale.
+        f.extend(Units::opening(self.stock_total).redis_fields());
+        f.extend([
             ("refunds_waiting", "0".into()),
             ("refunds_dead", "0".into()),
             ("limit", self.per_user_limit.to_string()),
@@ -135,7 +132,8 @@ impl SaleTerms {
             ("start_ms", self.start_ms.to_string()),
             ("end_ms", self.end_ms.to_string()),
             ("seq", "0".into()),
-        ]
+        ]);
+        f
     }
 }
 
@@ -202,10 +200,10 @@ impl Engine {
             sku: text("sku"),
             title: text("title"),
             price_cents: num("price")?,
-            stock_total: num("total")?,
-            stock_available: num("avail")?,
-            stock_pending: num("pending")?,
-            stock_paid: num("paid")?,
+            stock_total: num(REDIS.total)?,
+            stock_available: num(REDIS.available)?,
+            stock_pending: num(REDIS.pending)?,
+            stock_paid: num(REDIS.paid)?,
             per_user_limit: num("limit")?,
             payment_window_ms: num("window_ms")?,
             start_ms: num("start_ms")?,

@@ -243,7 +243,7 @@ async fn an_ended_settled_sale_retires_and_the_workers_leave_it() {
     assert_eq!(flow_rows(&pool, &sale).await, flows);
     assert_eq!(app.due_len(&sale).await, 1, "no expiry worker claimed it");
     let report = audit_one(&app, &pool, &sale).await;
-    let kinds: Vec<&str> = report.findings().map(|f| f.kind).collect();
+    let kinds: Vec<&str> = report.findings().map(|f| f.kind.as_str()).collect();
     assert_eq!(kinds, ["retired_sale_backlog"]);
     pool.close().await;
     app.finish().await;
