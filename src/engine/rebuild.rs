@@ -131,44 +131,27 @@ pub enum Unfenced {
 impl RebuiltSale {
     /// The sale hash's fields (all but `db`).
     fn fields(&self) -> Vec<(&'static str, String)> {
-        let mut units: HashMap<&str, i64> = HashMap::new();
+        let mut units = crate::units::Units::opening(self.terms.stock_total);
         let mut waiting = 0;
         for (o, _) in self.orders.values() {
-            let q = i64::from(o.qty);
-            match o.status {
-                OrderStatus::Pending => *units.entry("pending").or_default() += q,
-                OrderStatus::Paid => *units.entry("paid").or_default() += q,
-                OrderStatus::RefundPending => {
-                    *units.entry("paid").or_default() += q;
-                    if !self.dead_refunds.contains(&o.id.seq()) {
-                        waiting += 1;
-                    }
-                }
-                OrderStatus::Cancelled => *units.entry("cancelled").or_default() += q,
-                OrderStatus::Closed => *units.entry("closed").or_default() += q,
-                OrderStatus::Refunded => {
-                    *units.entry("refunded").or_default() += q;
-                    // A refund while the sale was open put the units back.
-                    if o.refunded_ms.is_some_and(|t| t < self.terms.end_ms) {
-                        *units.entry("restocked").or_default() += q;
-                    }
-                }
+            units.count_order(o, self.terms.end_ms);
+            if o.status == OrderStatus::RefundPending && !self.dead_refunds.contains(&o.id.seq()) {
+                waiting += 1;
             }
         }
-        let u = |k: &str| units.get(k).copied().unwrap_or(0);
-        let avail =
-            self.terms.stock_total - u("pending") - u("paid") - u("refunded") + u("restocked");
+        let counters: HashMap<&str, String> = units.redis_fields().collect();
         let mut f = self.terms.fields();
         for (name, value) in f.iter_mut() {
-            let v = match *name {
-                "avail" => avail,
-                "seq" => self.counter as i64,
-                "refunds_waiting" => waiting,
-                "refunds_dead" => self.dead_refunds.len() as i64,
-                "pending" | "paid" | "cancelled" | "closed" | "refunded" | "restocked" => u(name),
+            if let Some(v) = counters.get(name) {
+                *value = v.clone();
+                continue;
+            }
+            *value = match *name {
+                "seq" => self.counter.to_string(),
+                "refunds_waiting" => waiting.to_string(),
+                "refunds_dead" => self.dead_refunds.len().to_string(),
                 _ => continue,
             };
-            *value = v.to_string();
         }
         if self.cursor != FlowId::default() {
             f.push(("settled", self.cursor.to_string()));
