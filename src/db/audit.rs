@@ -8,17 +8,13 @@ use chrono::{DateTime, Utc};
 use sqlx::{MySql, MySqlPool, Transaction};
 
 use super::inventory;
-use crate::domain::{OrderId, SaleId, UserId};
+use crate::domain::SaleId;
 use crate::engine::{FlowId, Order, OrderStatus};
 use crate::units::Units;
 
 /// A sale's stock counters at one moment (Redis's, MySQL's inventory, or
 /// what its orders add up to).
 pub type Counters = Units;
-
-fn ms(t: Option<DateTime<Utc>>) -> Option<i64> {
-    t.map(|t| t.timestamp_millis())
-}
 
 fn at(ms: Option<i64>) -> Option<DateTime<Utc>> {
     ms.and_then(DateTime::from_timestamp_millis)
@@ -99,24 +95,10 @@ pub async fn orders_in(
     from: u64,
     to: u64,
 ) -> anyhow::Result<HashMap<u64, Order>> {
-    #[allow(clippy::type_complexity)]
-    let rows: Vec<(
-        u64,
-        u64,
-        i32,
-        i64,
-        String,
-        DateTime<Utc>,
-        DateTime<Utc>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        Option<String>,
-    )> = sqlx::query_as(
-        "SELECT seq, user_id, qty, amount_cents, status, created_at, payment_deadline, \
-         paid_at, closed_at, refunded_at, payment_id FROM orders \
-         WHERE sale_id = ? AND seq BETWEEN ? AND ?",
-    )
+    let rows: Vec<super::OrderRow> = sqlx::query_as(&format!(
+        "SELECT {} FROM orders WHERE sale_id = ? AND seq BETWEEN ? AND ?",
+        super::ORDER_COLUMNS
+    ))
     .bind(sale.get())
     .bind(from)
     .bind(to)
@@ -124,25 +106,8 @@ pub async fn orders_in(
     .await?;
     let mut out = HashMap::with_capacity(rows.len());
     for r in rows {
-        let status = OrderStatus::parse(&r.4)
-            .ok_or_else(|| anyhow::anyhow!("order {sale}-{}: unknown status {:?}", r.0, r.4))?;
-        out.insert(
-            r.0,
-            Order {
-                id: OrderId::new(sale, r.0),
-                status,
-                user: UserId::new(r.1)?,
-                qty: r.2.max(0) as u32,
-                amount_cents: r.3,
-                created_ms: r.5.timestamp_millis(),
-                deadline_ms: r.6.timestamp_millis(),
-                paid_ms: ms(r.7),
-                closed_ms: ms(r.8),
-                refunded_ms: ms(r.9),
-                last_flow: String::new(),
-                payment_id: r.10,
-            },
-        );
+        let o = r.into_order(sale, String::new())?;
+        out.insert(o.id.seq(), o);
     }
     Ok(out)
 }

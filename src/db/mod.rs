@@ -200,6 +200,54 @@ pub async fn sale_terms<'e>(
     .transpose()
 }
 
+/// The columns of an order row, as [`OrderRow`] reads them.
+pub(crate) const ORDER_COLUMNS: &str = "seq, user_id, qty, amount_cents, status, created_at, \
+     payment_deadline, paid_at, closed_at, refunded_at, payment_id";
+
+/// An order as MySQL holds it ([`ORDER_COLUMNS`]).
+#[derive(sqlx::FromRow)]
+pub(crate) struct OrderRow {
+    seq: u64,
+    user_id: u64,
+    qty: i32,
+    amount_cents: i64,
+    status: String,
+    created_at: DateTime<Utc>,
+    payment_deadline: DateTime<Utc>,
+    paid_at: Option<DateTime<Utc>>,
+    closed_at: Option<DateTime<Utc>>,
+    refunded_at: Option<DateTime<Utc>>,
+    payment_id: Option<String>,
+}
+
+impl OrderRow {
+    /// The order of `sale` this row holds, its last flow `last_flow`.
+    pub(crate) fn into_order(
+        self,
+        sale: SaleId,
+        last_flow: String,
+    ) -> anyhow::Result<crate::engine::Order> {
+        let id = crate::domain::OrderId::new(sale, self.seq);
+        let status = crate::engine::OrderStatus::parse(&self.status)
+            .ok_or_else(|| anyhow::anyhow!("order {id}: unknown status {:?}", self.status))?;
+        let ms = |t: DateTime<Utc>| t.timestamp_millis();
+        Ok(crate::engine::Order {
+            id,
+            status,
+            user: crate::domain::UserId::new(self.user_id)?,
+            qty: u32::try_from(self.qty)?,
+            amount_cents: self.amount_cents,
+            created_ms: ms(self.created_at),
+            deadline_ms: ms(self.payment_deadline),
+            paid_ms: self.paid_at.map(ms),
+            closed_ms: self.closed_at.map(ms),
+            refunded_ms: self.refunded_at.map(ms),
+            last_flow,
+            payment_id: self.payment_id,
+        })
+    }
+}
+
 /// A pool of one connection, opened on first use, for health probes: a
 /// probe flood never takes a connection the reconciler needs.
 pub fn probe_pool(url: &str) -> anyhow::Result<MySqlPool> {

@@ -8,8 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 use chrono::{DateTime, Utc};
 use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
 
-use crate::domain::{OrderId, SaleId, UserId};
-use crate::engine::{FlowId, Order, OrderStatus};
+use crate::domain::SaleId;
+use crate::engine::{FlowId, Order};
 
 /// How far MySQL has settled a sale: Redis is behind when its order
 /// counter is below `max_seq` or its flow position below `cursor`.
@@ -117,20 +117,12 @@ pub async fn settled_point<'e>(
     })
 }
 
-type OrderRow = (
-    u64,
-    u64,
-    i64,
-    i64,
-    String,
-    DateTime<Utc>,
-    DateTime<Utc>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Option<String>,
-    Option<String>,
-);
+#[derive(sqlx::FromRow)]
+struct KeyedRow {
+    #[sqlx(flatten)]
+    order: super::OrderRow,
+    idem_key: Option<String>,
+}
 
 /// Every order of `sale` as MySQL holds it, with the key it was made
 /// under; each order's last flow is `settled` (MySQL has all of it).
@@ -139,51 +131,15 @@ pub async fn orders(
     sale: SaleId,
     settled: FlowId,
 ) -> anyhow::Result<Vec<(Order, Option<String>)>> {
-    let rows: Vec<OrderRow> = sqlx::query_as(
-        "SELECT seq, user_id, CAST(qty AS SIGNED), amount_cents, status, created_at, \
-         payment_deadline, paid_at, closed_at, refunded_at, payment_id, idem_key \
-         FROM orders WHERE sale_id = ? ORDER BY seq",
-    )
+    let rows: Vec<KeyedRow> = sqlx::query_as(&format!(
+        "SELECT {}, idem_key FROM orders WHERE sale_id = ? ORDER BY seq",
+        super::ORDER_COLUMNS
+    ))
     .bind(sale.get())
     .fetch_all(&mut **tx)
     .await?;
-    let ms = |t: DateTime<Utc>| t.timestamp_millis();
     rows.into_iter()
-        .map(
-            |(
-                seq,
-                user,
-                qty,
-                amount,
-                status,
-                created,
-                deadline,
-                paid,
-                closed,
-                refunded,
-                pid,
-                key,
-            )| {
-                let id = OrderId::new(sale, seq);
-                let status = OrderStatus::parse(&status)
-                    .ok_or_else(|| anyhow::anyhow!("order {id}: status {status:?}"))?;
-                let order = Order {
-                    id,
-                    status,
-                    user: UserId::new(user)?,
-                    qty: u32::try_from(qty)?,
-                    amount_cents: amount,
-                    created_ms: ms(created),
-                    deadline_ms: ms(deadline),
-                    paid_ms: paid.map(ms),
-                    closed_ms: closed.map(ms),
-                    refunded_ms: refunded.map(ms),
-                    last_flow: settled.to_string(),
-                    payment_id: pid,
-                };
-                Ok((order, key))
-            },
-        )
+        .map(|r| Ok((r.order.into_order(sale, settled.to_string())?, r.idem_key)))
         .collect()
 }
 
