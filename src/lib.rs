@@ -1,7 +1,20 @@
 //! flashsale: a flash-sale (seckill) engine. Redis carries the hot path in
 //! atomic Lua scripts; MySQL is the system of record.
 //!
-//! Modules in data-flow order:
+//! Modules in data-flow order (rustfmt keeps the declarations below in
+//! alphabetical order):
+//! 1. [`http`]: a request comes in; [`domain`] values are parsed at the edge.
+//! 2. [`engine`]: the Redis side: key layout, one typed call per Lua script
+//!    (`lua/`), reservations combined per sale; [`units`] are the stock
+//!    counters both stores keep.
+//! 3. [`sales`]: putting a sale on, in MySQL and then Redis.
+//! 4. [`workers`]: expiry, the reconciler (flow records into MySQL), the
+//!    guard and rebuild after Redis lost data, the sweep, retirement, the
+//!    live list, all under one supervisor.
+//! 5. [`db`]: MySQL, the record: migrations, the ledger, the queries.
+//! 6. [`audit`]: Redis, the flow backlog and MySQL compared, and repaired.
+//! 7. Around them: [`config`], [`startup`] (building and running a
+//!    process), [`telemetry`], [`cli`], [`demo`].
 
 /// The audit: Redis, the flow backlog and MySQL compared, and repaired.
 pub mod audit;
