@@ -4,12 +4,11 @@
 -- hash of the same token is left exactly as it is. A sale hash of another
 -- token belongs to another database (or an earlier one) under the same key
 -- prefix: it is never adopted, and the sale is not loaded. A fence-only hash
--- that the guard left for this token (`fence` = missing: the sale was
+-- that the guard or a reserve call left (`fence` = missing: the sale was
 -- listed before it was loaded) is replaced. A sale that Redis lost is not
 -- loaded here but rebuilt from MySQL (src/engine/rebuild.rs).
 --
 -- KEYS[1]  sale hash
--- KEYS[2]  flow stream
 -- ARGV[1]  the sale's token (sales.redis_token)
 -- ARGV[2..] field, value, field, value, ... (the whole sale hash but `db`)
 --

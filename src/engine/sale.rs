@@ -144,7 +144,7 @@ impl Engine {
     pub async fn load_sale(&self, t: &SaleTerms) -> Result<Loaded, EngineError> {
         let keys = self.keys.sale(t.id);
         let mut inv = self.scripts.load_sale.key(&keys.sale);
-        inv.key(&keys.flow).arg(&t.token);
+        inv.arg(&t.token);
         for (f, v) in t.fields() {
             inv.arg(f).arg(v);
         }

@@ -62,7 +62,7 @@ impl Default for Scripts {
             settle: plain(include_str!("../../lua/settle.lua")),
             audit_snapshot: order_script(include_str!("../../lua/audit_snapshot.lua")),
             audit_fix: order_script(include_str!("../../lua/audit_fix.lua")),
-            load_sale: order_script(include_str!("../../lua/load_sale.lua")),
+            load_sale: plain(include_str!("../../lua/load_sale.lua")),
             sale_snapshot: plain(include_str!("../../lua/sale_snapshot.lua")),
             read_orders: order_script(include_str!("../../lua/read_orders.lua")),
             retire: order_script(include_str!("../../lua/retire.lua")),
