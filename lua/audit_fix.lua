@@ -4,6 +4,8 @@
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     refund dead-letter hash
+-- KEYS[7]     for a repair of one order's due-queue entry (restore_order,
+--             drop_deadline, requeue_refund, add_deadline): its bucket
 -- ARGV[1]     the repair (built by `Repair` in src/engine/audit.rs, whose tests
 --             check that it names the same repairs as this script):
 --   "counters"       ARGV[2] the flow stream's last-generated id the audit saw,
@@ -20,6 +22,7 @@
 -- Returns: 1 when applied, 0 when the state had moved on (audit again).
 
 check_layout()
+declare_buckets(7)
 
 local op = ARGV[1]
 if op == 'counters' then

@@ -5,6 +5,9 @@
 -- KEYS[2]  flow stream
 -- KEYS[3]  due-queue index (its buckets are KEYS[3]..':'..n)
 -- KEYS[4]  refund dead-letter hash
+-- KEYS[5..] every bucket of the due-queue (the caller reads the index
+--          first); when the index holds another, the call fails with
+--          "NEEDBUCKETS <n> ..." and the caller asks again declaring them
 --
 -- (Helpers from prelude.lua.)
 --
@@ -17,7 +20,20 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
 end
 local now = int(now_ms())
 local due = 0
-for _, bucket in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+local declared, need = {}, {}
+for i = 5, #KEYS do
+  declared[KEYS[i]] = true
+end
+local buckets = redis.call('ZRANGE', KEYS[3], 0, -1)
+for _, bucket in ipairs(buckets) do
+  if not declared[KEYS[3] .. ':' .. bucket] then
+    need[#need + 1] = bucket
+  end
+end
+if #need > 0 then
+  error({err = 'NEEDBUCKETS ' .. table.concat(need, ' ')})
+end
+for _, bucket in ipairs(buckets) do
   due = due + redis.call('ZCARD', KEYS[3] .. ':' .. bucket)
 end
 local out = {now, last_generated_id(KEYS[2]), redis.call('XLEN', KEYS[2]), due,

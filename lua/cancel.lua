@@ -2,6 +2,7 @@
 -- At or past the deadline the order is closed instead (the deadline decides).
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
+-- KEYS[6]     the due-queue bucket of the order (see prelude.lua)
 -- ARGV[1]     order seq
 -- ARGV[2]     the caller's user id (only the owner may cancel)
 --
@@ -11,6 +12,7 @@
 --          {"not_found"}                  no such order, or not the caller's
 
 check_sale()
+declare_buckets(6)
 
 local seq, user = ARGV[1], ARGV[2]
 local o, packed = load_order(seq)

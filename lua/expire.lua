@@ -10,6 +10,9 @@
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     refund dead-letter hash (seq -> "<requested_ms>|<attempts>")
+-- KEYS[7..]   the due-queue buckets this call may work (the caller declares
+--             the first ones of the index, as the last call answered them);
+--             a due bucket not declared is left to the next call
 -- ARGV[1]     most entries to claim
 -- ARGV[2]     refund retry: first delay in ms (doubles per attempt)
 -- ARGV[3]     refund retry: longest delay in ms
@@ -17,11 +20,14 @@
 --
 -- Returns: {claimed, closed, still_due, next_due_ms or -1, now_ms, refunded,
 --           dead_lettered, refunds_waiting,
---           lateness_ms of each closed order..., wait_ms of each refund...}
+--           lateness_ms of each closed order..., wait_ms of each refund...,
+--           the first 16 buckets of the index (to declare next call)...}
 --          (still_due counts the due entries of the 16 earliest due buckets
---          only: exact up to about a thousand, a lower bound beyond)
+--          only, an undeclared one as 1: exact up to about a thousand, a
+--          lower bound beyond)
 
 check_layout()
+declare_buckets(7)
 -- A sale hash without its terms (Redis lost the sale, or a fence-only hash
 -- stands in for it) has nothing to expire until it is rebuilt.
 if not redis.call('HGET', KEYS[1], 'layout') then
@@ -78,6 +84,9 @@ while claimed < limit do
     break
   end
   local bucket = head[1]
+  if not due_declared(bucket) then
+    break
+  end
   local key = due_key(bucket)
   local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, limit - claimed)
   if #due > 0 then
@@ -97,7 +106,11 @@ if head[2] then
 end
 local still_due = 0
 for _, bucket in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 16)) do
-  still_due = still_due + redis.call('ZCOUNT', due_key(bucket), '-inf', now)
+  if due_declared(bucket) then
+    still_due = still_due + redis.call('ZCOUNT', due_key(bucket), '-inf', now)
+  else
+    still_due = still_due + 1
+  end
 end
 local out = {claimed, #lateness, still_due, next_due, now,
   #waits, dead, tonumber(redis.call('HGET', KEYS[1], 'refunds_waiting') or '0')}
@@ -106,5 +119,8 @@ for _, l in ipairs(lateness) do
 end
 for _, w in ipairs(waits) do
   table.insert(out, w)
+end
+for _, b in ipairs(redis.call('ZRANGE', KEYS[4], 0, 15)) do
+  table.insert(out, tonumber(b))
 end
 return out

@@ -3,6 +3,7 @@
 -- now, whether or not an expiry worker got to it: the deadline decides).
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
+-- KEYS[6]     the due-queue bucket of the order (see prelude.lua)
 -- ARGV[1]     order seq
 -- ARGV[2]     the gateway's payment id
 -- ARGV[3]     amount paid, in cents
@@ -16,6 +17,7 @@
 --          {"not_found"}
 
 check_sale()
+declare_buckets(6)
 
 local seq, payment_id, amount = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local o, packed = load_order(seq)

@@ -116,8 +116,40 @@ local function due_bucket(seq)
   return string.format('%d', math.floor(tonumber(seq) / DUE_BUCKET))
 end
 
+-- A call touches only the buckets it declares in its KEYS (Redis Cluster
+-- and proxies route and check by declared keys): a script calls
+-- declare_buckets(i) with the position of its first bucket key, and
+-- due_key refuses any bucket not declared, with an error and before any
+-- write of the bucket.
+local declared_buckets = {}
+local undeclared_ok = false
+local function declare_buckets(first, optional)
+  local prefix = KEYS[4] .. ':'
+  -- A caller that cannot know the buckets (redis-benchmark running the
+  -- reserve script as a reference) declares none; the service always does.
+  undeclared_ok = optional and #KEYS < first
+  for i = first, #KEYS do
+    if string.sub(KEYS[i], 1, #prefix) ~= prefix then
+      error({err = 'flashsale: KEYS[' .. i .. '] is not a due-queue bucket of this sale'})
+    end
+    declared_buckets[string.sub(KEYS[i], #prefix + 1)] = KEYS[i]
+  end
+end
+
 local function due_key(bucket)
-  return KEYS[4] .. ':' .. bucket
+  local key = declared_buckets[bucket]
+  if not key and undeclared_ok then
+    return KEYS[4] .. ':' .. bucket
+  end
+  if not key then
+    error({err = 'flashsale: due-queue bucket ' .. bucket .. ' is not declared in KEYS'})
+  end
+  return key
+end
+
+-- Whether bucket `b` is declared in this call's KEYS.
+local function due_declared(b)
+  return declared_buckets[b] ~= nil or undeclared_ok
 end
 
 -- Scores bucket b in the index by its earliest entry, or drops it when empty.

@@ -4,6 +4,7 @@
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     refund dead-letter hash (asking again takes a refund out of it)
+-- KEYS[7]     the due-queue bucket of the order (see prelude.lua)
 -- ARGV[1]     order seq
 -- ARGV[2]     the caller's user id, or "" for the admin
 -- ARGV[3]     first retry delay in ms
@@ -16,6 +17,7 @@
 --                                     its orders now (see retire.lua)
 
 check_sale()
+declare_buckets(7)
 
 if redis.call('HEXISTS', KEYS[1], 'retired') == 1 then
   return {'retired'}

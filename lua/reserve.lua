@@ -24,6 +24,12 @@
 -- KEYS[7]     calls hash (call id -> "<first new seq>|<one letter per
 --             reservation>", letters in OUTCOME below; kept only for calls
 --             that made an order)
+-- KEYS[8..]   the due-queue buckets the caller expects the new orders in
+--             (see prelude.lua); when a new order falls in another, the
+--             call writes nothing and fails with "NEEDBUCKETS <n> ...", and
+--             the caller sends it again declaring them (a caller that
+--             declares none, such as redis-benchmark running this script as
+--             the reference, has the buckets touched undeclared)
 -- ARGV[1]     flow backlog bound: at this many records waiting for MySQL,
 --             new reservations are refused
 -- ARGV[2]     the call's id ([0-9a-f]+)
@@ -54,6 +60,7 @@
 -- A fenced sale fails the call with the error "FENCED <reason>".
 
 local n = math.floor((#ARGV - 4) / 3)
+declare_buckets(8, true)
 local call_id = ARGV[2]
 local replies = {}
 local function refuse_all(code)
@@ -246,6 +253,17 @@ end
 
 if #accepted == 0 then
   return replies
+end
+local need, needed = {}, {}
+for _, a in ipairs(accepted) do
+  local b = due_bucket(a.id)
+  if not due_declared(b) and not needed[b] then
+    needed[b] = true
+    need[#need + 1] = b
+  end
+end
+if #need > 0 then
+  error({err = 'NEEDBUCKETS ' .. table.concat(need, ' ')})
 end
 redis.call('HINCRBY', KEYS[1], 'avail', -reserved)
 redis.call('HINCRBY', KEYS[1], 'pending', reserved)

@@ -104,6 +104,22 @@ pub enum Repair {
 }
 
 impl Repair {
+    /// The order whose due-queue entry the repair touches (its bucket is
+    /// declared in the call's KEYS).
+    pub fn due_seq(&self) -> Option<u64> {
+        match self {
+            Self::RestoreOrder { seq, .. }
+            | Self::RequeueRefund { seq }
+            | Self::AddDeadline { seq } => Some(*seq),
+            Self::DropDueEntry { member } => member
+                .trim_start_matches('r')
+                .split(':')
+                .next()
+                .and_then(|s| s.parse().ok()),
+            Self::Counters { .. } | Self::BuyerUnits { .. } | Self::MarkSettled { .. } => None,
+        }
+    }
+
     /// The repair's name as `lua/audit_fix.lua` spells it (its `ARGV[1]`).
     pub fn name(&self) -> &'static str {
         match self {
@@ -173,10 +189,31 @@ impl Engine {
     /// The atomic snapshot; `None` when Redis does not know the sale.
     pub async fn audit_snapshot(&self, sale: SaleId) -> Result<Option<AuditSnapshot>, EngineError> {
         let k = self.keys.sale(sale);
-        let mut inv = self.scripts.audit_snapshot.key(&k.sale);
-        inv.key(&k.flow).key(&k.deadlines).key(&k.dead_refunds);
+        // Every bucket of the due-queue is declared: the index is read
+        // first, and read again when the script finds one more.
         let mut c = self.conn.clone();
-        let reply: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
+        let mut buckets: Vec<u64> = self
+            .timed(async { redis::AsyncCommands::zrange(&mut c, &k.deadlines, 0, -1).await })
+            .await?;
+        let mut attempts = 0;
+        let reply: Vec<String> = loop {
+            let mut inv = self.scripts.audit_snapshot.key(&k.sale);
+            inv.key(&k.flow).key(&k.deadlines).key(&k.dead_refunds);
+            for b in &buckets {
+                inv.key(k.due_bucket_no(*b));
+            }
+            let mut c = self.conn.clone();
+            match self.timed(inv.invoke_async(&mut c)).await {
+                Err(e) if attempts < 5 => match e.needed_buckets() {
+                    Some(need) => {
+                        attempts += 1;
+                        buckets.extend(need);
+                    }
+                    None => return Err(e),
+                },
+                other => break other?,
+            }
+        };
         if reply.is_empty() {
             return Ok(None);
         }
@@ -202,15 +239,11 @@ impl Engine {
     pub async fn repair(&self, sale: SaleId, repair: &Repair) -> Result<Repaired, EngineError> {
         let k = self.keys.sale(sale);
         let mut inv = self.scripts.audit_fix.prepare_invoke();
-        for key in [
-            &k.sale,
-            &k.buyers,
-            &k.orders,
-            &k.deadlines,
-            &k.flow,
-            &k.dead_refunds,
-        ] {
+        for key in k.with_dead_refunds() {
             inv.key(key);
+        }
+        if let Some(seq) = repair.due_seq() {
+            inv.key(k.due_bucket(seq));
         }
         for a in repair.args() {
             inv.arg(a);

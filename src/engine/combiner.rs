@@ -32,6 +32,7 @@ use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::keys::DUE_BUCKET;
 use super::scripts::reserve::{Outcome, Refusal};
 use super::{EngineError, SaleKeys};
 use crate::domain::{IdempotencyKey, Qty, SaleId, UserId};
@@ -198,6 +199,8 @@ pub(crate) struct ReserveCall {
     seen: Arc<Mutex<HashMap<SaleId, u64>>>,
     /// The live sales and their tokens (`Engine::set_live`).
     live: super::LiveMap,
+    /// Per sale, the due-queue bucket new orders last fell in.
+    buckets: Arc<Mutex<HashMap<SaleId, u64>>>,
 }
 
 impl ReserveCall {
@@ -217,6 +220,7 @@ impl ReserveCall {
             ids: Arc::new(CallIds::new()),
             seen: Default::default(),
             live,
+            buckets: Default::default(),
         }
     }
 }
@@ -440,12 +444,24 @@ impl ReserveCall {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The due-queue bucket this process last saw new orders of `sale` in.
+    fn bucket_hint(&self, sale: SaleId) -> u64 {
+        self.buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sale)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn note_bucket(&self, sale: SaleId, bucket: u64) {
+        let mut all = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let b = all.entry(sale).or_insert(0);
+        *b = (*b).max(bucket);
+    }
+
     async fn run(&self, sale: SaleId, keys: &SaleKeys, batch: Vec<Job>) {
         let call: Arc<str> = self.ids.next().into();
-        let mut inv = self.script.prepare_invoke();
-        for key in keys.reserve_keys() {
-            inv.key(key);
-        }
         // Only a sale MySQL lists as live is checked against what this
         // process has seen and against its token.
         let token = self
@@ -463,19 +479,42 @@ impl ReserveCall {
             Some(t) if t != 0 => format!("{t:016x}"),
             _ => String::new(),
         };
-        inv.arg(self.backlog_limit).arg(&*call).arg(seen).arg(token);
         for (i, job) in batch.iter().enumerate() {
             let _ = job.shared.sent_as.set((call.clone(), i + 1));
-            inv.arg(job.user.get())
-                .arg(job.qty.get())
-                .arg(job.idem.as_ref().map_or("", |k| k.as_str()));
         }
+        // The due-queue buckets the new orders will likely fall in: where
+        // the counter stood at this process's last call, and the next one.
+        // A call that needs others writes nothing and names them; it is
+        // sent again (same id) declaring them.
+        let from = self.bucket_hint(sale).max((seen + 1) / DUE_BUCKET);
+        let mut buckets = vec![from, from + 1];
         self.stats.calls.inc();
         self.stats.reservations.inc_by(batch.len() as u64);
-        let mut conn = self.conn.clone();
-        let result: Result<Vec<Outcome>, EngineError> =
-            match tokio::time::timeout(self.timeout, inv.invoke_async::<Vec<Outcome>>(&mut conn))
-                .await
+        let mut result;
+        let mut attempts = 0;
+        loop {
+            let mut inv = self.script.prepare_invoke();
+            for key in keys.reserve_keys() {
+                inv.key(key);
+            }
+            for b in &buckets {
+                inv.key(keys.due_bucket_no(*b));
+            }
+            inv.arg(self.backlog_limit)
+                .arg(&*call)
+                .arg(seen)
+                .arg(&token);
+            for job in &batch {
+                inv.arg(job.user.get())
+                    .arg(job.qty.get())
+                    .arg(job.idem.as_ref().map_or("", |k| k.as_str()));
+            }
+            let mut conn = self.conn.clone();
+            result = match tokio::time::timeout(
+                self.timeout,
+                inv.invoke_async::<Vec<Outcome>>(&mut conn),
+            )
+            .await
             {
                 Ok(Ok(replies)) if replies.len() == batch.len() => Ok(replies),
                 Ok(Ok(replies)) => Err(EngineError::Protocol(format!(
@@ -486,9 +525,21 @@ impl ReserveCall {
                 Ok(Err(e)) => Err(EngineError::from_redis(e)),
                 Err(_) => Err(EngineError::Timeout(self.timeout)),
             };
+            attempts += 1;
+            match result.as_ref().err().and_then(EngineError::needed_buckets) {
+                Some(need) if attempts < 3 && !need.is_empty() => {
+                    self.note_bucket(sale, need.iter().copied().min().unwrap_or(from));
+                    buckets.extend(need);
+                }
+                _ => break,
+            }
+        }
         match result {
             Ok(replies) => {
                 let highest = replies.iter().filter_map(Outcome::seq).max();
+                if let Some(h) = highest {
+                    self.note_bucket(sale, h / DUE_BUCKET);
+                }
                 if let Some(h) = highest.filter(|&h| live && h > seen) {
                     let mut all = self.seen();
                     let e = all.entry(sale).or_insert(0);

@@ -235,7 +235,7 @@ impl Engine {
             .run_order_script(
                 &self.scripts.pay,
                 id.sale(),
-                &[],
+                &[&self.keys.sale(id.sale()).due_bucket(id.seq())],
                 &[&id.seq().to_string(), payment_id, &amount_cents.to_string()],
             )
             .await?;
@@ -265,7 +265,7 @@ impl Engine {
             .run_order_script(
                 &self.scripts.cancel,
                 id.sale(),
-                &[],
+                &[&self.keys.sale(id.sale()).due_bucket(id.seq())],
                 &[&id.seq().to_string(), &user.to_string()],
             )
             .await?;
@@ -295,7 +295,10 @@ impl Engine {
             .run_order_script(
                 &self.scripts.refund,
                 id.sale(),
-                &[&self.keys.sale(id.sale()).dead_refunds],
+                &[
+                    &self.keys.sale(id.sale()).dead_refunds,
+                    &self.keys.sale(id.sale()).due_bucket(id.seq()),
+                ],
                 &[
                     &id.seq().to_string(),
                     &caller.map_or(String::new(), |u| u.to_string()),
@@ -324,9 +327,32 @@ impl Engine {
     /// orders still pending past their deadline, retries waiting refunds.
     pub async fn expire(&self, sale: SaleId, limit: usize) -> Result<ExpiryBatch, EngineError> {
         let k = self.keys.sale(sale);
+        // The buckets to work: the first of the index, as the last call
+        // answered them (read here for a sale this process has not seen).
+        let cached = self
+            .expiry_buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sale)
+            .cloned();
+        let buckets = match cached {
+            Some(b) => b,
+            None => {
+                let mut c = self.conn.clone();
+                let first: Vec<u64> = self
+                    .timed(async {
+                        redis::AsyncCommands::zrange(&mut c, &k.deadlines, 0, 15).await
+                    })
+                    .await?;
+                first
+            }
+        };
         let mut inv = self.scripts.expire.prepare_invoke();
         for key in k.with_dead_refunds() {
             inv.key(key);
+        }
+        for b in &buckets {
+            inv.key(k.due_bucket_no(*b));
         }
         let p = &self.refunds;
         inv.arg(limit.max(1))
@@ -335,6 +361,10 @@ impl Engine {
             .arg(p.dead_letter_after.as_millis() as u64);
         let mut c = self.conn.clone();
         let r: super::scripts::expire::Reply = self.timed(inv.invoke_async(&mut c)).await?;
+        self.expiry_buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sale, r.next_buckets.clone());
         if r.closed + r.refunded > 0 {
             self.sold_out.clear(sale);
         }

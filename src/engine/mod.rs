@@ -114,6 +114,21 @@ impl EngineError {
         }
     }
 
+    /// The due-queue buckets a script asked to have declared ("NEEDBUCKETS
+    /// <n> ..."; it wrote nothing): the caller sends it again declaring them.
+    pub(crate) fn needed_buckets(&self) -> Option<Vec<u64>> {
+        match self {
+            Self::Redis(e) if e.code() == Some("NEEDBUCKETS") => Some(
+                e.detail()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .map_while(|w| w.parse().ok())
+                    .collect(),
+            ),
+            _ => None,
+        }
+    }
+
     /// Whether the error is Redis's "NOSALE" reply: an order script found no
     /// sale at all.
     pub(crate) fn is_no_sale(&self) -> bool {
@@ -208,6 +223,9 @@ pub struct EngineInner {
     combiner: std::sync::Arc<combiner::Combiner>,
     /// See [`Engine::set_live`].
     live: LiveMap,
+    /// Per sale, the due-queue buckets the last expiry call answered as the
+    /// first of the index: the next call declares them (`lua/expire.lua`).
+    expiry_buckets: std::sync::Mutex<std::collections::HashMap<SaleId, Vec<u64>>>,
 }
 
 impl std::ops::Deref for Engine {
@@ -257,6 +275,7 @@ impl Engine {
             sold_out: std::sync::Arc::new(sold_out::SoldOut::new(opts.sold_out_ttl)),
             combiner: std::sync::Arc::new(combiner),
             live,
+            expiry_buckets: Default::default(),
         })))
     }
 

@@ -407,3 +407,49 @@ async fn reserve_queues_of_idle_or_unknown_sales_go_away() {
     assert_eq!(engine.reserve_queues(), 1);
     app.finish().await;
 }
+
+/// The reserve script touches only the due-queue buckets its caller
+/// declares: a new order that falls in another makes the call write
+/// nothing and name the bucket it needs.
+#[tokio::test]
+async fn a_reserve_that_needs_an_undeclared_bucket_writes_nothing_and_names_it() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let k = app.sale_keys(&sale);
+    let mut c = app.engine.connection();
+    let token: String = c.hget(&k.sale, "db").await.unwrap();
+    let script = reserve_script();
+    let call = |bucket: u64| {
+        let mut inv = script.prepare_invoke();
+        for key in [
+            &k.sale,
+            &k.buyers,
+            &k.orders,
+            &k.deadlines,
+            &k.flow,
+            &k.idem,
+            &k.calls,
+        ] {
+            inv.key(key);
+        }
+        inv.key(k.due_bucket_no(bucket));
+        inv.arg(1_000_000).arg("b0cce7").arg(0).arg(&token);
+        inv.arg(7).arg(1).arg("");
+        inv
+    };
+    // Order seq 1 falls in bucket 0; bucket 5 is declared.
+    let err = call(5)
+        .invoke_async::<Vec<Vec<String>>>(&mut c)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("NEEDBUCKETS"), "{err}");
+    assert!(err.detail().is_some_and(|d| d.starts_with("0 ")), "{err}");
+    assert_eq!(app.sale_field(&sale, "avail").await, 10, "nothing written");
+    let seq: Option<u64> = c.hget(&k.sale, "seq").await.unwrap();
+    assert_eq!(seq, Some(0));
+    let ok: Vec<Vec<String>> = call(0).invoke_async(&mut c).await.unwrap();
+    assert_eq!(ok[0][0], "ok");
+    let due: u64 = c.zcard(k.due_bucket_no(0)).await.unwrap();
+    assert_eq!(due, 1);
+    app.finish().await;
+}

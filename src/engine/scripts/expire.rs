@@ -6,7 +6,8 @@ use super::reply::unknown;
 
 /// The script's reply: `{claimed, closed, still_due, next_due_ms or -1,
 /// now_ms, refunded, dead_lettered, refunds_waiting, lateness_ms of each
-/// closed order..., wait_ms of each refund...}`.
+/// closed order..., wait_ms of each refund..., the first buckets of the
+/// index...}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Reply {
     pub claimed: i64,
@@ -19,6 +20,9 @@ pub(crate) struct Reply {
     pub refunds_waiting: i64,
     pub lateness_ms: Vec<i64>,
     pub refund_wait_ms: Vec<i64>,
+    /// The first buckets of the due-queue's index: the next call declares
+    /// them.
+    pub next_buckets: Vec<u64>,
 }
 
 impl FromRedisValue for Reply {
@@ -37,7 +41,8 @@ impl FromRedisValue for Reply {
         let head = n.get(..8).ok_or_else(bad)?;
         let closed = usize::try_from(head[1]).map_err(|_| bad())?;
         let refunded = usize::try_from(head[5]).map_err(|_| bad())?;
-        if n.len() != 8 + closed + refunded {
+        let buckets = 8 + closed + refunded;
+        if n.len() < buckets || n[buckets..].iter().any(|b| *b < 0) {
             return Err(bad());
         }
         Ok(Self {
@@ -50,7 +55,8 @@ impl FromRedisValue for Reply {
             dead_lettered: head[6],
             refunds_waiting: head[7],
             lateness_ms: n[8..8 + closed].to_vec(),
-            refund_wait_ms: n[8 + closed..].to_vec(),
+            refund_wait_ms: n[8 + closed..buckets].to_vec(),
+            next_buckets: n[buckets..].iter().map(|b| *b as u64).collect(),
         })
     }
 }
