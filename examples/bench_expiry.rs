@@ -138,18 +138,24 @@ async fn raw_drain(
     let script = redis::Script::new(CLAIM_SCRIPT);
     let started = Instant::now();
     let mut closed = 0u64;
+    // The buckets to declare: the first of the index, then as each call
+    // answers them (as the engine does).
+    let mut buckets: Vec<u64> = c.zrange(&k.deadlines, 0, 15).await?;
     loop {
-        let reply: Vec<i64> = script
-            .key(&k.sale)
-            .key(&k.buyers)
+        let mut inv = script.key(&k.sale);
+        inv.key(&k.buyers)
             .key(&k.orders)
             .key(&k.deadlines)
             .key(&k.flow)
-            .arg(batch)
-            .invoke_async(&mut c)
-            .await?;
+            .key(&k.dead_refunds);
+        for b in &buckets {
+            inv.key(k.due_bucket_no(*b));
+        }
+        let reply: Vec<i64> = inv.arg(batch).invoke_async(&mut c).await?;
         closed += reply[1] as u64;
-        if reply[0] == 0 {
+        let tail = 8 + reply[1] as usize + reply[5] as usize;
+        buckets = reply[tail..].iter().map(|b| *b as u64).collect();
+        if reply[0] == 0 && reply[2] == 0 {
             break;
         }
     }

@@ -14,6 +14,7 @@
 -- KEYS[5]  due-queue index (no entry: every bucket is gone)
 -- KEYS[6]  flow stream
 -- KEYS[7]  refund dead-letter hash
+-- KEYS[8]  calls hash (reserve.lua)
 -- ARGV[1]  MySQL's reconciler cursor "<ms>-<seq>" ("0-0": nothing applied yet)
 -- ARGV[2]  retention in seconds (>= 1)
 --
@@ -67,7 +68,7 @@ end
 if redis.call('HEXISTS', KEYS[1], 'retired') == 0 then
   redis.call('HSET', KEYS[1], 'retired', int(now_ms()))
 end
-for i = 1, 7 do
+for i = 1, 8 do
   redis.call('EXPIRE', KEYS[i], ARGV[2])
 end
 return {'ok'}

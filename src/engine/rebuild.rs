@@ -182,14 +182,11 @@ impl Engine {
             .arg(f.total)
             .arg(f.price_cents);
         let mut c = self.conn.clone();
-        let reply: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
-        match reply.first().map(String::as_str) {
-            Some("ok") => Ok(GuardVerdict::Ok),
-            Some("fenced") => Ok(GuardVerdict::Fenced(
-                reply.get(1).cloned().unwrap_or_default(),
-            )),
-            _ => Err(EngineError::Protocol(format!("guard: {reply:?}"))),
-        }
+        use super::scripts::guard::Reply;
+        Ok(match self.timed(inv.invoke_async(&mut c)).await? {
+            Reply::Ok => GuardVerdict::Ok,
+            Reply::Fenced(reason) => GuardVerdict::Fenced(reason),
+        })
     }
 
     /// Fences `sale` for `reason` unless it is fenced (`lua/fence.lua`);
@@ -233,25 +230,23 @@ impl Engine {
             }
         }
         let mut c = self.conn.clone();
-        let reply: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
-        let num = |i: usize| -> Result<u64, EngineError> {
-            reply
-                .get(i)
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| EngineError::Protocol(format!("rebuild_begin: {reply:?}")))
+        use super::scripts::rebuild::Begun;
+        let (fence, counter, lost_hint, flows) = match self.timed(inv.invoke_async(&mut c)).await? {
+            Begun::Taken {
+                fence,
+                counter,
+                lost_hint,
+                flows,
+            } => (fence, counter, lost_hint, flows),
+            Begun::Refused(why) => return Ok(Err(why)),
         };
-        match reply.first().map(String::as_str) {
-            Some("ok") => {}
-            Some("refused") => return Ok(Err(reply.get(1).cloned().unwrap_or_default())),
-            _ => return Err(EngineError::Protocol(format!("rebuild_begin: {reply:?}"))),
-        }
         let mut c = self.conn.clone();
         let dead: Vec<u64> = self.timed(async { c.hkeys(&k.dead_refunds).await }).await?;
         let mut side = RedisSide {
-            fence: reply.get(1).cloned().unwrap_or_default(),
-            counter: num(2)?,
-            lost_hint: num(3)?,
-            flows: num(4)?,
+            fence,
+            counter,
+            lost_hint,
+            flows,
             orders: Vec::new(),
             dead_refunds: dead.into_iter().collect(),
             held: format!("rebuilding:{id}"),
@@ -421,24 +416,15 @@ impl Engine {
             inv.arg(f).arg(v);
         }
         let mut c = self.conn.clone();
-        let reply: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
-        match reply.first().map(String::as_str) {
-            Some("ok") => {
+        use super::scripts::rebuild::Lifted;
+        Ok(match self.timed(inv.invoke_async(&mut c)).await? {
+            Lifted::Done => {
                 self.sold_out.clear(s.terms.id);
-                Ok(Unfenced::Done)
+                Unfenced::Done
             }
-            Some("again") => reply
-                .get(1)
-                .and_then(|h| h.parse().ok())
-                .map(Unfenced::Again)
-                .ok_or_else(|| EngineError::Protocol(format!("rebuilt: {reply:?}"))),
-            Some("wait") => reply
-                .get(1)
-                .and_then(|h| h.parse().ok())
-                .map(|ms| Unfenced::Wait(std::time::Duration::from_millis(ms)))
-                .ok_or_else(|| EngineError::Protocol(format!("rebuilt: {reply:?}"))),
-            _ => Err(EngineError::Protocol(format!("rebuilt: {reply:?}"))),
-        }
+            Lifted::Again(hint) => Unfenced::Again(hint),
+            Lifted::Wait(ms) => Unfenced::Wait(std::time::Duration::from_millis(ms)),
+        })
     }
 
     /// Whether Redis holds `sale`'s hash (fenced or not).

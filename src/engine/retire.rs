@@ -44,18 +44,19 @@ impl Engine {
             &k.deadlines,
             &k.flow,
             &k.dead_refunds,
+            &k.calls,
         ] {
             inv.key(key);
         }
         inv.arg(cursor.to_string()).arg(retention.as_secs().max(1));
         let mut c = self.conn.clone();
-        let reply: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
-        match reply.first().map(String::as_str) {
-            Some("ok") => Ok(Retirement::Retired),
-            Some("busy") => Ok(Retirement::Busy(reply.get(1).cloned().unwrap_or_default())),
-            Some("not_found") => Ok(Retirement::NotFound),
-            _ => Err(EngineError::Protocol(format!("retire: {reply:?}"))),
-        }
+        use super::scripts::retire::Reply;
+        let reply: Reply = self.timed(inv.invoke_async(&mut c)).await?;
+        Ok(match reply {
+            Reply::Retired => Retirement::Retired,
+            Reply::Busy(why) => Retirement::Busy(why),
+            Reply::NotFound => Retirement::NotFound,
+        })
     }
 
     /// Whether Redis holds `sale` as retired (false when it does not hold

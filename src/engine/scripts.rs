@@ -11,10 +11,13 @@ use std::sync::Arc;
 // type decodes itself and refuses anything outside the script's contract.
 pub(crate) mod cancel;
 pub(crate) mod expire;
+pub(crate) mod guard;
 pub(crate) mod pay;
+pub(crate) mod rebuild;
 pub(crate) mod refund;
 mod reply;
 pub(crate) mod reserve;
+pub(crate) mod retire;
 
 const PRELUDE: &str = include_str!("../../lua/prelude.lua");
 
