@@ -163,48 +163,11 @@ pub async fn retired_sale(pool: &MySqlPool, sale: SaleId) -> sqlx::Result<Option
     .await
 }
 
-#[derive(sqlx::FromRow)]
-struct OrderRow {
-    user_id: u64,
-    qty: i32,
-    amount_cents: i64,
-    status: String,
-    created_at: DateTime<Utc>,
-    payment_deadline: DateTime<Utc>,
-    paid_at: Option<DateTime<Utc>>,
-    closed_at: Option<DateTime<Utc>>,
-    refunded_at: Option<DateTime<Utc>>,
-    payment_id: Option<String>,
-}
-
-const ORDER_COLUMNS: &str = "user_id, qty, amount_cents, status, created_at, payment_deadline, \
-     paid_at, closed_at, refunded_at, payment_id";
-
-impl OrderRow {
-    fn into_order(self, id: OrderId) -> anyhow::Result<Order> {
-        let ms = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_millis());
-        Ok(Order {
-            id,
-            status: OrderStatus::parse(&self.status)
-                .ok_or_else(|| anyhow::anyhow!("order {id}: unknown status {:?}", self.status))?,
-            user: UserId::new(self.user_id)?,
-            qty: self.qty.max(0) as u32,
-            amount_cents: self.amount_cents,
-            created_ms: self.created_at.timestamp_millis(),
-            deadline_ms: self.payment_deadline.timestamp_millis(),
-            paid_ms: ms(self.paid_at),
-            closed_ms: ms(self.closed_at),
-            refunded_ms: ms(self.refunded_at),
-            last_flow: String::new(),
-            payment_id: self.payment_id,
-        })
-    }
-}
-
 /// The order as MySQL holds it, and whether its sale is retired there.
 pub async fn order(pool: &MySqlPool, id: OrderId) -> anyhow::Result<Option<(Order, bool)>> {
-    let row: Option<OrderRow> = sqlx::query_as(&format!(
-        "SELECT {ORDER_COLUMNS} FROM orders WHERE sale_id = ? AND seq = ?"
+    let row: Option<super::OrderRow> = sqlx::query_as(&format!(
+        "SELECT {} FROM orders WHERE sale_id = ? AND seq = ?",
+        super::ORDER_COLUMNS
     ))
     .bind(id.sale().get())
     .bind(id.seq())
@@ -214,7 +177,7 @@ pub async fn order(pool: &MySqlPool, id: OrderId) -> anyhow::Result<Option<(Orde
         return Ok(None);
     };
     let retired = is_retired(pool, id.sale()).await?;
-    Ok(Some((row.into_order(id)?, retired)))
+    Ok(Some((row.into_order(id.sale(), String::new())?, retired)))
 }
 
 /// What a refund of a retired sale's order did.
@@ -258,14 +221,18 @@ pub async fn refund(
         Some((None, _)) => return Ok(RetiredRefund::NotRetired),
         Some((Some(_), at)) => at,
     };
-    let row: Option<OrderRow> = sqlx::query_as(&format!(
-        "SELECT {ORDER_COLUMNS} FROM orders WHERE sale_id = ? AND seq = ? FOR UPDATE"
+    let row: Option<super::OrderRow> = sqlx::query_as(&format!(
+        "SELECT {} FROM orders WHERE sale_id = ? AND seq = ? FOR UPDATE",
+        super::ORDER_COLUMNS
     ))
     .bind(sale)
     .bind(id.seq())
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(mut order) = row.map(|r| r.into_order(id)).transpose()? else {
+    let Some(mut order) = row
+        .map(|r| r.into_order(id.sale(), String::new()))
+        .transpose()?
+    else {
         return Ok(RetiredRefund::NotFound);
     };
     if caller.is_some_and(|u| u != order.user) {

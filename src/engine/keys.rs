@@ -53,7 +53,7 @@ impl SaleKeys {
     /// The KEYS every order script takes first, in this order (the
     /// helpers of `lua/prelude.lua` name them by position): sale, buyers,
     /// orders, due-queue index, flow stream.
-    pub(crate) fn order_script_keys(&self) -> [&str; 5] {
+    pub fn order_script_keys(&self) -> [&str; 5] {
         [
             &self.sale,
             &self.buyers,
@@ -65,7 +65,7 @@ impl SaleKeys {
 
     /// The KEYS of `lua/reserve.lua`: the order keys, the idempotency
     /// hash, the calls hash.
-    pub(crate) fn reserve_keys(&self) -> [&str; 7] {
+    pub fn reserve_keys(&self) -> [&str; 7] {
         let [a, b, c, d, e] = self.order_script_keys();
         [a, b, c, d, e, &self.idem, &self.calls]
     }

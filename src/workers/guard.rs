@@ -136,12 +136,12 @@ fn missing_seqs(orders: &Orders, counted: &std::collections::BTreeSet<u64>, top:
 
 impl Reconciler {
     /// A guard pass over `sales`, at most every [`GUARD_EVERY`]; rebuilds
-    /// what it can. Returns the sales that stay fenced (their records wait).
-    pub async fn guard_pass(&self, sales: &[SaleId]) -> anyhow::Result<Vec<SaleId>> {
+    /// what it can (each rebuild in a task of its own).
+    pub async fn guard_pass(&self, sales: &[SaleId]) -> anyhow::Result<()> {
         let facts = {
             let mut st = self.guard.lock().await;
             if st.last_pass.is_some_and(|t| t.elapsed() < GUARD_EVERY) {
-                return Ok(Vec::new());
+                return Ok(());
             }
             st.last_pass = Some(Instant::now());
             match &st.facts {
@@ -154,7 +154,6 @@ impl Reconciler {
             }
         };
         let mut fenced: HashMap<String, i64> = HashMap::new();
-        let mut stay = Vec::new();
         let mut still_foreign = std::collections::HashSet::new();
         let rebuilding = self.guard.lock().await.rebuilding.clone();
         for &sale in sales {
@@ -189,7 +188,6 @@ impl Reconciler {
             *fenced
                 .entry(reason.split(':').next().unwrap_or_default().to_owned())
                 .or_default() += 1;
-            stay.push(sale);
             if verdict.rebuildable() {
                 // Each rebuild in its own task: the other sales are checked
                 // and reconciled meanwhile.
@@ -252,7 +250,7 @@ impl Reconciler {
                 })
                 .set(fenced.get(reason).copied().unwrap_or(0));
         }
-        Ok(stay)
+        Ok(())
     }
 
     /// Rebuilds a fenced sale (see the module's comment). `None` when

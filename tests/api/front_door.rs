@@ -389,15 +389,7 @@ async fn the_same_reserve_call_twice_has_its_effect_once() {
     ));
     let call = |id: &'static str| {
         let mut inv = script.prepare_invoke();
-        for key in [
-            &k.sale,
-            &k.buyers,
-            &k.orders,
-            &k.deadlines,
-            &k.flow,
-            &k.idem,
-            &k.calls,
-        ] {
+        for key in k.reserve_keys() {
             inv.key(key);
         }
         inv.arg(1_000_000).arg(id).arg(0).arg(&token);

@@ -248,15 +248,7 @@ async fn one_combined_call_judges_each_reservation_as_if_it_came_alone() {
     ];
     let script = reserve_script();
     let mut inv = script.prepare_invoke();
-    for key in [
-        &k.sale,
-        &k.buyers,
-        &k.orders,
-        &k.deadlines,
-        &k.flow,
-        &k.idem,
-        &k.calls,
-    ] {
+    for key in k.reserve_keys() {
         inv.key(key);
     }
     let mut c = app.engine.connection();
@@ -421,15 +413,7 @@ async fn a_reserve_that_needs_an_undeclared_bucket_writes_nothing_and_names_it()
     let script = reserve_script();
     let call = |bucket: u64| {
         let mut inv = script.prepare_invoke();
-        for key in [
-            &k.sale,
-            &k.buyers,
-            &k.orders,
-            &k.deadlines,
-            &k.flow,
-            &k.idem,
-            &k.calls,
-        ] {
+        for key in k.reserve_keys() {
             inv.key(key);
         }
         inv.key(k.due_bucket_no(bucket));
