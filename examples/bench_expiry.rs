@@ -13,7 +13,7 @@ use clap::Parser;
 use flashsale::db::retired::LiveSale;
 use flashsale::domain::{Qty, SaleId, UserId};
 use flashsale::engine::keys::DUE_BUCKET;
-use flashsale::engine::{Engine, EngineOptions, Order, SaleTerms};
+use flashsale::engine::{Engine, EngineOptions, Order, SaleTerms, Topology};
 use flashsale::telemetry::Metrics;
 use flashsale::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
 use flashsale::workers::live::LiveSales;
@@ -48,13 +48,10 @@ struct Args {
 
 fn engine(url: &str, prefix: &str) -> anyhow::Result<Engine> {
     Engine::connect(&EngineOptions {
-        url: url.to_owned(),
-        key_prefix: prefix.to_owned(),
         timeout: Duration::from_secs(10),
         flow_backlog_limit: u64::MAX,
-        refunds: Default::default(),
         sold_out_ttl: Duration::ZERO,
-        batching: Default::default(),
+        ..EngineOptions::new(Topology::Node(url.to_owned()), prefix)
     })
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flashsale::domain::SaleId;
-use flashsale::engine::{Engine, EngineOptions, SaleTerms};
+use flashsale::engine::{Engine, EngineOptions, SaleTerms, Topology};
 use futures::stream::{self, StreamExt};
 use redis::AsyncCommands;
 
@@ -90,13 +90,10 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let prefix = format!("fsbench_pools_{}", std::process::id());
     let e = Engine::connect(&EngineOptions {
-        url: args.redis_url.clone(),
-        key_prefix: prefix.clone(),
         timeout: Duration::from_secs(10),
         flow_backlog_limit: u64::MAX,
-        refunds: Default::default(),
         sold_out_ttl: Duration::ZERO,
-        batching: Default::default(),
+        ..EngineOptions::new(Topology::Node(args.redis_url.clone()), &prefix)
     })?;
     let script = redis::Script::new(RESERVE);
     let n = args.requests;

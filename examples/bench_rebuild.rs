@@ -26,7 +26,7 @@ use flashsale::db::{self, SaleRow};
 use flashsale::domain::{IdempotencyKey, OrderId, Qty, SaleId, UserId};
 use flashsale::engine::{
     Cancellation, Engine, EngineError, EngineOptions, Order, OrderStatus, Payment, Refusal,
-    Reservation,
+    Reservation, Topology,
 };
 use flashsale::telemetry::Metrics;
 use flashsale::workers::guard::rebuild_now;
@@ -199,13 +199,10 @@ async fn main() -> anyhow::Result<()> {
     let db_url = format!("{}/{tag}", args.mysql);
     let pool = db::connect(&db_url).await?;
     let e = Engine::connect(&EngineOptions {
-        url: args.redis_url.clone(),
-        key_prefix: tag.clone(),
         timeout: Duration::from_secs(30),
         flow_backlog_limit: u64::MAX,
-        refunds: Default::default(),
         sold_out_ttl: Duration::ZERO,
-        batching: Default::default(),
+        ..EngineOptions::new(Topology::Node(args.redis_url.clone()), &tag)
     })?;
     e.load_scripts().await?;
 

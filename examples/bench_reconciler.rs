@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use flashsale::db::{self, SaleRow};
 use flashsale::domain::{Qty, SaleId, UserId};
-use flashsale::engine::{Engine, EngineOptions, Reservation};
+use flashsale::engine::{Engine, EngineOptions, Reservation, Topology};
 use flashsale::telemetry::Metrics;
 use flashsale::workers::live::LiveSales;
 use flashsale::workers::reconciler::{Reconciler, ReconcilerOptions};
@@ -82,13 +82,10 @@ async fn main() -> anyhow::Result<()> {
     let db_url = format!("{}/{tag}", args.mysql);
     let pool = db::connect(&db_url).await?;
     let e = Engine::connect(&EngineOptions {
-        url: args.redis_url.clone(),
-        key_prefix: tag.clone(),
         timeout: Duration::from_secs(10),
         flow_backlog_limit: u64::MAX,
-        refunds: Default::default(),
         sold_out_ttl: Duration::ZERO,
-        batching: Default::default(),
+        ..EngineOptions::new(Topology::Node(args.redis_url.clone()), &tag)
     })?;
     e.load_scripts().await?;
     let live = Arc::new(LiveSales::default());

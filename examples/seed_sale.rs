@@ -31,7 +31,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let pool = flashsale::db::connect(&args.store.database_url).await?;
-    let engine = Engine::connect(&args.store.engine_options())?;
+    let engine = Engine::connect(&args.store.engine_options()?)?;
     engine.load_scripts().await?;
     let now = chrono::Utc::now();
     let row = SaleRow {

@@ -153,7 +153,7 @@ pub async fn run(cli: Cli) -> i32 {
 }
 
 fn engine(store: &StoreConfig) -> anyhow::Result<Engine> {
-    Engine::connect(&store.engine_options())
+    Engine::connect(&store.engine_options()?)
 }
 
 async fn execute(command: Command) -> anyhow::Result<i32> {

@@ -59,6 +59,33 @@ pub struct StoreConfig {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
 
+    /// Redis Sentinel addresses, comma-separated (`redis://host:26379,...`):
+    /// the primary is the one they name `--redis-sentinel-master`. Takes
+    /// precedence over REDIS_URL.
+    #[arg(long, env = "FLASHSALE_REDIS_SENTINELS")]
+    pub redis_sentinels: Option<String>,
+
+    /// The name the sentinels watch the primary under.
+    #[arg(long, env = "FLASHSALE_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+
+    /// Redis Cluster seed nodes, comma-separated (`redis://host:7000,...`).
+    /// Takes precedence over REDIS_URL.
+    #[arg(long, env = "FLASHSALE_REDIS_CLUSTER")]
+    pub redis_cluster: Option<String>,
+
+    /// Replicas that must hold a write (Redis WAIT) before its client gets
+    /// an answer; 0: answer as soon as the primary has it.
+    #[arg(long, env = "FLASHSALE_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
+    /// How long a write waits for those replicas, in ms; below
+    /// FLASHSALE_REDIS_TIMEOUT_MS. A write not confirmed in time is answered
+    /// 503 with a retry key.
+    #[arg(long, env = "FLASHSALE_REDIS_WAIT_TIMEOUT_MS", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_wait_timeout_ms: u64,
+
     /// MySQL/MariaDB URL; the database is created if missing and migrated.
     #[arg(
         long,
@@ -131,10 +158,29 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
-    /// The engine's connection settings.
-    pub fn engine_options(&self) -> crate::engine::EngineOptions {
-        crate::engine::EngineOptions {
-            url: self.redis_url.clone(),
+    /// Where Redis is (Sentinel or Cluster when set, else REDIS_URL).
+    pub fn redis_topology(&self) -> anyhow::Result<crate::engine::Topology> {
+        crate::engine::Topology::choose(
+            &self.redis_url,
+            self.redis_sentinels.as_deref(),
+            self.redis_sentinel_master.as_deref(),
+            self.redis_cluster.as_deref(),
+        )
+    }
+
+    /// The engine's connection settings; refused when they contradict each
+    /// other.
+    pub fn engine_options(&self) -> anyhow::Result<crate::engine::EngineOptions> {
+        anyhow::ensure!(
+            self.redis_wait_replicas == 0 || self.redis_wait_timeout_ms < self.redis_timeout_ms,
+            "FLASHSALE_REDIS_WAIT_TIMEOUT_MS ({} ms) must be below FLASHSALE_REDIS_TIMEOUT_MS ({} ms): a write waits for its replicas within the time of one Redis call",
+            self.redis_wait_timeout_ms,
+            self.redis_timeout_ms
+        );
+        Ok(crate::engine::EngineOptions {
+            topology: self.redis_topology()?,
+            wait_replicas: self.redis_wait_replicas,
+            wait_timeout: Duration::from_millis(self.redis_wait_timeout_ms),
             key_prefix: self.key_prefix.clone(),
             timeout: Duration::from_millis(self.redis_timeout_ms),
             flow_backlog_limit: self.flow_backlog_limit,
@@ -154,7 +200,7 @@ impl StoreConfig {
                 max_retry: Duration::from_millis(self.refund_retry_max_ms),
                 dead_letter_after: Duration::from_secs(self.refund_dead_letter_secs),
             },
-        }
+        })
     }
 }
 

@@ -66,18 +66,24 @@ impl App {
         let db = crate::db::connect(&cfg.store.database_url)
             .await
             .context("cannot prepare the MySQL database (DATABASE_URL)")?;
-        let mut engine_options = cfg.store.engine_options();
+        let mut engine_options = cfg.store.engine_options()?;
         // The front door admits at most max_in_flight requests: a sale's
         // queue never refuses one of them.
         engine_options.batching.queue_limit = engine_options
             .batching
             .queue_limit
             .max(h.max_in_flight as usize);
+        let topology = engine_options.topology.describe();
         let engine = Engine::connect(&engine_options)?;
         engine
             .load_scripts()
             .await
-            .context("cannot reach Redis (REDIS_URL)")?;
+            .with_context(|| format!("cannot reach Redis: {topology}"))?;
+        tracing::info!(
+            redis = %topology,
+            wait_replicas = engine_options.wait_replicas,
+            "connected to Redis"
+        );
         check_durability(&engine, cfg.require_durable_redis).await?;
         let live = Arc::new(LiveSales::default());
         live.watch(engine.clone());
@@ -103,6 +109,7 @@ impl App {
         };
         let metrics = Metrics::default();
         metrics.register_reserve_stats(engine.reserve_stats());
+        metrics.register_replication_stats(&engine.replication_stats());
         let rate = |per_sec, burst| Rate { per_sec, burst };
         Ok(Self {
             state: AppState::new(Shared {

@@ -460,6 +460,21 @@ impl Metrics {
     }
 
     /// Adds the engine's reserve call counters to this registry.
+    /// Registers the counters of acknowledged writes (Redis WAIT).
+    pub fn register_replication_stats(&self, stats: &crate::engine::ReplicationStats) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.register(
+            "redis_writes_unacknowledged",
+            "Writes that ran on the Redis primary but whose WAIT confirmed fewer replicas than FLASHSALE_REDIS_WAIT_REPLICAS in time (answered 503 with a retry key)",
+            stats.unacknowledged.clone(),
+        );
+        registry.register(
+            "redis_writes_refused_replicas",
+            "Writes refused before running: the Redis primary had fewer replicas connected than FLASHSALE_REDIS_WAIT_REPLICAS",
+            stats.refused.clone(),
+        );
+    }
+
     pub fn register_reserve_stats(&self, stats: &crate::engine::ReserveStats) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         registry.register(

@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -187,7 +186,7 @@ fn retry_key(call: &str, index: usize) -> String {
 /// What a sale's task needs to call the script.
 #[derive(Clone)]
 pub(crate) struct ReserveCall {
-    pub conn: ConnectionManager,
+    pub conn: super::RedisConn,
     pub script: Arc<Script>,
     pub timeout: Duration,
     pub backlog_limit: u64,
@@ -205,7 +204,7 @@ pub(crate) struct ReserveCall {
 
 impl ReserveCall {
     pub fn new(
-        conn: ConnectionManager,
+        conn: super::RedisConn,
         script: Arc<Script>,
         timeout: Duration,
         backlog_limit: u64,
@@ -509,20 +508,23 @@ impl ReserveCall {
                     .arg(job.qty.get())
                     .arg(job.idem.as_ref().map_or("", |k| k.as_str()));
             }
-            let mut conn = self.conn.clone();
-            result = match tokio::time::timeout(
-                self.timeout,
-                inv.invoke_async::<Vec<Outcome>>(&mut conn),
-            )
-            .await
-            {
+            // With acknowledged writes, one WAIT covers the whole call.
+            let call = async {
+                let mut w = self.conn.writer(&keys.sale).await?;
+                let r = inv
+                    .invoke_async::<Vec<Outcome>>(&mut w)
+                    .await
+                    .map_err(EngineError::from_redis);
+                w.settle(r)
+            };
+            result = match tokio::time::timeout(self.timeout, call).await {
                 Ok(Ok(replies)) if replies.len() == batch.len() => Ok(replies),
                 Ok(Ok(replies)) => Err(EngineError::Protocol(format!(
                     "reserve: {} replies for {} reservations",
                     replies.len(),
                     batch.len()
                 ))),
-                Ok(Err(e)) => Err(EngineError::from_redis(e)),
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err(EngineError::Timeout(self.timeout)),
             };
             attempts += 1;

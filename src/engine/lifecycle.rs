@@ -164,8 +164,7 @@ impl Engine {
         for arg in args {
             inv.arg(*arg);
         }
-        let mut c = self.conn.clone();
-        match self.timed(inv.invoke_async(&mut c)).await {
+        match self.write(&k.sale, &inv).await {
             Err(e) if e.is_no_sale() => self.missing(sale).map(|()| R::not_found()),
             other => other,
         }

@@ -1,5 +1,6 @@
 //! The engine: typed calls of the Lua scripts on the hot path, over one
-//! multiplexed Redis connection.
+//! multiplexed Redis connection (per node of the topology, see
+//! [`topology`]).
 //!
 //! The engine owns the Redis side of every state change; each change is one
 //! script call, atomic in Redis. It never calls MySQL: the reconciler carries
@@ -17,10 +18,9 @@ mod retire;
 mod sale;
 mod scripts;
 mod sold_out;
+pub mod topology;
 
 use std::time::Duration;
-
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::domain::SaleId;
 
@@ -34,6 +34,7 @@ pub use rebuild::{GuardInput, GuardVerdict, RebuiltSale, RedisSide, Unfenced, FE
 pub use retire::Retirement;
 pub use sale::{Loaded, SaleSnapshot, SaleState, SaleTerms};
 use scripts::Scripts;
+pub use topology::{RedisConn, ReplicationStats, Topology};
 
 /// A failure to talk to Redis, or a reply the engine did not expect.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,24 @@ pub enum EngineError {
     /// takes no call until it is rebuilt from MySQL.
     #[error("the sale is fenced ({0}) until it is rebuilt from MySQL")]
     Fenced(String),
+    /// Writes wait for `wanted` replicas and the primary has `connected`:
+    /// refused before anything was sent.
+    #[error("redis primary has {connected} replicas connected, writes wait for {wanted}")]
+    Replicas {
+        /// Replicas the primary has now.
+        connected: u32,
+        /// Replicas each write waits for.
+        wanted: u32,
+    },
+    /// The write ran on the primary but WAIT confirmed only `acked` of
+    /// `wanted` replicas in time: a failover now could lose it.
+    #[error("redis WAIT confirmed {acked} of {wanted} replicas in time")]
+    Unacknowledged {
+        /// Replicas that confirmed the write.
+        acked: u32,
+        /// Replicas each write waits for.
+        wanted: u32,
+    },
 }
 
 impl EngineError {
@@ -72,7 +91,12 @@ impl EngineError {
         match self {
             Self::Redis(e) => script_fault(e),
             Self::Protocol(_) | Self::Script(_) => true,
-            Self::Timeout(_) | Self::Combined(_) | Self::Overloaded(_) | Self::Fenced(_) => false,
+            Self::Timeout(_)
+            | Self::Combined(_)
+            | Self::Overloaded(_)
+            | Self::Fenced(_)
+            | Self::Replicas { .. }
+            | Self::Unacknowledged { .. } => false,
         }
     }
 
@@ -88,6 +112,14 @@ impl EngineError {
             Self::Script(m) => Self::Script(m.clone()),
             Self::Overloaded(m) => Self::Overloaded(m),
             Self::Fenced(r) => Self::Fenced(r.clone()),
+            Self::Replicas { connected, wanted } => Self::Replicas {
+                connected: *connected,
+                wanted: *wanted,
+            },
+            Self::Unacknowledged { acked, wanted } => Self::Unacknowledged {
+                acked: *acked,
+                wanted: *wanted,
+            },
         }
     }
 
@@ -169,8 +201,13 @@ pub(crate) type LiveMap =
 /// Connection settings for the engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// `redis://host:port[/db]`.
-    pub url: String,
+    /// Where Redis is.
+    pub topology: Topology,
+    /// Replicas a write waits for (WAIT) before its caller gets an answer
+    /// (0: none).
+    pub wait_replicas: u32,
+    /// How long a write waits for them.
+    pub wait_timeout: Duration,
     /// The deployment's key prefix.
     pub key_prefix: String,
     /// How long one Redis call may take before the caller gets an error.
@@ -184,6 +221,23 @@ pub struct EngineOptions {
     pub sold_out_ttl: Duration,
     /// How concurrent reservations of one sale are combined.
     pub batching: Batching,
+}
+
+impl EngineOptions {
+    /// The service's defaults on `topology` under `key_prefix`.
+    pub fn new(topology: Topology, key_prefix: &str) -> Self {
+        Self {
+            topology,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(200),
+            key_prefix: key_prefix.to_owned(),
+            timeout: Duration::from_secs(1),
+            flow_backlog_limit: 1_000_000,
+            refunds: RefundPolicy::default(),
+            sold_out_ttl: Duration::from_millis(100),
+            batching: Batching::default(),
+        }
+    }
 }
 
 /// Retries of refunds that wait for their order to settle.
@@ -214,7 +268,7 @@ pub struct Engine(std::sync::Arc<EngineInner>);
 
 /// What an [`Engine`] shares between its clones.
 pub struct EngineInner {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
     scripts: Scripts,
     timeout: Duration,
@@ -240,17 +294,14 @@ impl Engine {
     /// Connects (lazily: a Redis that is down now is retried on each call) and
     /// checks the URL and prefix.
     pub fn connect(opts: &EngineOptions) -> anyhow::Result<Self> {
-        let client = redis::Client::open(opts.url.as_str())?;
-        // Short connection attempts and few retries: while Redis is away, a
-        // caller gets an error quickly instead of waiting on a reconnect loop;
-        // the next call starts a new attempt.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(opts.timeout))
-            .set_response_timeout(Some(opts.timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = RedisConn::connect(
+            &opts.topology,
+            &topology::ConnectOptions {
+                timeout: opts.timeout,
+                wait_replicas: opts.wait_replicas,
+                wait_timeout: opts.wait_timeout,
+            },
+        )?;
         let scripts = Scripts::default();
         let live = LiveMap::default();
         let combiner = combiner::Combiner::new(
@@ -304,8 +355,35 @@ impl Engine {
 
     /// A clone of the multiplexed connection, for callers outside the hot path
     /// (tests, audit) that need plain commands.
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConn {
         self.conn.clone()
+    }
+
+    /// Counters of acknowledged writes (`FLASHSALE_REDIS_WAIT_REPLICAS`).
+    pub fn replication_stats(&self) -> ReplicationStats {
+        self.conn.replication_stats()
+    }
+
+    /// A script call that changes `sale` and answers a client: with
+    /// acknowledged writes, it answers only once WAIT confirmed the
+    /// replicas (see [`topology::Writer`]).
+    pub(crate) async fn write<T: redis::FromRedisValue>(
+        &self,
+        sale_key: &str,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, EngineError> {
+        let call = async {
+            let mut w = self.conn.writer(sale_key).await?;
+            let r = inv
+                .invoke_async(&mut w)
+                .await
+                .map_err(EngineError::from_redis);
+            w.settle(r)
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(EngineError::Timeout(self.timeout)),
+        }
     }
 
     async fn timed<T>(

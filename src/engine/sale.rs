@@ -236,19 +236,24 @@ impl Engine {
     /// (for throw-away sales: demo, benchmarks). Returns the keys deleted.
     pub async fn drop_sale_keys(&self, sale: SaleId) -> Result<u64, EngineError> {
         let pattern = self.keys.sale(sale).pattern();
+        let sale_key = self.keys.sale(sale).sale;
         let index = self.keys.sales_index();
         let mut c = self.conn.clone();
         self.timed(async move {
             let mut deleted = 0;
             let mut cursor = 0u64;
             loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
+                // On the node that holds the sale (its keys share a tag).
+                let (next, keys): (u64, Vec<String>) = c
+                    .query_at(
+                        &sale_key,
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(1000),
+                    )
                     .await?;
                 if !keys.is_empty() {
                     deleted += c.del::<_, u64>(&keys).await?;

@@ -564,7 +564,7 @@ async fn a_full_reserve_queue_refuses_at_once() {
     cfg.store.reserve_batch = 1;
     cfg.store.reserve_in_flight = 1;
     cfg.store.reserve_queue_limit = Some(1);
-    let engine = Engine::connect(&cfg.store.engine_options()).unwrap();
+    let engine = Engine::connect(&cfg.store.engine_options().unwrap()).unwrap();
     let sale_id = sale.parse().unwrap();
     pause(&redis, 3000).await;
     // One call on the wire, one reservation waiting for a slot, one queued:

@@ -365,7 +365,7 @@ async fn a_flood_on_one_sale_is_combined_into_fewer_script_calls() {
 async fn reserve_queues_of_idle_or_unknown_sales_go_away() {
     let app = spawn_app().await;
     let sale = app.create_sale(SaleSpec::default()).await;
-    let mut opts = app.target.config().store.engine_options();
+    let mut opts = app.target.config().store.engine_options().unwrap();
     opts.batching.idle = Duration::from_millis(200);
     let engine = flashsale::engine::Engine::connect(&opts).unwrap();
     let user = flashsale::domain::UserId::new(5).unwrap();
