@@ -518,6 +518,9 @@ pub struct ReplicationStats {
     pub refused: Counter,
 }
 
+/// A cluster's slot range (first, last) and the address of its primary.
+type SlotRange = (u16, u16, (String, u16));
+
 /// What acknowledged writes share.
 struct Acks {
     replicas: u32,
@@ -526,7 +529,7 @@ struct Acks {
     /// Per primary address, its lane.
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
     /// A cluster's slot ranges and their primaries (empty: ask).
-    slots: Mutex<Vec<(u16, u16, (String, u16))>>,
+    slots: Mutex<Vec<SlotRange>>,
     stats: ReplicationStats,
 }
 
@@ -737,7 +740,7 @@ pub fn slot_of(key: &str) -> u16 {
 }
 
 /// A cluster's slot ranges with their primaries (CLUSTER SLOTS).
-async fn cluster_slots(c: &mut ClusterConnection) -> RedisResult<Vec<(u16, u16, (String, u16))>> {
+async fn cluster_slots(c: &mut ClusterConnection) -> RedisResult<Vec<SlotRange>> {
     let v: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(c).await?;
     let mut out = Vec::new();
     for range in v {
