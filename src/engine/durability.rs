@@ -62,21 +62,32 @@ pub fn risks(config: &HashMap<String, String>) -> Vec<Risk> {
 }
 
 impl Engine {
-    /// The server's settings that can lose acknowledged writes.
+    /// The server's settings that can lose acknowledged writes (of every
+    /// primary, on a cluster; each risk named once).
     pub async fn durability_risks(&self) -> Result<Vec<Risk>, EngineError> {
         let mut c = self.conn.clone();
-        let config: HashMap<String, String> = self
+        let configs: Vec<HashMap<String, String>> = self
             .timed(async move {
-                redis::cmd("CONFIG")
-                    .arg("GET")
-                    .arg("appendonly")
-                    .arg("appendfsync")
-                    .arg("maxmemory-policy")
-                    .query_async(&mut c)
-                    .await
+                c.query_primaries(
+                    redis::cmd("CONFIG")
+                        .arg("GET")
+                        .arg("appendonly")
+                        .arg("appendfsync")
+                        .arg("maxmemory-policy"),
+                )
+                .await
             })
             .await?;
-        Ok(risks(&config))
+        let mut out: Vec<Risk> = Vec::new();
+        for risk in configs.iter().flat_map(risks) {
+            if !out
+                .iter()
+                .any(|r| r.setting == risk.setting && r.value == risk.value)
+            {
+                out.push(risk);
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -17,7 +17,7 @@ pub(crate) async fn audit(t: &Target, args: &[&str]) -> (i32, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
         .arg("audit")
         .args(args)
-        .env("REDIS_URL", &t.redis_url)
+        .envs(t.redis_env())
         .env("DATABASE_URL", &t.database_url)
         .env("FLASHSALE_KEY_PREFIX", &t.key_prefix)
         .output()

@@ -468,7 +468,7 @@ async fn readiness_follows_redis_not_mysql_and_worker_processes_serve_probes() {
     let mut worker = ServeProcess::adopt(
         std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"))
             .arg("serve")
-            .env("REDIS_URL", &t.redis_url)
+            .envs(t.redis_env())
             .env("DATABASE_URL", &t.database_url)
             .env("FLASHSALE_KEY_PREFIX", &t.key_prefix)
             .env("FLASHSALE_ROLES", "expiry,reconciler")
@@ -519,7 +519,7 @@ async fn short_or_missing_secrets_are_refused_by_name() {
     let run = |jwt: Option<&str>| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flashsale"));
         cmd.arg("serve")
-            .env("REDIS_URL", &t.redis_url)
+            .envs(t.redis_env())
             .env("DATABASE_URL", &t.database_url)
             .env("FLASHSALE_KEY_PREFIX", &t.key_prefix)
             .env("FLASHSALE_LISTEN", "127.0.0.1:0")

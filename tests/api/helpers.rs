@@ -41,23 +41,74 @@ pub fn unique(tag: &str) -> String {
 #[derive(Clone, Debug)]
 pub struct Target {
     pub redis_url: String,
+    /// Cluster seeds, or sentinels and the primary's name, when the tests
+    /// run on that topology (see [`Target::fresh`]).
+    pub redis_cluster: Option<String>,
+    pub redis_sentinels: Option<(String, String)>,
     pub database_url: String,
     pub key_prefix: String,
 }
 
+/// Where the core subset of the suite finds a Redis Cluster or a Sentinel
+/// set to run on (scripts/test-topologies.sh sets them); unset: one node.
+pub const TEST_CLUSTER_ENV: &str = "FLASHSALE_TEST_REDIS_CLUSTER";
+pub const TEST_SENTINELS_ENV: &str = "FLASHSALE_TEST_REDIS_SENTINELS";
+pub const TEST_SENTINEL_MASTER_ENV: &str = "FLASHSALE_TEST_REDIS_SENTINEL_MASTER";
+
 impl Target {
-    /// A fresh database and key prefix on the shared services.
+    /// A fresh database and key prefix on the shared services: the shared
+    /// Redis, or the cluster or Sentinel set the environment names.
     pub fn fresh() -> Self {
-        Self::fresh_on(SHARED_REDIS)
+        let mut t = Self::fresh_on(SHARED_REDIS);
+        let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+        t.redis_cluster = var(TEST_CLUSTER_ENV);
+        t.redis_sentinels = var(TEST_SENTINELS_ENV).map(|s| {
+            (
+                s,
+                var(TEST_SENTINEL_MASTER_ENV).unwrap_or_else(|| "flashsale".into()),
+            )
+        });
+        t
     }
 
     /// A fresh database and key prefix, with Redis at `redis_url`.
     pub fn fresh_on(redis_url: &str) -> Self {
         Self {
             redis_url: redis_url.to_owned(),
+            redis_cluster: None,
+            redis_sentinels: None,
             database_url: format!("{MYSQL_SERVER}/{}", unique("fstest")),
             key_prefix: unique("fstest"),
         }
+    }
+
+    /// The Redis settings of this target as environment variables, for a
+    /// child process (the unused ones empty, so none leaks in).
+    pub fn redis_env(&self) -> Vec<(&'static str, String)> {
+        let (sentinels, master) = self.redis_sentinels.clone().unwrap_or_default();
+        vec![
+            ("REDIS_URL", self.redis_url.clone()),
+            (
+                "FLASHSALE_REDIS_CLUSTER",
+                self.redis_cluster.clone().unwrap_or_default(),
+            ),
+            ("FLASHSALE_REDIS_SENTINELS", sentinels),
+            ("FLASHSALE_REDIS_SENTINEL_MASTER", master),
+        ]
+    }
+
+    /// A connection of the test's own to this target's Redis.
+    pub fn redis(&self) -> flashsale::engine::RedisConn {
+        let store = self.config().store;
+        flashsale::engine::RedisConn::connect(
+            &store.redis_topology().unwrap(),
+            &flashsale::engine::topology::ConnectOptions {
+                timeout: Duration::from_secs(5),
+                wait_replicas: 0,
+                wait_timeout: Duration::from_millis(100),
+            },
+        )
+        .unwrap()
     }
 
     /// The app's configuration: the real defaults, on this target, HTTP
@@ -65,6 +116,9 @@ impl Target {
     pub fn config(&self) -> ServeConfig {
         let mut c = ServeConfig::from_defaults().expect("the defaults parse");
         c.store.redis_url = self.redis_url.clone();
+        c.store.redis_cluster = self.redis_cluster.clone();
+        c.store.redis_sentinels = self.redis_sentinels.as_ref().map(|s| s.0.clone());
+        c.store.redis_sentinel_master = self.redis_sentinels.as_ref().map(|s| s.1.clone());
         c.store.database_url = self.database_url.clone();
         c.store.key_prefix = self.key_prefix.clone();
         c.http.listen = "127.0.0.1:0".parse().unwrap();
@@ -80,14 +134,15 @@ impl Target {
     /// Drops the database and deletes every key under the prefix.
     pub async fn cleanup(&self) {
         let _ = flashsale::db::drop_database(&self.database_url).await;
-        if let Ok(client) = redis::Client::open(self.redis_url.as_str()) {
-            if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                let pattern = format!("{}:*", self.key_prefix);
-                let keys: Vec<String> = c.keys(pattern).await.unwrap_or_default();
-                if !keys.is_empty() {
-                    let _: Result<(), _> = c.del(keys).await;
-                }
-            }
+        let mut c = self.redis();
+        let pattern = format!("{}:*", self.key_prefix);
+        let keys: Vec<Vec<String>> = c
+            .query_primaries(redis::cmd("KEYS").arg(pattern))
+            .await
+            .unwrap_or_default();
+        // One at a time: on a cluster they live in many slots.
+        for key in keys.into_iter().flatten() {
+            let _: Result<(), _> = c.del(key).await;
         }
     }
 }
@@ -536,7 +591,7 @@ impl ServeProcess {
     pub fn start(target: &Target, roles: &str, extra_env: &[(&str, &str)]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_flashsale"))
             .arg("serve")
-            .env("REDIS_URL", &target.redis_url)
+            .envs(target.redis_env())
             .env("DATABASE_URL", &target.database_url)
             .env("FLASHSALE_KEY_PREFIX", &target.key_prefix)
             .env("FLASHSALE_LISTEN", "127.0.0.1:0")

@@ -53,7 +53,7 @@ async fn the_cli_creates_a_sale_and_issues_tokens_the_api_accepts() {
             "--per-user-limit",
             "1",
         ])
-        .env("REDIS_URL", &t.redis_url)
+        .envs(t.redis_env())
         .env("DATABASE_URL", &t.database_url)
         .env("FLASHSALE_KEY_PREFIX", &t.key_prefix)
         .output()
