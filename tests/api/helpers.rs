@@ -45,6 +45,8 @@ pub struct Target {
     /// run on that topology (see [`Target::fresh`]).
     pub redis_cluster: Option<String>,
     pub redis_sentinels: Option<(String, String)>,
+    /// Replicas each write waits for (FLASHSALE_REDIS_WAIT_REPLICAS).
+    pub wait_replicas: u32,
     pub database_url: String,
     pub key_prefix: String,
 }
@@ -54,6 +56,7 @@ pub struct Target {
 pub const TEST_CLUSTER_ENV: &str = "FLASHSALE_TEST_REDIS_CLUSTER";
 pub const TEST_SENTINELS_ENV: &str = "FLASHSALE_TEST_REDIS_SENTINELS";
 pub const TEST_SENTINEL_MASTER_ENV: &str = "FLASHSALE_TEST_REDIS_SENTINEL_MASTER";
+pub const TEST_WAIT_REPLICAS_ENV: &str = "FLASHSALE_TEST_REDIS_WAIT_REPLICAS";
 
 impl Target {
     /// A fresh database and key prefix on the shared services: the shared
@@ -68,6 +71,7 @@ impl Target {
                 var(TEST_SENTINEL_MASTER_ENV).unwrap_or_else(|| "flashsale".into()),
             )
         });
+        t.wait_replicas = var(TEST_WAIT_REPLICAS_ENV).map_or(0, |n| n.parse().unwrap());
         t
     }
 
@@ -77,6 +81,7 @@ impl Target {
             redis_url: redis_url.to_owned(),
             redis_cluster: None,
             redis_sentinels: None,
+            wait_replicas: 0,
             database_url: format!("{MYSQL_SERVER}/{}", unique("fstest")),
             key_prefix: unique("fstest"),
         }
@@ -94,6 +99,10 @@ impl Target {
             ),
             ("FLASHSALE_REDIS_SENTINELS", sentinels),
             ("FLASHSALE_REDIS_SENTINEL_MASTER", master),
+            (
+                "FLASHSALE_REDIS_WAIT_REPLICAS",
+                self.wait_replicas.to_string(),
+            ),
         ]
     }
 
@@ -119,6 +128,7 @@ impl Target {
         c.store.redis_cluster = self.redis_cluster.clone();
         c.store.redis_sentinels = self.redis_sentinels.as_ref().map(|s| s.0.clone());
         c.store.redis_sentinel_master = self.redis_sentinels.as_ref().map(|s| s.1.clone());
+        c.store.redis_wait_replicas = self.wait_replicas;
         c.store.database_url = self.database_url.clone();
         c.store.key_prefix = self.key_prefix.clone();
         c.http.listen = "127.0.0.1:0".parse().unwrap();
