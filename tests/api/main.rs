@@ -14,3 +14,4 @@ mod redis_outage;
 mod refund;
 mod reserve;
 mod retire;
+mod topology;
