@@ -599,6 +599,7 @@ async fn fail_over_and_rejoin(mut t: OwnTopology, started: Instant) {
 }
 
 #[tokio::test]
+#[ignore = "drill: kills nodes; scripts/test-topologies.sh runs the drills one at a time"]
 async fn cluster_fails_over_and_rejoins() {
     let started = Instant::now();
     let t = OwnTopology::cluster(2000).await;
@@ -609,6 +610,7 @@ async fn cluster_fails_over_and_rejoins() {
 }
 
 #[tokio::test]
+#[ignore = "drill: kills nodes; scripts/test-topologies.sh runs the drills one at a time"]
 async fn sentinel_fails_over_and_rejoins() {
     let started = Instant::now();
     let t = OwnTopology::sentinel(2000).await;

@@ -1,0 +1,337 @@
+//! Failover drills on Redis's own failover (Sentinel, Cluster): the primary
+//! holding a live sale dies in the middle of a rush. With acknowledged
+//! writes (WAIT 1) no buyer who got 201 loses the order; without them, a
+//! loss the drill arranges is counted exactly. Each drill starts its own
+//! topology and kills nodes of it: `scripts/test-topologies.sh drills` runs
+//! them one at a time.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flashsale::config::Role;
+use redis::AsyncCommands;
+use serde_json::Value;
+
+use crate::audit::{audit, wait_backlog_empty};
+use crate::helpers::*;
+use crate::topology::{Kind, OwnTopology};
+
+fn all_roles(c: &mut flashsale::config::ServeConfig) {
+    c.roles = vec![Role::Http, Role::Expiry, Role::Reconciler];
+}
+
+/// A fresh database and key prefix on `topo`, writes waiting for `wait`
+/// replicas.
+fn target_on(topo: &OwnTopology, wait: u32) -> Target {
+    // REDIS_URL is not used: the topology's settings take precedence.
+    let mut t = Target::fresh_on("redis://127.0.0.1:1");
+    match topo.kind {
+        Kind::Cluster => {
+            t.redis_cluster = topo.env_var("FLASHSALE_REDIS_CLUSTER").map(str::to_owned);
+        }
+        Kind::Sentinel => {
+            t.redis_sentinels = Some((
+                topo.env_var("FLASHSALE_REDIS_SENTINELS").unwrap().to_owned(),
+                topo.master_name().to_owned(),
+            ));
+        }
+    }
+    t.wait_replicas = wait;
+    t
+}
+
+/// What the buyers of a rush saw.
+#[derive(Default)]
+struct Seen {
+    /// (buyer, order id) of every 201.
+    acked: Vec<(u64, String)>,
+    /// Answers by status.
+    statuses: BTreeMap<u16, u64>,
+    /// When the primary was killed (set by the drill), the first 503 after
+    /// it, and the first 201 after that: the failover as buyers saw it.
+    killed: Option<Instant>,
+    first_503: Option<Instant>,
+    first_201_after: Option<Instant>,
+}
+
+/// `buyers` buyers, `concurrency` at a time, each sending one reservation
+/// under an Idempotency-Key of their own until it is answered for good
+/// (201 or 409), as API.md asks of a client after a 503.
+fn rush(
+    app: &TestApp,
+    sale: &str,
+    buyers: u64,
+    concurrency: u64,
+) -> (Arc<Mutex<Seen>>, Vec<tokio::task::JoinHandle<()>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let tasks = (0..concurrency)
+        .map(|_| {
+            let (client, url, seen, next) =
+                (app.client.clone(), app.url(""), seen.clone(), next.clone());
+            let sale = sale.to_owned();
+            tokio::spawn(async move {
+                loop {
+                    let u = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if u > buyers {
+                        return;
+                    }
+                    let key = format!("drill-{u}");
+                    let until = Instant::now() + Duration::from_secs(90);
+                    loop {
+                        assert!(Instant::now() < until, "buyer {u} never got an answer");
+                        let res = client
+                            .post(format!("{url}/api/v1/sales/{sale}/orders"))
+                            .bearer_auth(buyer_token(u))
+                            .header("Idempotency-Key", &key)
+                            .json(&serde_json::json!({"qty": 1}))
+                            .send()
+                            .await;
+                        let Ok(res) = res else {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        };
+                        let status = res.status().as_u16();
+                        let body: Value = res.json().await.unwrap_or(Value::Null);
+                        let done = {
+                            let mut s = seen.lock().unwrap();
+                            *s.statuses.entry(status).or_default() += 1;
+                            match status {
+                                201 | 200 => {
+                                    if s.first_503.is_some() && s.first_201_after.is_none() {
+                                        s.first_201_after = Some(Instant::now());
+                                    }
+                                    let id = body["order_id"].as_str().unwrap().to_owned();
+                                    s.acked.push((u, id));
+                                    true
+                                }
+                                409 => true,
+                                503 => {
+                                    if s.killed.is_some() {
+                                        s.first_503.get_or_insert_with(Instant::now);
+                                    }
+                                    false
+                                }
+                                other => panic!("buyer {u}: {other} {body}"),
+                            }
+                        };
+                        if done {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    (seen, tasks)
+}
+
+async fn lost_orders(pool: &sqlx::MySqlPool) -> Vec<(u64, String)> {
+    sqlx::query_as("SELECT seq, reason FROM lost_orders ORDER BY seq")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Kill -9 of the primary holding a live sale while 2,000 buyers rush its
+/// 200 units, the node restarted 3 s later (it rejoins as a replica), with
+/// every write acknowledged by a replica: every buyer who got 201 keeps
+/// the order, no unit is oversold, the audit is clean.
+async fn acknowledged_orders_survive_a_primary_killed_mid_rush(topo: OwnTopology) {
+    let mut topo = topo;
+    let target = target_on(&topo, 1);
+    let app = spawn_with(target.clone(), all_roles).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 200,
+            per_user_limit: 1,
+            payment_window_secs: 600,
+            ..SaleSpec::default()
+        })
+        .await;
+    let primary = topo.primary_of(&app.sale_keys(&sale).sale).await;
+    let (seen, buyers) = rush(&app, &sale, 2_000, 32);
+    let until = Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().acked.len() < 40 {
+        assert!(Instant::now() < until, "the rush made no orders");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed_at = Instant::now();
+    seen.lock().unwrap().killed = Some(killed_at);
+    topo.kill(primary);
+    let at_kill = seen.lock().unwrap().acked.len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    topo.restart(primary).await;
+    for b in buyers {
+        b.await.unwrap();
+    }
+    let s = std::mem::take(&mut *seen.lock().unwrap());
+    eprintln!(
+        "{:?} WAIT 1: {} acknowledged ({} before the kill), answers {:?}, buyers saw the failover for {:?} (first 503 to first 201 after it), {:?} after the kill",
+        topo.kind,
+        s.acked.len(),
+        at_kill,
+        s.statuses,
+        s.first_201_after.zip(s.first_503).map(|(b, a)| b - a),
+        s.first_201_after.map(|b| b - killed_at),
+    );
+    assert_eq!(s.statuses.get(&500), None, "never a 500");
+    assert!(s.statuses.get(&503).copied().unwrap_or(0) > 0, "the failover was seen");
+    // Every unit sold once, to a buyer who got 201.
+    assert_eq!(s.acked.len(), 200, "{:?}", s.statuses);
+    let ids: std::collections::BTreeSet<&String> = s.acked.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), 200, "no order id given to two buyers");
+
+    wait_backlog_empty(&app, &sale).await;
+    let held = app.orders(&sale).await;
+    for (user, id) in &s.acked {
+        let seq: u64 = id.rsplit('-').next().unwrap().parse().unwrap();
+        let o = held
+            .get(&seq)
+            .unwrap_or_else(|| panic!("acknowledged order {id} lost"));
+        assert_eq!(o.user.get(), *user, "{id}");
+    }
+    let live = held
+        .values()
+        .filter(|o| o.status == flashsale::engine::OrderStatus::Pending)
+        .count();
+    assert_eq!(live, 200, "no unit oversold");
+    assert_eq!(app.sale_field(&sale, "avail").await, 0);
+    let pool = sqlx::MySqlPool::connect(&target.database_url).await.unwrap();
+    let lost = lost_orders(&pool).await;
+    for (seq, _) in &lost {
+        assert!(
+            !ids.contains(&format!("{sale}-{seq}")),
+            "an acknowledged order counted lost: {seq}"
+        );
+    }
+    let mysql: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE status = 'pending'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(mysql, 200, "MySQL holds every sold unit");
+    let (code, out) = audit(&target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "{out}");
+    pool.close().await;
+    app.finish().await;
+}
+
+/// Without acknowledged writes, a loss the drill knows exactly: the replica
+/// is frozen (SIGSTOP), N orders are acknowledged by the primary alone, the
+/// primary is killed, the replica thawed and promoted. Nothing is
+/// oversold, no id is given out twice, and the service counts N lost.
+async fn a_failover_without_wait_counts_exactly_the_orders_it_lost(topo: OwnTopology) {
+    const N: u64 = 7;
+    let target = target_on(&topo, 0);
+    // The front door alone while the orders are made, so that MySQL has
+    // none of them: what the promoted replica lacks is lost for good.
+    let front = spawn_with(target.clone(), |c| c.roles = vec![Role::Http]).await;
+    let sale = front
+        .create_sale(SaleSpec {
+            stock: 100,
+            per_user_limit: 1,
+            ..SaleSpec::default()
+        })
+        .await;
+    let k = front.sale_keys(&sale);
+    let primary = topo.primary_of(&k.sale).await;
+    let replica = topo.replicas_of(primary).await[0];
+    for u in 1..=5u64 {
+        assert_eq!(front.reserve(&sale, u, None).await.0, 201);
+    }
+    // The replica has those five.
+    let on_replica = redis::Client::open(format!("redis://127.0.0.1:{replica}")).unwrap();
+    let mut rc = on_replica.get_multiplexed_async_connection().await.unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if topo.kind == Kind::Cluster {
+            let _: () = redis::cmd("READONLY").query_async(&mut rc).await.unwrap();
+        }
+        let seq: Option<u64> = rc.hget(&k.sale, "seq").await.unwrap();
+        if seq == Some(5) {
+            break;
+        }
+        assert!(Instant::now() < until, "the replica never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    topo.stop(replica);
+    for u in 6..6 + N {
+        assert_eq!(front.reserve(&sale, u, None).await.0, 201);
+    }
+    topo.kill(primary);
+    topo.cont(replica);
+    topo.promote(replica).await;
+
+    // The front door notices before it gives an id out twice.
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, o) = front.reserve(&sale, 50, None).await;
+        let mut c = front.engine.connection();
+        let fence: Option<String> = c.hget(&k.sale, "fence").await.unwrap_or(None);
+        if s == 503 && fence.as_deref() == Some("behind") {
+            break;
+        }
+        assert!(s != 201, "an id was given out again: {o}");
+        assert!(s != 500, "{o}");
+        assert!(Instant::now() < until, "{s} {o}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rec = spawn_with(target.clone(), |c| {
+        c.roles = vec![Role::Http, Role::Reconciler]
+    })
+    .await;
+    front.wait_serving(&sale, Duration::from_secs(20)).await;
+    let pool = sqlx::MySqlPool::connect(&target.database_url).await.unwrap();
+    let lost = lost_orders(&pool).await;
+    assert_eq!(
+        lost,
+        (6..6 + N).map(|s| (s, "missing".to_owned())).collect::<Vec<_>>(),
+        "exactly the orders lost"
+    );
+    assert!(rec.metrics().await.contains(&format!(
+        "flashsale_orders_lost_total{{sale=\"{sale}\"}} {N}"
+    )));
+    let (s, o) = front.reserve(&sale, 50, None).await;
+    assert_eq!(s, 201, "{o}");
+    assert_eq!(o["order_id"], format!("{sale}-{}", 5 + N + 1), "no id reused");
+    // Nothing oversold: five survivors and the new one hold units.
+    assert_eq!(front.sale_field(&sale, "avail").await, 100 - 6);
+    wait_backlog_empty(&rec, &sale).await;
+    let (code, out) = audit(&target, &["--sale", &sale]).await;
+    assert_eq!(code, 0, "a counted loss is information, not drift: {out}");
+    assert!(
+        out.contains(&format!("information: {N} acknowledged order(s) lost")),
+        "{out}"
+    );
+    pool.close().await;
+    front.finish().await;
+    rec.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "drill: kills nodes; scripts/test-topologies.sh runs the drills one at a time"]
+async fn cluster_wait_1_keeps_every_acknowledged_order() {
+    acknowledged_orders_survive_a_primary_killed_mid_rush(OwnTopology::cluster(2000).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "drill: kills nodes; scripts/test-topologies.sh runs the drills one at a time"]
+async fn sentinel_wait_1_keeps_every_acknowledged_order() {
+    acknowledged_orders_survive_a_primary_killed_mid_rush(OwnTopology::sentinel(2000).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "drill: kills nodes; scripts/test-topologies.sh runs the drills one at a time"]
+async fn cluster_wait_0_counts_exactly_what_it_lost() {
+    a_failover_without_wait_counts_exactly_the_orders_it_lost(OwnTopology::cluster(2000).await)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "drill: kills nodes; scripts/test-topologies.sh runs the drills one at a time"]
+async fn sentinel_wait_0_counts_exactly_what_it_lost() {
+    a_failover_without_wait_counts_exactly_the_orders_it_lost(OwnTopology::sentinel(2000).await)
+        .await;
+}
