@@ -32,7 +32,9 @@ fn target_on(topo: &OwnTopology, wait: u32) -> Target {
         }
         Kind::Sentinel => {
             t.redis_sentinels = Some((
-                topo.env_var("FLASHSALE_REDIS_SENTINELS").unwrap().to_owned(),
+                topo.env_var("FLASHSALE_REDIS_SENTINELS")
+                    .unwrap()
+                    .to_owned(),
                 topo.master_name().to_owned(),
             ));
         }
@@ -178,7 +180,10 @@ async fn acknowledged_orders_survive_a_primary_killed_mid_rush(topo: OwnTopology
         s.first_201_after.map(|b| b - killed_at),
     );
     assert_eq!(s.statuses.get(&500), None, "never a 500");
-    assert!(s.statuses.get(&503).copied().unwrap_or(0) > 0, "the failover was seen");
+    assert!(
+        s.statuses.get(&503).copied().unwrap_or(0) > 0,
+        "the failover was seen"
+    );
     // Every unit sold once, to a buyer who got 201.
     assert_eq!(s.acked.len(), 200, "{:?}", s.statuses);
     let ids: std::collections::BTreeSet<&String> = s.acked.iter().map(|(_, id)| id).collect();
@@ -199,7 +204,9 @@ async fn acknowledged_orders_survive_a_primary_killed_mid_rush(topo: OwnTopology
         .count();
     assert_eq!(live, 200, "no unit oversold");
     assert_eq!(app.sale_field(&sale, "avail").await, 0);
-    let pool = sqlx::MySqlPool::connect(&target.database_url).await.unwrap();
+    let pool = sqlx::MySqlPool::connect(&target.database_url)
+        .await
+        .unwrap();
     let lost = lost_orders(&pool).await;
     for (seq, _) in &lost {
         assert!(
@@ -219,8 +226,8 @@ async fn acknowledged_orders_survive_a_primary_killed_mid_rush(topo: OwnTopology
 }
 
 /// Without acknowledged writes, a loss the drill knows exactly: the replica
-/// is frozen (SIGSTOP), N orders are acknowledged by the primary alone, the
-/// primary is killed, the replica thawed and promoted. Nothing is
+/// is frozen (SIGSTOP) and cut off, N orders are acknowledged by the
+/// primary alone, the primary is killed, the replica thawed and promoted. Nothing is
 /// oversold, no id is given out twice, and the service counts N lost.
 async fn a_failover_without_wait_counts_exactly_the_orders_it_lost(topo: OwnTopology) {
     const N: u64 = 7;
@@ -256,7 +263,20 @@ async fn a_failover_without_wait_counts_exactly_the_orders_it_lost(topo: OwnTopo
         assert!(Instant::now() < until, "the replica never caught up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Frozen, the replica would still find the next writes in its socket
+    // when thawed: the primary also drops its link to it, so they never
+    // leave the primary.
     topo.stop(replica);
+    let on_primary = redis::Client::open(format!("redis://127.0.0.1:{primary}")).unwrap();
+    let mut pc = on_primary.get_multiplexed_async_connection().await.unwrap();
+    let dropped: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query_async(&mut pc)
+        .await
+        .unwrap();
+    assert_eq!(dropped, 1, "the replica's link");
     for u in 6..6 + N {
         assert_eq!(front.reserve(&sale, u, None).await.0, 201);
     }
@@ -283,11 +303,15 @@ async fn a_failover_without_wait_counts_exactly_the_orders_it_lost(topo: OwnTopo
     })
     .await;
     front.wait_serving(&sale, Duration::from_secs(20)).await;
-    let pool = sqlx::MySqlPool::connect(&target.database_url).await.unwrap();
+    let pool = sqlx::MySqlPool::connect(&target.database_url)
+        .await
+        .unwrap();
     let lost = lost_orders(&pool).await;
     assert_eq!(
         lost,
-        (6..6 + N).map(|s| (s, "missing".to_owned())).collect::<Vec<_>>(),
+        (6..6 + N)
+            .map(|s| (s, "missing".to_owned()))
+            .collect::<Vec<_>>(),
         "exactly the orders lost"
     );
     assert!(rec.metrics().await.contains(&format!(
@@ -295,7 +319,11 @@ async fn a_failover_without_wait_counts_exactly_the_orders_it_lost(topo: OwnTopo
     )));
     let (s, o) = front.reserve(&sale, 50, None).await;
     assert_eq!(s, 201, "{o}");
-    assert_eq!(o["order_id"], format!("{sale}-{}", 5 + N + 1), "no id reused");
+    assert_eq!(
+        o["order_id"],
+        format!("{sale}-{}", 5 + N + 1),
+        "no id reused"
+    );
     // Nothing oversold: five survivors and the new one hold units.
     assert_eq!(front.sale_field(&sale, "avail").await, 100 - 6);
     wait_backlog_empty(&rec, &sale).await;
