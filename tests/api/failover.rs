@@ -130,8 +130,51 @@ fn rush(
     (seen, tasks)
 }
 
-async fn lost_orders(pool: &sqlx::MySqlPool) -> Vec<(u64, String)> {
-    sqlx::query_as("SELECT seq, reason FROM lost_orders ORDER BY seq")
+/// One buyer after another reserving on a sale, each answer timed.
+struct Rush {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(Instant, u16)>>,
+}
+
+impl Rush {
+    fn start(app: &TestApp, sale: &str) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (client, url, sale, halt) = (
+            app.client.clone(),
+            app.url(""),
+            sale.to_owned(),
+            stop.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut u = 1_000_000;
+            while !halt.load(std::sync::atomic::Ordering::Relaxed) {
+                u += 1;
+                let res = client
+                    .post(format!("{url}/api/v1/sales/{sale}/orders"))
+                    .bearer_auth(buyer_token(u))
+                    .json(&serde_json::json!({"qty": 1}))
+                    .send()
+                    .await;
+                let status = res.map_or(0, |r| r.status().as_u16());
+                out.push((Instant::now(), status));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            out
+        });
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> Vec<(Instant, u16)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// The sale's orders counted lost: (seq, reason).
+async fn lost_orders(pool: &sqlx::MySqlPool, sale: &str) -> Vec<(u64, String)> {
+    sqlx::query_as("SELECT seq, reason FROM lost_orders WHERE sale_id = ? ORDER BY seq")
+        .bind(sale.parse::<u64>().unwrap())
         .fetch_all(pool)
         .await
         .unwrap()
@@ -154,6 +197,24 @@ async fn acknowledged_orders_survive_a_primary_killed_mid_rush(topo: OwnTopology
         })
         .await;
     let primary = topo.primary_of(&app.sale_keys(&sale).sale).await;
+    // On a cluster, a sale on another shard: it keeps selling throughout.
+    let mut other = None;
+    if topo.kind == Kind::Cluster {
+        for _ in 0..20 {
+            let s = app
+                .create_sale(SaleSpec {
+                    stock: 100_000,
+                    ..SaleSpec::default()
+                })
+                .await;
+            if topo.primary_of(&app.sale_keys(&s).sale).await != primary {
+                other = Some(s);
+                break;
+            }
+        }
+        assert!(other.is_some(), "a sale on another shard");
+    }
+    let elsewhere = other.as_ref().map(|s| Rush::start(&app, s));
     let (seen, buyers) = rush(&app, &sale, 2_000, 32);
     let until = Instant::now() + Duration::from_secs(30);
     while seen.lock().unwrap().acked.len() < 40 {
@@ -168,6 +229,22 @@ async fn acknowledged_orders_survive_a_primary_killed_mid_rush(topo: OwnTopology
     topo.restart(primary).await;
     for b in buyers {
         b.await.unwrap();
+    }
+    if let Some(r) = elsewhere {
+        let answers = r.stop().await;
+        let during: Vec<_> = answers
+            .iter()
+            .filter(|(at, _)| *at > killed_at && *at < killed_at + Duration::from_secs(3))
+            .collect();
+        eprintln!(
+            "the sale on another shard: {} answers in the 3 s after the kill",
+            during.len()
+        );
+        assert!(
+            during.iter().filter(|(_, s)| *s == 201).count() > 10,
+            "the other shard's sale kept selling"
+        );
+        assert!(during.iter().all(|(_, s)| *s == 201), "{during:?}");
     }
     let s = std::mem::take(&mut *seen.lock().unwrap());
     eprintln!(
@@ -207,17 +284,19 @@ async fn acknowledged_orders_survive_a_primary_killed_mid_rush(topo: OwnTopology
     let pool = sqlx::MySqlPool::connect(&target.database_url)
         .await
         .unwrap();
-    let lost = lost_orders(&pool).await;
+    let lost = lost_orders(&pool, &sale).await;
     for (seq, _) in &lost {
         assert!(
             !ids.contains(&format!("{sale}-{seq}")),
             "an acknowledged order counted lost: {seq}"
         );
     }
-    let mysql: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE status = 'pending'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let mysql: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE sale_id = ? AND status = 'pending'")
+            .bind(sale.parse::<u64>().unwrap())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(mysql, 200, "MySQL holds every sold unit");
     let (code, out) = audit(&target, &["--sale", &sale]).await;
     assert_eq!(code, 0, "{out}");
@@ -306,7 +385,7 @@ async fn a_failover_without_wait_counts_exactly_the_orders_it_lost(topo: OwnTopo
     let pool = sqlx::MySqlPool::connect(&target.database_url)
         .await
         .unwrap();
-    let lost = lost_orders(&pool).await;
+    let lost = lost_orders(&pool, &sale).await;
     assert_eq!(
         lost,
         (6..6 + N)
