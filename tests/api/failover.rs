@@ -442,3 +442,217 @@ async fn sentinel_wait_0_counts_exactly_what_it_lost() {
     a_failover_without_wait_counts_exactly_the_orders_it_lost(OwnTopology::sentinel(2000).await)
         .await;
 }
+
+/// A loopback proxy in front of one Redis port that can cut a connection
+/// once, right after Redis ran a given script and before its answer
+/// reaches the client: the "did it run?" case of a dropped connection.
+struct CuttingProxy {
+    port: u16,
+    /// The script (its SHA1) whose next answer is dropped with the connection.
+    armed: Arc<Mutex<Option<String>>>,
+    cuts: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttingProxy {
+    /// Listens on `port`, forwarding to `upstream`.
+    async fn start(port: u16, upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let armed: Arc<Mutex<Option<String>>> = Arc::default();
+        let cuts = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (a, n) = (armed.clone(), cuts.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (armed, cuts) = (a.clone(), n.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    pump(client, server, armed, cuts).await;
+                });
+            }
+        });
+        Self {
+            port,
+            armed,
+            cuts,
+            task,
+        }
+    }
+
+    fn arm(&self, sha: &str) {
+        *self.armed.lock().unwrap() = Some(sha.to_owned());
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Both directions of one proxied connection. Once a request carrying the
+/// armed SHA went up, the next bytes coming down are dropped and both
+/// sockets closed (one cut per arming).
+async fn pump(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    armed: Arc<Mutex<Option<String>>>,
+    cuts: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let cut_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = cut_next.clone();
+    let up = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let hit = {
+                let mut a = armed.lock().unwrap();
+                let hit = a
+                    .as_ref()
+                    .is_some_and(|sha| buf[..n].windows(sha.len()).any(|w| w == sha.as_bytes()));
+                if hit {
+                    *a = None;
+                }
+                hit
+            };
+            if hit {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            if sw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if cut_next.load(std::sync::atomic::Ordering::SeqCst) {
+                cuts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return; // The answer is dropped; the connection closes.
+            }
+            if cw.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+/// The cluster client resends a request whose connection dropped before
+/// the answer came: a reserve that ran once in Redis and is sent again
+/// reserves once, and its buyer gets the first run's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reserve_resent_after_a_cut_connection_reserves_once() {
+    // One cluster node holding every slot, announcing the proxy's port, so
+    // that every connection the cluster client makes goes through it.
+    let proxy_port = free_port();
+    let redis = OwnRedis::start_with(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-announce-port",
+        &proxy_port.to_string(),
+        "--appendfsync",
+        "everysec",
+    ])
+    .await;
+    let direct = redis::Client::open(redis.url()).unwrap();
+    let mut d = direct.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("ADDSLOTSRANGE")
+        .arg(0)
+        .arg(16383)
+        .query_async(&mut d)
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut d)
+            .await
+            .unwrap();
+        if info.contains("cluster_state:ok") {
+            break;
+        }
+        assert!(Instant::now() < until, "the one-node cluster never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The proxy listens where the node says it is.
+    let proxy = CuttingProxy::start(proxy_port, redis.port).await;
+    let mut target = Target::fresh_on("redis://127.0.0.1:1");
+    target.redis_cluster = Some(format!("redis://127.0.0.1:{}", proxy.port));
+    let app = spawn_on(target).await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let reserve = redis::Script::new(&format!(
+        "{}\n{}",
+        include_str!("../../lua/prelude.lua"),
+        include_str!("../../lua/reserve.lua")
+    ));
+    let runs = |stats: String| -> u64 {
+        let line = stats
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .unwrap_or("calls=0,");
+        line.split("calls=")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let stats = || async {
+        let mut d = direct.get_multiplexed_async_connection().await.unwrap();
+        let s: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut d)
+            .await
+            .unwrap();
+        s
+    };
+    let before = runs(stats().await);
+    proxy.arm(reserve.get_hash());
+    let (s, o) = app.reserve(&sale, 7, None).await;
+    assert_eq!(
+        proxy.cuts.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "cut once"
+    );
+    let after = runs(stats().await);
+    assert!(
+        after >= before + 2,
+        "the call was sent again ({before} -> {after})"
+    );
+    assert_eq!(s, 201, "{o}");
+    assert_eq!(o["order_id"], format!("{sale}-1"), "the first run's order");
+    assert_eq!(app.sale_field(&sale, "seq").await, 1, "one order made");
+    assert_eq!(
+        app.sale_field(&sale, "pending").await,
+        1,
+        "one unit reserved"
+    );
+    let (s, o) = app.reserve(&sale, 8, None).await;
+    assert_eq!(
+        (s, o["order_id"].as_str()),
+        (201, Some(&*format!("{sale}-2")))
+    );
+    app.finish().await;
+}
