@@ -48,5 +48,5 @@ fi
 if [ "$what" = all ] || [ "$what" = drills ]; then
     # Each drill starts its own topology and kills nodes: one at a time.
     echo "== failover drills"
-    cargo test --test api -- --ignored --test-threads=1 topology:: failover::
+    cargo test --test api -- --ignored --nocapture --test-threads=1 topology:: failover::
 fi

@@ -1,4 +1,7 @@
 //! The `flashsale` binary: everything lives in the library.
+// The async state machines of every role, nested in `main`, run deeper than
+// the compiler's default query depth.
+#![recursion_limit = "256"]
 
 use clap::Parser;
 

@@ -223,6 +223,34 @@ impl Engine {
         reply.ids.iter().map(|entry| decode(sale, entry)).collect()
     }
 
+    /// With acknowledged writes (`FLASHSALE_REDIS_WAIT_REPLICAS`), returns
+    /// once the replicas hold everything `sale`'s primary held when it was
+    /// called: a write to the sale's barrier key, sent with its WAIT after
+    /// the caller's reads, is replicated after them. The reconciler calls it
+    /// between reading records and committing them, so MySQL never holds a
+    /// record (an order id) that a promoted replica lacks and would give
+    /// out again. Without acknowledged writes it returns at once.
+    pub async fn replicated(&self, sale: SaleId) -> Result<(), EngineError> {
+        if self.conn.wait_replicas() == 0 {
+            return Ok(());
+        }
+        let k = self.keys.sale(sale);
+        let mut set = redis::cmd("SET");
+        set.arg(&k.barrier).arg(1).arg("PX").arg(60_000);
+        let call = async {
+            let mut w = self.conn.writer(&k.sale).await?;
+            let r = set
+                .query_async::<()>(&mut w)
+                .await
+                .map_err(EngineError::from_redis);
+            w.settle(r)
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(EngineError::Timeout(self.timeout)),
+        }
+    }
+
     /// Up to `count` flow records of `sale` after `after`, oldest first; an
     /// entry that is not a flow record is an error (the reconciler, which
     /// quarantines such entries, reads [`Engine::read_flow_entries`]).

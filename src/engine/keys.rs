@@ -47,6 +47,10 @@ pub struct SaleKeys {
     /// resent call answers the first one's result and a retry key finds the
     /// order its failed request made.
     pub calls: String,
+    /// String with a short expiry: written, with a WAIT, before the
+    /// reconciler commits records it read (`FLASHSALE_REDIS_WAIT_REPLICAS`),
+    /// so that MySQL never holds a record the replicas lack.
+    pub barrier: String,
 }
 
 impl SaleKeys {
@@ -137,6 +141,7 @@ impl Keys {
             flow: format!("{base}:flow"),
             dead_refunds: format!("{base}:dead_refunds"),
             calls: format!("{base}:calls"),
+            barrier: format!("{base}:barrier"),
         }
     }
 }

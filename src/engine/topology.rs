@@ -290,7 +290,19 @@ impl RedisConn {
             EngineError::from_redis(e)
         })?;
         let connected = match lane.replicas(&mut conn).await {
-            Ok(n) => n,
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                // No longer the primary (a failover demoted it, or a
+                // restarted old primary rejoined as a replica): the next
+                // write asks the topology again.
+                lane.give_back(conn);
+                self.forget_primary(acks, &lane.addr);
+                acks.stats.refused.inc();
+                return Err(EngineError::Replicas {
+                    connected: 0,
+                    wanted: acks.replicas,
+                });
+            }
             Err(e) => {
                 self.forget_primary(acks, &lane.addr);
                 return Err(EngineError::from_redis(e));
@@ -578,11 +590,11 @@ impl Lane {
     }
 
     /// Replicas connected to this primary (ROLE), asked at most every
-    /// [`REPLICAS_FRESH`]. A node that is not a primary has none.
-    async fn replicas(&self, c: &mut MultiplexedConnection) -> RedisResult<u32> {
+    /// [`REPLICAS_FRESH`]; `None` when the node is no longer a primary.
+    async fn replicas(&self, c: &mut MultiplexedConnection) -> RedisResult<Option<u32>> {
         if let Some((at, n)) = *self.replicas.lock().unwrap_or_else(|p| p.into_inner()) {
             if at.elapsed() < REPLICAS_FRESH {
-                return Ok(n);
+                return Ok(Some(n));
             }
         }
         let role: Vec<Value> = redis::cmd("ROLE").query_async(c).await?;
@@ -590,10 +602,10 @@ impl Lane {
             [Value::BulkString(r), _, Value::Array(replicas), ..] if r == b"master" => {
                 replicas.len() as u32
             }
-            _ => 0,
+            _ => return Ok(None),
         };
         *self.replicas.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), n));
-        Ok(n)
+        Ok(Some(n))
     }
 }
 

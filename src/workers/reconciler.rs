@@ -211,6 +211,8 @@ impl Reconciler {
                 return Ok(0);
             }
         }
+        // Only what the replicas hold reaches MySQL (acknowledged writes).
+        self.engine.replicated(sale).await?;
         let out = ledger::apply(&mut tx, sale, &records).await?;
         tx.commit().await?;
         self.metrics.reconciler_batches.inc();
