@@ -79,7 +79,7 @@ pub struct StoreConfig {
     #[arg(long, env = "FLASHSALE_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     pub redis_wait_replicas: u32,
 
-    /// How long a write waits for those replicas, in ms; below
+    /// How long a write waits for those replicas, in ms; at most half of
     /// FLASHSALE_REDIS_TIMEOUT_MS. A write not confirmed in time is answered
     /// 503 with a retry key.
     #[arg(long, env = "FLASHSALE_REDIS_WAIT_TIMEOUT_MS", default_value_t = 200,
@@ -172,8 +172,9 @@ impl StoreConfig {
     /// other.
     pub fn engine_options(&self) -> anyhow::Result<crate::engine::EngineOptions> {
         anyhow::ensure!(
-            self.redis_wait_replicas == 0 || self.redis_wait_timeout_ms < self.redis_timeout_ms,
-            "FLASHSALE_REDIS_WAIT_TIMEOUT_MS ({} ms) must be below FLASHSALE_REDIS_TIMEOUT_MS ({} ms): a write waits for its replicas within the time of one Redis call",
+            self.redis_wait_replicas == 0
+                || self.redis_wait_timeout_ms * 2 <= self.redis_timeout_ms,
+            "FLASHSALE_REDIS_WAIT_TIMEOUT_MS ({} ms) must be at most half of FLASHSALE_REDIS_TIMEOUT_MS ({} ms): a write, its replica check and its WAIT fit in the time of one Redis call",
             self.redis_wait_timeout_ms,
             self.redis_timeout_ms
         );

@@ -459,7 +459,6 @@ impl Metrics {
         out
     }
 
-    /// Adds the engine's reserve call counters to this registry.
     /// Registers the counters of acknowledged writes (Redis WAIT).
     pub fn register_replication_stats(&self, stats: &crate::engine::ReplicationStats) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -475,6 +474,7 @@ impl Metrics {
         );
     }
 
+    /// Adds the engine's reserve call counters to this registry.
     pub fn register_reserve_stats(&self, stats: &crate::engine::ReserveStats) {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         registry.register(

@@ -525,7 +525,10 @@ impl ReserveCall {
                     batch.len()
                 ))),
                 Ok(Err(e)) => Err(e),
-                Err(_) => Err(EngineError::Timeout(self.timeout)),
+                Err(_) => {
+                    self.conn.note_timed_out_write();
+                    Err(EngineError::Timeout(self.timeout))
+                }
             };
             attempts += 1;
             match result.as_ref().err().and_then(EngineError::needed_buckets) {

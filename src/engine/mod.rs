@@ -382,7 +382,10 @@ impl Engine {
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(r) => r,
-            Err(_) => Err(EngineError::Timeout(self.timeout)),
+            Err(_) => {
+                self.conn.note_timed_out_write();
+                Err(EngineError::Timeout(self.timeout))
+            }
         }
     }
 
@@ -429,9 +432,7 @@ impl Engine {
     /// PING.
     pub async fn ping(&self) -> Result<(), EngineError> {
         let mut c = self.conn.clone();
-        self.timed(async move { redis::cmd("PING").query_async::<String>(&mut c).await })
-            .await
-            .map(drop)
+        self.timed(async move { c.ping_one().await }).await
     }
 
     /// Loads the scripts into the server's script cache (they are re-sent

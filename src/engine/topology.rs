@@ -204,6 +204,7 @@ impl RedisConn {
                 connect_timeout: inner,
                 lanes: Mutex::default(),
                 slots: Mutex::default(),
+                refreshed: Mutex::default(),
                 stats: ReplicationStats::default(),
             })
         });
@@ -246,6 +247,28 @@ impl RedisConn {
                 redis::from_redis_value(v.extract_error()?).map_err(Into::into)
             }
             _ => cmd.query_async(self).await,
+        }
+    }
+
+    /// PING to one node (on a cluster, any: readiness must not hang on one
+    /// shard that is failing over while the others serve).
+    pub async fn ping_one(&mut self) -> RedisResult<()> {
+        let ping = redis::cmd("PING");
+        match &mut self.link {
+            Link::Cluster(c) => c
+                .route_command(ping, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
+                .await?
+                .extract_error()
+                .map(drop),
+            _ => ping.query_async::<()>(self).await,
+        }
+    }
+
+    /// Counts a write with acknowledgement that ran out of time before its
+    /// WAIT answered (it may have run: the caller gets a retry key).
+    pub fn note_timed_out_write(&self) {
+        if let Some(acks) = &self.acks {
+            acks.stats.unacknowledged.inc();
         }
     }
 
@@ -310,6 +333,12 @@ impl RedisConn {
         };
         if connected < acks.replicas {
             lane.give_back(conn);
+            // The primary may have moved without this lane noticing (a
+            // planned switch leaves the old one answering): look again, at
+            // most once a second.
+            if acks.may_refresh() {
+                self.forget_primary(acks, &lane.addr);
+            }
             acks.stats.refused.inc();
             return Err(EngineError::Replicas {
                 connected,
@@ -351,13 +380,18 @@ impl RedisConn {
                             .find(|(from, to, _)| (*from..=*to).contains(&slot))
                             .map(|(_, _, hp)| hp.clone())
                             .ok_or_else(|| {
-                                EngineError::Protocol(format!("no primary holds slot {slot}"))
+                                // A gap in the slot map (mid-failover, or
+                                // slots not assigned yet) passes.
+                                EngineError::from_redis(redis::RedisError::from((
+                                    redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+                                    "no primary holds the sale's slot",
+                                )))
                             })?;
                         *acks.slots.lock().unwrap_or_else(|p| p.into_inner()) = map;
                         hp
                     }
                 };
-                (format!("{host}:{port}"), None)
+                (host_port(&host, port), None)
             }
         };
         let mut lanes = acks.lanes.lock().unwrap_or_else(|p| p.into_inner());
@@ -388,7 +422,11 @@ impl RedisConn {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(addr);
-        acks.slots.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        // Only that primary's slot ranges: the other shards' stay known.
+        acks.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(_, _, (host, port))| host_port(host, *port) != addr);
         if let Link::Sentinel(s) = &self.link {
             s.forget_addr(addr);
         }
@@ -542,10 +580,23 @@ struct Acks {
     lanes: Mutex<HashMap<String, Arc<Lane>>>,
     /// A cluster's slot ranges and their primaries (empty: ask).
     slots: Mutex<Vec<SlotRange>>,
+    /// When a lane short of replicas last made the topology be asked again.
+    refreshed: Mutex<Option<Instant>>,
     stats: ReplicationStats,
 }
 
 impl Acks {
+    /// Whether a caller may make the lanes ask the topology again now (at
+    /// most once a second).
+    fn may_refresh(&self) -> bool {
+        let mut last = self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+
     fn primary_of_slot(&self, slot: u16) -> Option<(String, u16)> {
         self.slots
             .lock()
@@ -569,6 +620,47 @@ struct Lane {
 /// How long a primary's count of connected replicas is trusted.
 const REPLICAS_FRESH: Duration = Duration::from_millis(200);
 
+/// A replica acknowledges its primary's stream every second; one whose last
+/// acknowledgement is older than this is frozen, cut off or far behind.
+const REPLICA_MAX_LAG_SECS: u64 = 2;
+
+/// The replicas an `INFO replication` reply shows online with a lag of at
+/// most [`REPLICA_MAX_LAG_SECS`]; `None` unless the node is a primary.
+fn live_replicas(info: &str) -> Option<u32> {
+    let field = |line: &str, name: &str| {
+        line.split(',')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .map(str::to_owned)
+    };
+    let mut primary = false;
+    let mut n = 0;
+    for line in info.lines().map(str::trim) {
+        if line == "role:master" {
+            primary = true;
+        }
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        if key.starts_with("slave") && key[5..].chars().all(|c| c.is_ascii_digit()) {
+            let online = field(value, "state").as_deref() == Some("online");
+            let lag = field(value, "lag").and_then(|l| l.parse::<u64>().ok());
+            if online && lag.is_some_and(|l| l <= REPLICA_MAX_LAG_SECS) {
+                n += 1;
+            }
+        }
+    }
+    primary.then_some(n)
+}
+
+/// `host:port`, with an IPv6 host in brackets (as URLs and lane keys want it).
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 impl Lane {
     async fn take(&self, timeout: Duration) -> RedisResult<MultiplexedConnection> {
         if let Some(c) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
@@ -589,20 +681,20 @@ impl Lane {
         }
     }
 
-    /// Replicas connected to this primary (ROLE), asked at most every
-    /// [`REPLICAS_FRESH`]; `None` when the node is no longer a primary.
+    /// Replicas of this primary that are online and acknowledged its stream
+    /// within [`REPLICA_MAX_LAG_SECS`] (`INFO replication`), asked at most
+    /// every [`REPLICAS_FRESH`]; `None` when the node is no longer a
+    /// primary. A frozen or cut-off replica stays "connected" until the
+    /// primary's `repl-timeout` (60 s by default): its lag tells sooner.
     async fn replicas(&self, c: &mut MultiplexedConnection) -> RedisResult<Option<u32>> {
         if let Some((at, n)) = *self.replicas.lock().unwrap_or_else(|p| p.into_inner()) {
             if at.elapsed() < REPLICAS_FRESH {
                 return Ok(Some(n));
             }
         }
-        let role: Vec<Value> = redis::cmd("ROLE").query_async(c).await?;
-        let n = match role.as_slice() {
-            [Value::BulkString(r), _, Value::Array(replicas), ..] if r == b"master" => {
-                replicas.len() as u32
-            }
-            _ => return Ok(None),
+        let info: String = redis::cmd("INFO").arg("replication").query_async(c).await?;
+        let Some(n) = live_replicas(&info) else {
+            return Ok(None);
         };
         *self.replicas.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), n));
         Ok(Some(n))
@@ -819,6 +911,26 @@ mod tests {
         ] {
             assert!(Topology::choose(url, s, m, c).is_err(), "{s:?} {m:?} {c:?}");
         }
+    }
+
+    #[test]
+    fn only_online_replicas_that_acknowledged_lately_count() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:3\r\n\
+            slave0:ip=127.0.0.1,port=7001,state=online,offset=100,lag=0\r\n\
+            slave1:ip=127.0.0.1,port=7002,state=online,offset=90,lag=16\r\n\
+            slave2:ip=127.0.0.1,port=7003,state=wait_bgsave,offset=0,lag=0\r\n\
+            master_failover_state:no-failover\r\n";
+        assert_eq!(live_replicas(info), Some(1));
+        assert_eq!(
+            live_replicas("role:master\r\nconnected_slaves:0\r\n"),
+            Some(0)
+        );
+        assert_eq!(
+            live_replicas("role:slave\r\nmaster_host:127.0.0.1\r\n"),
+            None
+        );
+        assert_eq!(host_port("::1", 7000), "[::1]:7000");
+        assert_eq!(host_port("10.0.0.1", 7000), "10.0.0.1:7000");
     }
 
     #[test]

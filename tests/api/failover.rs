@@ -681,3 +681,80 @@ async fn a_reserve_resent_after_a_cut_connection_reserves_once() {
     );
     app.finish().await;
 }
+
+/// With writes waiting for one replica, on a primary and a replica of the
+/// test's own: a write whose WAIT times out (the replica froze just after
+/// the replica check) is answered 503 with a retry key and counted; once
+/// the frozen replica's lag shows, writes are refused before they run
+/// (503, nothing written); when it thaws, the retry key finds the order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_replica_a_write_is_refused_or_answered_with_a_retry_key() {
+    let primary = OwnRedis::start_with(&["--appendfsync", "everysec"]).await;
+    let replica = OwnRedis::start_with(&[
+        "--replicaof",
+        "127.0.0.1",
+        &primary.port.to_string(),
+        "--appendfsync",
+        "everysec",
+    ])
+    .await;
+    let mut target = Target::fresh_on(&primary.url());
+    target.wait_replicas = 1;
+    let app = spawn_on(target).await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    // The replica is in sync: a write is acknowledged.
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, o) = app.reserve(&sale, 1, None).await;
+        if s == 201 {
+            break;
+        }
+        assert_eq!(s, 503, "{o}");
+        assert!(Instant::now() < until, "the replica never came up: {o}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Frozen right after a check that found it well: the next write runs,
+    // its WAIT times out, the buyer gets 503 with a retry key.
+    let (s, _) = app.reserve(&sale, 2, None).await;
+    assert_eq!(s, 201);
+    replica.signal("STOP");
+    let (s, retry_after, body) = crate::front_door::reserve_qty(&app, &sale, 3, 1, None).await;
+    assert_eq!((s, retry_after.is_some()), (503, true), "{body}");
+    let key = body["error"]["retry_key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        app.sale_field(&sale, "seq").await,
+        3,
+        "it ran on the primary"
+    );
+    assert!(app
+        .metrics()
+        .await
+        .contains("flashsale_redis_writes_unacknowledged_total 1"));
+    // Once its lag shows (a replica acknowledges every second), writes are
+    // refused before they run.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (s, retry_after, body) = crate::front_door::reserve_qty(&app, &sale, 4, 1, None).await;
+    assert_eq!((s, retry_after.is_some()), (503, true), "{body}");
+    assert_eq!(app.sale_field(&sale, "seq").await, 3, "nothing written");
+    let m = app.metrics().await;
+    assert!(
+        !m.contains("flashsale_redis_writes_refused_replicas_total 0"),
+        "{m}"
+    );
+    // Thawed, the replica catches up; the buyer's retry key finds the order
+    // the unacknowledged write made.
+    replica.signal("CONT");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, _, body) = crate::front_door::reserve_qty(&app, &sale, 3, 1, Some(&key)).await;
+        if s == 201 || s == 200 {
+            assert_eq!(body["order_id"], format!("{sale}-3"), "{body}");
+            break;
+        }
+        assert_eq!(s, 503, "{body}");
+        assert!(Instant::now() < until, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.sale_field(&sale, "seq").await, 3, "no second order");
+    app.finish().await;
+}

@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use crate::helpers::*;
 
 /// POSTs a reservation of `qty` units; returns status, Retry-After and body.
-async fn reserve_qty(
+pub(crate) async fn reserve_qty(
     app: &TestApp,
     sale: &str,
     user: u64,

@@ -448,6 +448,17 @@ impl OwnRedis {
         let _ = std::fs::remove_dir_all(from);
     }
 
+    /// Sends `signal` (`"STOP"`, `"CONT"`) to the running server.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal} {pid}");
+    }
+
     /// SIGKILL, no goodbye.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
