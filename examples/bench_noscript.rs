@@ -124,7 +124,11 @@ fn script_text(src: &str, prelude: bool) -> String {
 /// callback, with `KEYS` and `ARGV` its parameters, so the text of a
 /// script works unchanged, and every local of the prelude (the sale's
 /// terms it caches, the buckets a call declared) is new on each call, as
-/// with EVALSHA.
+/// with EVALSHA. The prelude cannot move to the library's top level as is:
+/// there `KEYS` is no global (Redis refuses the access), and the library's
+/// locals live as long as the library, so `terms` and `declared_buckets`
+/// would carry one call's sale into the next. Neither kind of script may
+/// set a global (Redis 7 refuses both), and the scripts set none.
 fn library(name: &str, functions: &[(String, String)]) -> String {
     let mut lib = format!("#!lua name={name}\n");
     for (f, body) in functions {

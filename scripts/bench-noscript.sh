@@ -66,9 +66,9 @@ start() {
 start primary "$primary_port"
 start replica "$replica_port" --replicaof 127.0.0.1 "$primary_port"
 
-cmd="$bin --redis-url redis://127.0.0.1:$primary_port --replica-url redis://127.0.0.1:$replica_port $*"
-echo "machine: $(nproc) cores, redis-server $(redis-server --version | cut -d' ' -f3 | cut -d= -f2), $profile build"
-echo "command: scripts/bench-noscript.sh $* (runs: $cmd)"
+echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg), redis-server $(redis-server --version | cut -d' ' -f3 | cut -d= -f2), $profile build"
+echo "command: scripts/bench-noscript.sh${*:+ $*}"
+echo "runs: $bin --redis-url redis://127.0.0.1:$primary_port --replica-url redis://127.0.0.1:$replica_port${*:+ $*}"
 echo
 "$bin" --redis-url "redis://127.0.0.1:$primary_port" \
     --replica-url "redis://127.0.0.1:$replica_port" "$@"
