@@ -248,6 +248,11 @@ impl Combiner {
         self.call.ids.unused_key()
     }
 
+    /// An id no other call of this process carries (for the calls hash).
+    pub fn call_id(&self) -> String {
+        self.call.ids.next()
+    }
+
     pub fn stats(&self) -> &ReserveStats {
         &self.call.stats
     }

@@ -257,15 +257,22 @@ impl Engine {
         })
     }
 
-    /// Cancels a pending order on behalf of `user`, its owner.
+    /// Cancels a pending order on behalf of `user`, its owner. The call
+    /// carries an id, so that Redis running it twice (a request resent after
+    /// a dropped connection) answers the first run's "cancelled".
     pub async fn cancel(&self, id: OrderId, user: UserId) -> Result<Cancellation, EngineError> {
         use super::scripts::cancel::Reply;
+        let k = self.keys.sale(id.sale());
         let reply: Reply = self
             .run_order_script(
                 &self.scripts.cancel,
                 id.sale(),
-                &[&self.keys.sale(id.sale()).due_bucket(id.seq())],
-                &[&id.seq().to_string(), &user.to_string()],
+                &[&k.calls, &k.due_bucket(id.seq())],
+                &[
+                    &id.seq().to_string(),
+                    &user.to_string(),
+                    &self.combiner.call_id(),
+                ],
             )
             .await?;
         Ok(match reply {

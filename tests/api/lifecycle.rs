@@ -204,3 +204,46 @@ async fn a_late_payment_before_any_worker_ran_closes_the_order() {
     assert_eq!(left, 0);
     app.finish().await;
 }
+
+/// A cancel that Redis runs twice (resent after a dropped connection)
+/// answers "cancelled" both times; another call for the same order, later,
+/// is told the order is no longer pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_cancel_call_twice_answers_cancelled_twice() {
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let (order_id, _) = one_order(&app, &sale, 5).await;
+    let k = app.sale_keys(&sale);
+    let script = redis::Script::new(&format!(
+        "{}\n{}",
+        include_str!("../../lua/prelude.lua"),
+        include_str!("../../lua/cancel.lua")
+    ));
+    let call = |id: &'static str| {
+        let mut inv = script.prepare_invoke();
+        for key in k.order_script_keys() {
+            inv.key(key);
+        }
+        inv.key(&k.calls).key(k.due_bucket(1));
+        inv.arg(1).arg(5).arg(id);
+        inv
+    };
+    let mut c = app.engine.connection();
+    let tag = |r: &[String]| r[0].clone();
+    let first: Vec<String> = call("c0ffee1").invoke_async(&mut c).await.unwrap();
+    let again: Vec<String> = call("c0ffee1").invoke_async(&mut c).await.unwrap();
+    let other: Vec<String> = call("c0ffee2").invoke_async(&mut c).await.unwrap();
+    assert_eq!(tag(&first), "ok");
+    assert_eq!(tag(&again), "ok", "the resent call answers as the first");
+    assert_eq!(tag(&other), "order_not_pending");
+    assert_eq!(
+        app.sale_field(&sale, "cancelled").await,
+        1,
+        "cancelled once"
+    );
+    assert_eq!(app.sale_field(&sale, "pending").await, 0);
+    // Through the API, a second cancel is a new call: 409.
+    let (s, body) = app.cancel(&order_id, 5).await;
+    assert_eq!((s, code(&body)), (409, "order_not_pending"), "{body}");
+    app.finish().await;
+}
