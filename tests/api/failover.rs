@@ -376,58 +376,7 @@ async fn a_failover_without_wait_counts_exactly_the_orders_it_lost(topo: OwnTopo
     topo.cont(replica);
     topo.promote(replica).await;
 
-    // The front door notices before it gives an id out twice.
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (s, o) = front.reserve(&sale, 50, None).await;
-        let mut c = front.engine.connection();
-        let fence: Option<String> = c.hget(&k.sale, "fence").await.unwrap_or(None);
-        if s == 503 && fence.as_deref() == Some("behind") {
-            break;
-        }
-        assert!(s != 201, "an id was given out again: {o}");
-        assert!(s != 500, "{o}");
-        assert!(Instant::now() < until, "{s} {o}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let rec = spawn_with(target.clone(), |c| {
-        c.roles = vec![Role::Http, Role::Reconciler]
-    })
-    .await;
-    front.wait_serving(&sale, Duration::from_secs(20)).await;
-    let pool = sqlx::MySqlPool::connect(&target.database_url)
-        .await
-        .unwrap();
-    let lost = lost_orders(&pool, &sale).await;
-    assert_eq!(
-        lost,
-        (6..6 + N)
-            .map(|s| (s, "missing".to_owned()))
-            .collect::<Vec<_>>(),
-        "exactly the orders lost"
-    );
-    assert!(rec.metrics().await.contains(&format!(
-        "flashsale_orders_lost_total{{sale=\"{sale}\"}} {N}"
-    )));
-    let (s, o) = front.reserve(&sale, 50, None).await;
-    assert_eq!(s, 201, "{o}");
-    assert_eq!(
-        o["order_id"],
-        format!("{sale}-{}", 5 + N + 1),
-        "no id reused"
-    );
-    // Nothing oversold: five survivors and the new one hold units.
-    assert_eq!(front.sale_field(&sale, "avail").await, 100 - 6);
-    wait_backlog_empty(&rec, &sale).await;
-    let (code, out) = audit(&target, &["--sale", &sale]).await;
-    assert_eq!(code, 0, "a counted loss is information, not drift: {out}");
-    assert!(
-        out.contains(&format!("information: {N} acknowledged order(s) lost")),
-        "{out}"
-    );
-    pool.close().await;
-    front.finish().await;
-    rec.finish().await;
+    crate::redis_loss::after_a_known_loss(front, &target, &sale, 5, N, 100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
