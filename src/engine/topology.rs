@@ -621,8 +621,9 @@ struct Lane {
 const REPLICAS_FRESH: Duration = Duration::from_millis(200);
 
 /// A replica acknowledges its primary's stream every second; one whose last
-/// acknowledgement is older than this is frozen, cut off or far behind.
-const REPLICA_MAX_LAG_SECS: u64 = 2;
+/// acknowledgement is older than this is frozen, cut off or far behind (a
+/// busy machine delays an acknowledgement by a second at times: 3, not 2).
+const REPLICA_MAX_LAG_SECS: u64 = 3;
 
 /// The replicas an `INFO replication` reply shows online with a lag of at
 /// most [`REPLICA_MAX_LAG_SECS`]; `None` unless the node is a primary.
@@ -917,7 +918,7 @@ mod tests {
     fn only_online_replicas_that_acknowledged_lately_count() {
         let info = "# Replication\r\nrole:master\r\nconnected_slaves:3\r\n\
             slave0:ip=127.0.0.1,port=7001,state=online,offset=100,lag=0\r\n\
-            slave1:ip=127.0.0.1,port=7002,state=online,offset=90,lag=16\r\n\
+            slave1:ip=127.0.0.1,port=7002,state=online,offset=90,lag=4\r\n\
             slave2:ip=127.0.0.1,port=7003,state=wait_bgsave,offset=0,lag=0\r\n\
             master_failover_state:no-failover\r\n";
         assert_eq!(live_replicas(info), Some(1));

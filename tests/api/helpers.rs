@@ -129,6 +129,14 @@ impl Target {
         c.store.redis_sentinels = self.redis_sentinels.as_ref().map(|s| s.0.clone());
         c.store.redis_sentinel_master = self.redis_sentinels.as_ref().map(|s| s.1.clone());
         c.store.redis_wait_replicas = self.wait_replicas;
+        if self.wait_replicas > 0 {
+            // Two cores run the whole suite, six cluster nodes and their
+            // replication at once: replicas answer WAIT late at times. The
+            // suite checks behaviour, so it gives them room (the drills and
+            // the replica test check the timing itself).
+            c.store.redis_timeout_ms = 2000;
+            c.store.redis_wait_timeout_ms = 800;
+        }
         c.store.database_url = self.database_url.clone();
         c.store.key_prefix = self.key_prefix.clone();
         c.http.listen = "127.0.0.1:0".parse().unwrap();
