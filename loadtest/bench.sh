@@ -3,10 +3,10 @@
 # one run on this machine, printed as Markdown tables (docs/BENCHMARKS.md
 # keeps the latest). Load goes to loopback only, bounded in count and time.
 #
-#   loadtest/bench.sh            # about 5 minutes: the main table, then the topologies one
+#   loadtest/bench.sh            # about 6 minutes: the main table, then the topologies one
 #   SECS=5 loadtest/bench.sh     # shorter load phases
-#   loadtest/bench.sh topologies # only the Redis topologies table (about
-#                                # 2 minutes; or ONLY=topologies)
+#   loadtest/bench.sh topologies # only the Redis topologies table (about 3
+#                                # minutes; or ONLY=topologies)
 #
 # The topologies table runs the HTTP reserve path on one node, Sentinel and
 # Cluster sets of its own (scripts/redis-topology.sh, on free loopback
@@ -162,11 +162,11 @@ topo_sales() { # kind
     echo "$ids"
 }
 
-# One row, appended to topo-rows.txt:
-# "label|wait|req/s|p50|p99|reservations/s|statuses|wrk non-2xx".
+# One measurement, appended to topo-rows.txt:
+# "label|wait|round|req/s|p50|p99|reservations/s|statuses|wrk non-2xx".
 topo_n=0
-topo_row() { # label kind wait_replicas
-    local label=$1 kind=$2 waitn=$3 ids rps p50 p99 made=0 id statuses non2xx f
+topo_row() { # label kind wait_replicas round
+    local label=$1 kind=$2 waitn=$3 round=$4 ids rps p50 p99 made=0 id statuses non2xx f
     local -a tenv cli
     topo_n=$((topo_n + 1))
     f="topo$topo_n-$kind-wait$waitn"
@@ -184,7 +184,7 @@ topo_row() { # label kind wait_replicas
     statuses=$(curl -s "http://127.0.0.1:$HTTP_PORT/metrics" \
         | awk '/^flashsale_http_requests_total\{/ && /method="POST"/ && /orders/ {
                    match($0, /status="[0-9]+"/); s = substr($0, RSTART + 8, RLENGTH - 9); n[s] += $NF }
-               END { for (s in n) printf "%s%s: %d", (k++ ? ", " : ""), s, n[s] }')
+               END { for (s in n) printf "%s%s:%d", (k++ ? " " : ""), s, n[s] }')
     kill "$topo_server"; wait "$topo_server" 2>/dev/null || true; topo_server=""
     non2xx=$(grep -o 'Non-2xx or 3xx responses: [0-9]*' "$work/wrk-$f.txt" | grep -o '[0-9]*$' || echo 0)
     if [ "$kind" = cluster ]; then
@@ -195,24 +195,31 @@ topo_row() { # label kind wait_replicas
     for id in ${ids//,/ }; do
         made=$((made + $("${cli[@]}" HLEN "$tag:{s$id}:orders" | tr -d '\r')))
     done
-    echo "$label|$waitn|$rps|$p50|$p99|$(python3 -c "print(round($made / $SECS))")|${statuses:-none}|$non2xx" >> "$work/topo-rows.txt"
+    echo "$label|$waitn|$round|$rps|$p50|$p99|$(python3 -c "print(round($made / $SECS))")|$statuses|$non2xx" >> "$work/topo-rows.txt"
 }
 
+# TOPO_ROUNDS rounds (default 2), every other one in reverse order, so that
+# the one-node WAIT 0 reference runs first and last and a machine whose
+# speed drifts during the section moves every configuration alike; each
+# figure is the mean over the rounds, with each round's beside it.
+TOPO_ROUNDS="${TOPO_ROUNDS:-2}"
 bench_topologies() {
-    local t0=$SECONDS load0 ref_rps ref_p50 ref_p99 label waitn rps p50 p99 rate statuses non2xx p ports
+    local t0=$SECONDS load0 p ports round i label kind waitn
+    local -a rows=("one node|node|0" "one node|node|1" "Sentinel|sentinel|0" "Sentinel|sentinel|1"
+        "Cluster, 3 primaries|cluster|0" "Cluster, 3 primaries|cluster|1")
     load0=$(topo_load)
     : > "$work/topo-rows.txt"
     scripts/redis-topology.sh start sentinel "$work/topo-sentinel" >/dev/null
     scripts/redis-topology.sh start cluster "$work/topo-cluster" 5000 >/dev/null
     local t_up=$((SECONDS - t0))
-    topo_row "one node" node 0
-    topo_row "one node" node 1
-    topo_row "Sentinel" sentinel 0
-    topo_row "Sentinel" sentinel 1
-    topo_row "Cluster, 3 primaries" cluster 0
-    topo_row "Cluster, 3 primaries" cluster 1
-    topo_row "one node (again, last)" node 0
-    # Where the cluster rows' sales were: sales and keys on each primary.
+    for round in $(seq "$TOPO_ROUNDS"); do
+        for i in $(seq 0 $((${#rows[@]} - 1))); do
+            [ $((round % 2)) = 0 ] && i=$((${#rows[@]} - 1 - i))
+            IFS='|' read -r label kind waitn <<< "${rows[$i]}"
+            topo_row "$label" "$kind" "$waitn" "$round"
+        done
+    done
+    # Where the cluster rows' sales were: sales, orders and keys on each primary.
     ports=""
     for p in $(topo_ports "$work/topo-cluster" primary); do
         local orders=0 id
@@ -223,24 +230,42 @@ bench_topologies() {
     done
     scripts/redis-topology.sh stop "$work/topo-cluster" >/dev/null
     scripts/redis-topology.sh stop "$work/topo-sentinel" >/dev/null
-    IFS='|' read -r _ _ ref_rps ref_p50 ref_p99 _ <<< "$(head -1 "$work/topo-rows.txt")"
     cat <<TABLE
 
 ## Redis topologies: the HTTP reserve path
 
 machine: $(nproc) cores; $(redis-server --version | cut -d' ' -f3); load average (1/5/15 min) $load0 before, $(topo_load) after
-command: loadtest/bench.sh $SECTION (SECS=$SECS); wrk -t2 -c$CONC -d${SECS}s, $(wc -l < "$work/tokens.txt") buyer tokens in turn, requests spread over $TOPO_SALES fresh sales per row
-one flashsale process (HTTP role alone, this build), restarted for each row with that row's Redis settings; WAIT timeout: the default (FLASHSALE_REDIS_WAIT_TIMEOUT_MS=200)
+command: loadtest/bench.sh $SECTION (SECS=$SECS, TOPO_ROUNDS=$TOPO_ROUNDS); wrk -t2 -c$CONC -d${SECS}s, $(wc -l < "$work/tokens.txt") buyer tokens in turn, requests spread over $TOPO_SALES fresh sales per measurement
+one flashsale process (HTTP role alone, this build), restarted for each measurement with its Redis settings; WAIT timeout: the default (FLASHSALE_REDIS_WAIT_TIMEOUT_MS=200)
 one node = the Sentinel set's primary through REDIS_URL (1 replica attached); Sentinel = 1 primary + 1 replica + 3 sentinels; Cluster = 3 primaries + 3 replicas, node timeout 5000 ms
-cluster rows' sales and orders (both rows), keys, on each primary: $ports
-topologies started in $t_up s; section took $((SECONDS - t0)) s
+cluster sales, orders and keys on each primary (all cluster rounds): $ports
+$TOPO_ROUNDS rounds, every other one in reverse order; figures: mean (each round, in run order); topologies started in $t_up s; section took $((SECONDS - t0)) s
 
-| topology | WAIT replicas | reserve req/s (wrk) | p50 ms | p99 ms | reservations/s (orders made) | ratio to one node, WAIT 0: req/s / p50 / p99 | answers by status (server's counters) | wrk non-2xx |
+| topology | WAIT replicas | reserve req/s (wrk) | p50 ms | p99 ms | reservations/s (orders made) | ratio to one node, WAIT 0 (means): req/s / p50 / p99 | answers by status (server's counters, all rounds) | wrk non-2xx |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |
 TABLE
-    while IFS='|' read -r label waitn rps p50 p99 rate statuses non2xx; do
-        echo "| $label | $waitn | $rps | $p50 | $p99 | $rate | $(python3 -c "print(f'{$rps / $ref_rps:.2f} / {$p50 / $ref_p50:.2f} / {$p99 / $ref_p99:.2f}')") | $statuses | $non2xx |"
-    done < "$work/topo-rows.txt"
+    python3 - "$work/topo-rows.txt" <<'PY'
+import sys
+rows = {}
+for line in open(sys.argv[1]):
+    label, wait, _round, rps, p50, p99, rate, statuses, non2xx = line.rstrip("\n").split("|")
+    r = rows.setdefault((label, wait), {"rps": [], "p50": [], "p99": [], "rate": [], "st": {}, "non2xx": 0})
+    for k, v in (("rps", rps), ("p50", p50), ("p99", p99), ("rate", rate)):
+        r[k].append(float(v))
+    for kv in statuses.split():
+        code, n = kv.split(":")
+        r["st"][code] = r["st"].get(code, 0) + int(n)
+    r["non2xx"] += int(non2xx)
+mean = lambda xs: sum(xs) / len(xs)
+def show(xs, fmt):
+    return fmt.format(mean(xs)) + (" (" + ", ".join(fmt.format(x) for x in xs) + ")" if len(xs) > 1 else "")
+ref = rows[("one node", "0")]
+for (label, wait), r in rows.items():
+    ratio = " / ".join(f"{mean(r[k]) / mean(ref[k]):.2f}" for k in ("rps", "p50", "p99"))
+    st = ", ".join(f"{c}: {n}" for c, n in sorted(r["st"].items())) or "none"
+    print(f"| {label} | {wait} | {show(r['rps'], '{:.0f}')} | {show(r['p50'], '{:.2f}')} | {show(r['p99'], '{:.2f}')} "
+          f"| {show(r['rate'], '{:.0f}')} | {ratio} | {st} | {r['non2xx']} |")
+PY
 }
 if [ "$SECTION" = topologies ]; then
     bench_topologies
