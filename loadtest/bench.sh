@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
 # The whole-engine benchmark: every figure beside its reference, measured in
-# one run on this machine, printed as one Markdown table (docs/BENCHMARKS.md
+# one run on this machine, printed as Markdown tables (docs/BENCHMARKS.md
 # keeps the latest). Load goes to loopback only, bounded in count and time.
 #
-#   loadtest/bench.sh            # about 3 minutes
+#   loadtest/bench.sh            # about 6 minutes: the main table, then the topologies one
 #   SECS=5 loadtest/bench.sh     # shorter load phases
+#   loadtest/bench.sh topologies # only the Redis topologies table (about 3
+#                                # minutes; or ONLY=topologies)
+#
+# The topologies table runs the HTTP reserve path on one node, Sentinel and
+# Cluster sets of its own (scripts/redis-topology.sh, on free loopback
+# ports, stopped by PID on exit), with and without WAIT 1, each beside the
+# one-node WAIT 0 figure of the same run.
 #
 # Needs wrk and nginx (installed from Debian's packages when missing),
 # Redis and MariaDB (scripts/services.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SECTION="${1:-${ONLY:-all}}"
+case "$SECTION" in
+    all | topologies) ;;
+    *) echo "usage: loadtest/bench.sh [all|topologies]  (or ONLY=topologies)" >&2; exit 2 ;;
+esac
 SECS="${SECS:-10}"
 CONC=50
 HTTP_PORT="${HTTP_PORT:-18180}"
@@ -23,8 +35,12 @@ for tool in wrk nginx; do
         $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$pkg" >/dev/null
     fi
 done
-cargo build --quiet --release --bin flashsale --example bench_mysql_hotrow \
-    --example bench_expiry --example bench_reconciler
+if [ "$SECTION" = topologies ]; then
+    cargo build --quiet --release --bin flashsale
+else
+    cargo build --quiet --release --bin flashsale --example bench_mysql_hotrow \
+        --example bench_expiry --example bench_reconciler
+fi
 bin=target/release/flashsale
 work=$(mktemp -d)
 tag="fsbench_$$"
@@ -34,10 +50,15 @@ export FLASHSALE_PAYMENT_SECRET=bench-payment-secret-of-at-least-32-bytes FLASHS
 server=""
 server1=""
 nginx_pid=""
+topo_server=""
 cleanup() {
     [ -n "$server" ] && kill "$server" 2>/dev/null || true
     [ -n "$server1" ] && kill "$server1" 2>/dev/null || true
     [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null || true
+    [ -n "$topo_server" ] && kill "$topo_server" 2>/dev/null || true
+    for d in "$work/topo-sentinel" "$work/topo-cluster"; do
+        [ -f "$d/nodes" ] && scripts/redis-topology.sh stop "$d" >/dev/null || true
+    done
     redis-cli --scan --pattern "$tag:*" | xargs -r -n 500 redis-cli del >/dev/null || true
     mariadb -h 127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS \`$tag\`" || true
     rm -rf "$work"
@@ -78,6 +99,180 @@ for p in "$HTTP_PORT" "$ONE_PORT" "$NGINX_PORT"; do
         exit 1
     fi
 done
+# ---------------------------------------------------------------------------
+# Redis topologies: the HTTP reserve path (same binary, same wrk settings,
+# one flashsale process with the HTTP role alone, started afresh for each
+# row) on one node, Sentinel and a 3-primary Cluster, with WAIT 0 and
+# WAIT 1. Every row spreads its requests over TOPO_SALES fresh sales (on the
+# cluster: as many on each primary), so that the rows differ only in where
+# Redis is. The one node is the Sentinel set's primary addressed through
+# REDIS_URL: it has a replica (WAIT 1 is possible) and the same settings as
+# the cluster's nodes (AOF, appendfsync everysec). Replicas and sentinels
+# run in every row.
+TOPO_SALES="${TOPO_SALES:-12}"
+topo_field() { sed -n "s/^$2=//p" "$1/topology.env"; }
+topo_ports() { awk -v r="$2" '$1 == r {print $2}' "$1/nodes"; }
+topo_load() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# The environment of one row's processes, by kind (node|sentinel|cluster).
+topo_env() {
+    case $1 in
+        node) echo "REDIS_URL=redis://127.0.0.1:$(topo_ports "$work/topo-sentinel" primary)" ;;
+        sentinel) echo "FLASHSALE_REDIS_SENTINELS=$(topo_field "$work/topo-sentinel" FLASHSALE_REDIS_SENTINELS)"
+                  echo "FLASHSALE_REDIS_SENTINEL_MASTER=$(topo_field "$work/topo-sentinel" FLASHSALE_REDIS_SENTINEL_MASTER)" ;;
+        cluster) echo "FLASHSALE_REDIS_CLUSTER=$(topo_field "$work/topo-cluster" FLASHSALE_REDIS_CLUSTER)" ;;
+    esac
+}
+
+# Creates the row's sales; on the cluster, until each primary holds
+# TOPO_SALES/3 of them (extra ones stay unused). Prints the ids, comma-separated.
+topo_sales() { # kind
+    local kind=$1 id slot p n want=$TOPO_SALES ids="" tries=0
+    local -a tenv primaries=()
+    mapfile -t tenv < <(topo_env "$kind")
+    if [ "$kind" = cluster ]; then
+        mapfile -t primaries < <(topo_ports "$work/topo-cluster" primary)
+        want=$((TOPO_SALES / ${#primaries[@]}))
+        declare -A on=()
+        for p in "${primaries[@]}"; do on[$p]=0; done
+    fi
+    while [ "$(echo "$ids" | tr ',' '\n' | grep -c .)" -lt "$TOPO_SALES" ]; do
+        tries=$((tries + 1))
+        [ "$tries" -le $((TOPO_SALES * 10)) ] || { echo "bench: could not spread $TOPO_SALES sales over the cluster" >&2; return 1; }
+        id=$(env "${tenv[@]}" "$bin" sale create --sku "T-$kind" --title bench --price-cents 100 \
+            --stock 10000000 --per-user-limit 1000000 --payment-window-secs 3600) || return 1
+        [ -n "$id" ] || return 1
+        if [ "$kind" = cluster ]; then
+            slot=$(redis-cli -p "${primaries[0]}" CLUSTER KEYSLOT "$tag:{s$id}:sale" | tr -d '\r')
+            for p in "${primaries[@]}"; do
+                n=$(redis-cli -p "$p" CLUSTER COUNTKEYSINSLOT "$slot" | tr -d '\r')
+                if [ "$n" -gt 0 ]; then
+                    if [ "${on[$p]}" -lt "$want" ]; then
+                        on[$p]=$((on[$p] + 1))
+                        ids+="${ids:+,}$id"
+                        echo "$id $slot $p" >> "$work/topo-cluster-sales.txt"
+                    fi
+                    break
+                fi
+            done
+        else
+            ids+="${ids:+,}$id"
+        fi
+    done
+    echo "$ids"
+}
+
+# One measurement, appended to topo-rows.txt:
+# "label|wait|round|req/s|p50|p99|reservations/s|statuses|wrk non-2xx".
+topo_n=0
+topo_row() { # label kind wait_replicas round
+    local label=$1 kind=$2 waitn=$3 round=$4 ids rps p50 p99 made=0 id statuses non2xx f
+    local -a tenv cli
+    topo_n=$((topo_n + 1))
+    f="topo$topo_n-$kind-wait$waitn"
+    mapfile -t tenv < <(topo_env "$kind")
+    env "${tenv[@]}" FLASHSALE_ROLES=http FLASHSALE_REDIS_WAIT_REPLICAS="$waitn" \
+        "$bin" serve > "$work/$f.log" 2>&1 &
+    topo_server=$!
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null && break; sleep 0.1; done
+    curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null \
+        || { echo "bench: the $label server did not start:" >&2; tail -20 "$work/$f.log" >&2; return 1; }
+    ids=$(topo_sales "$kind")
+    sleep 1.2 # the live list (read from MySQL once a second) holds them
+    read -r rps p50 p99 <<< "$(wrk_run "$f" "http://127.0.0.1:$HTTP_PORT" SALE_IDS="$ids" TOKENS="$work/tokens.txt")"
+    # Answers by status, from the server's own counters.
+    statuses=$(curl -s "http://127.0.0.1:$HTTP_PORT/metrics" \
+        | awk '/^flashsale_http_requests_total\{/ && /method="POST"/ && /orders/ {
+                   match($0, /status="[0-9]+"/); s = substr($0, RSTART + 8, RLENGTH - 9); n[s] += $NF }
+               END { for (s in n) printf "%s%s:%d", (k++ ? " " : ""), s, n[s] }')
+    kill "$topo_server"; wait "$topo_server" 2>/dev/null || true; topo_server=""
+    non2xx=$(grep -o 'Non-2xx or 3xx responses: [0-9]*' "$work/wrk-$f.txt" | grep -o '[0-9]*$' || echo 0)
+    if [ "$kind" = cluster ]; then
+        cli=(redis-cli -c -p "$(topo_ports "$work/topo-cluster" primary | head -1)")
+    else
+        cli=(redis-cli -p "$(topo_ports "$work/topo-sentinel" primary)")
+    fi
+    for id in ${ids//,/ }; do
+        made=$((made + $("${cli[@]}" HLEN "$tag:{s$id}:orders" | tr -d '\r')))
+    done
+    echo "$label|$waitn|$round|$rps|$p50|$p99|$(python3 -c "print(round($made / $SECS))")|$statuses|$non2xx" >> "$work/topo-rows.txt"
+}
+
+# TOPO_ROUNDS rounds (default 2), every other one in reverse order, so that
+# the one-node WAIT 0 reference runs first and last and a machine whose
+# speed drifts during the section moves every configuration alike; each
+# figure is the mean over the rounds, with each round's beside it.
+TOPO_ROUNDS="${TOPO_ROUNDS:-2}"
+bench_topologies() {
+    local t0=$SECONDS load0 p ports round i label kind waitn
+    local -a rows=("one node|node|0" "one node|node|1" "Sentinel|sentinel|0" "Sentinel|sentinel|1"
+        "Cluster, 3 primaries|cluster|0" "Cluster, 3 primaries|cluster|1")
+    load0=$(topo_load)
+    : > "$work/topo-rows.txt"
+    scripts/redis-topology.sh start sentinel "$work/topo-sentinel" >/dev/null
+    scripts/redis-topology.sh start cluster "$work/topo-cluster" 5000 >/dev/null
+    local t_up=$((SECONDS - t0))
+    for round in $(seq "$TOPO_ROUNDS"); do
+        for i in $(seq 0 $((${#rows[@]} - 1))); do
+            [ $((round % 2)) = 0 ] && i=$((${#rows[@]} - 1 - i))
+            IFS='|' read -r label kind waitn <<< "${rows[$i]}"
+            topo_row "$label" "$kind" "$waitn" "$round"
+        done
+    done
+    # Where the cluster rows' sales were: sales, orders and keys on each primary.
+    ports=""
+    for p in $(topo_ports "$work/topo-cluster" primary); do
+        local orders=0 id
+        for id in $(awk -v p="$p" '$3 == p {print $1}' "$work/topo-cluster-sales.txt"); do
+            orders=$((orders + $(redis-cli -p "$p" HLEN "$tag:{s$id}:orders" | tr -d '\r')))
+        done
+        ports+="${ports:+; }127.0.0.1:$p: $(awk -v p="$p" '$3 == p' "$work/topo-cluster-sales.txt" | wc -l) sales, $orders orders, DBSIZE $(redis-cli -p "$p" DBSIZE | tr -d '\r')"
+    done
+    scripts/redis-topology.sh stop "$work/topo-cluster" >/dev/null
+    scripts/redis-topology.sh stop "$work/topo-sentinel" >/dev/null
+    cat <<TABLE
+
+## Redis topologies: the HTTP reserve path
+
+machine: $(nproc) cores; $(redis-server --version | cut -d' ' -f3); load average (1/5/15 min) $load0 before, $(topo_load) after
+command: loadtest/bench.sh $SECTION (SECS=$SECS, TOPO_ROUNDS=$TOPO_ROUNDS); wrk -t2 -c$CONC -d${SECS}s, $(wc -l < "$work/tokens.txt") buyer tokens in turn, requests spread over $TOPO_SALES fresh sales per measurement
+one flashsale process (HTTP role alone, this build), restarted for each measurement with its Redis settings; WAIT timeout: the default (FLASHSALE_REDIS_WAIT_TIMEOUT_MS=200)
+one node = the Sentinel set's primary through REDIS_URL (1 replica attached); Sentinel = 1 primary + 1 replica + 3 sentinels; Cluster = 3 primaries + 3 replicas, node timeout 5000 ms
+cluster sales, orders and keys on each primary (all cluster rounds): $ports
+$TOPO_ROUNDS rounds, every other one in reverse order; figures: mean (each round, in run order); topologies started in $t_up s; section took $((SECONDS - t0)) s
+
+| topology | WAIT replicas | reserve req/s (wrk) | p50 ms | p99 ms | reservations/s (orders made) | ratio to one node, WAIT 0 (means): req/s / p50 / p99 | answers by status (server's counters, all rounds) | wrk non-2xx |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |
+TABLE
+    python3 - "$work/topo-rows.txt" <<'PY'
+import sys
+rows = {}
+for line in open(sys.argv[1]):
+    label, wait, _round, rps, p50, p99, rate, statuses, non2xx = line.rstrip("\n").split("|")
+    r = rows.setdefault((label, wait), {"rps": [], "p50": [], "p99": [], "rate": [], "st": {}, "non2xx": 0})
+    for k, v in (("rps", rps), ("p50", p50), ("p99", p99), ("rate", rate)):
+        r[k].append(float(v))
+    for kv in statuses.split():
+        code, n = kv.split(":")
+        r["st"][code] = r["st"].get(code, 0) + int(n)
+    r["non2xx"] += int(non2xx)
+mean = lambda xs: sum(xs) / len(xs)
+def show(xs, fmt):
+    return fmt.format(mean(xs)) + (" (" + ", ".join(fmt.format(x) for x in xs) + ")" if len(xs) > 1 else "")
+ref = rows[("one node", "0")]
+for (label, wait), r in rows.items():
+    ratio = " / ".join(f"{mean(r[k]) / mean(ref[k]):.2f}" for k in ("rps", "p50", "p99"))
+    st = ", ".join(f"{c}: {n}" for c, n in sorted(r["st"].items())) or "none"
+    print(f"| {label} | {wait} | {show(r['rps'], '{:.0f}')} | {show(r['p50'], '{:.2f}')} | {show(r['p99'], '{:.2f}')} "
+          f"| {show(r['rate'], '{:.0f}')} | {ratio} | {st} | {r['non2xx']} |")
+PY
+}
+if [ "$SECTION" = topologies ]; then
+    bench_topologies
+    exit 0
+fi
+
+
 FLASHSALE_ROLES=http "$bin" serve > "$work/server.log" 2>&1 &
 server=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null && break; sleep 0.1; done
@@ -194,3 +389,4 @@ load phases: ${SECS} s each, ${CONC} connections; command: loadtest/bench.sh
 | reserve call records per order (the calls hash: HTTP sale, combined calls / reference, one call per order) | $bytes_calls / $bytes_calls_unique | | | | |
 | server peak RSS | $((rss_kb / 1024)) MB | | | <= 100 MB | $(verdict "$rss_kb <= 102400") |
 TABLE
+bench_topologies

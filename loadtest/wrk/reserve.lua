@@ -2,14 +2,20 @@
 -- with buyer tokens read from TOKENS (one JWT per line, made with
 -- `flashsale token --user 1 --count N`), taken in turn by each thread.
 -- DELAY_MS (optional) paces each connection, for a rate below the maximum.
+-- SALE_IDS (instead of SALE_ID) spreads the requests over several sales in
+-- turn, e.g. sales on every shard of a Redis Cluster.
 --
 --   SALE_ID=1 TOKENS=tokens.txt wrk -t2 -c50 -d10s --latency -s reserve.lua http://127.0.0.1:8080
+--   SALE_IDS=1,2,3 TOKENS=tokens.txt wrk ... -s reserve.lua http://127.0.0.1:8080
 
 local tokens = {}
 for line in io.lines(os.getenv("TOKENS")) do
   tokens[#tokens + 1] = line
 end
-local path = "/api/v1/sales/" .. os.getenv("SALE_ID") .. "/orders"
+local paths = {}
+for id in string.gmatch(os.getenv("SALE_IDS") or os.getenv("SALE_ID"), "[^,%s]+") do
+  paths[#paths + 1] = "/api/v1/sales/" .. id .. "/orders"
+end
 local pace = tonumber(os.getenv("DELAY_MS") or "0")
 local counter = 0
 local offset = 0
@@ -26,6 +32,7 @@ end
 function request()
   counter = counter + 1
   local token = tokens[(counter % #tokens) + 1]
+  local path = paths[(counter % #paths) + 1]
   return wrk.format("POST", path, {
     ["Authorization"] = "Bearer " .. token,
     ["Content-Type"] = "application/json",
