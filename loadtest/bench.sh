@@ -11,7 +11,9 @@
 # The topologies table runs the HTTP reserve path on one node, Sentinel and
 # Cluster sets of its own (scripts/redis-topology.sh, on free loopback
 # ports, stopped by PID on exit), with and without WAIT 1, each beside the
-# one-node WAIT 0 figure of the same run.
+# one-node WAIT 0 figure of the same run; then the failover drills measure
+# how long buyers see no 201 when the sale's primary is killed (about 2
+# more minutes).
 #
 # Needs wrk and nginx (installed from Debian's packages when missing),
 # Redis and MariaDB (scripts/services.sh).
@@ -267,8 +269,39 @@ for (label, wait), r in rows.items():
           f"| {show(r['rate'], '{:.0f}')} | {ratio} | {st} | {r['non2xx']} |")
 PY
 }
+# Failover as buyers see it: the drills of tests/api/failover.rs (their own
+# topologies, node timeout / down-after 2000 ms): 2,000 buyers rush 200 units,
+# the sale's primary is killed and restarted 3 s later; each drill prints the
+# longest time buyers saw no 201.
+bench_failover() {
+    cargo build --quiet --tests
+    local out="$work/failover.txt"
+    cargo test --quiet --test api -- --ignored --nocapture --test-threads=1 \
+        failover::cluster_wait_0_counts_what failover::cluster_wait_1 \
+        failover::sentinel_wait_0_counts_what failover::sentinel_wait_1 > "$out" 2>&1 || {
+        tail -40 "$out" >&2; echo "a failover drill failed" >&2; return 1; }
+    echo
+    echo "## Failover as buyers see it (kill -9 of the sale's primary mid-rush)"
+    echo
+    echo "command: loadtest/bench.sh (the drills of tests/api/failover.rs); node timeout / down-after 2000 ms; the node restarted 3 s after the kill"
+    echo
+    echo "| topology | WAIT | longest time without a 201 | acknowledged orders lost | answers by status |"
+    echo "| --- | ---: | ---: | ---: | --- |"
+    python3 - "$out" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+lost = {(k, w): n for k, w, n in re.findall(r"(Cluster|Sentinel) WAIT (\d): (\d+) acknowledged order\(s\) lost", t)}
+for kind, wait, answers, gap in re.findall(
+        r"(Cluster|Sentinel) WAIT (\d): \d+ acknowledged \(\d+ before the kill\), answers (\{[^}]*\}), buyers saw no 201 for ([\d.]+\w+) at most", t):
+    n = float(re.match(r"[\d.]+", gap).group())
+    secs = n / 1e6 if gap.endswith("µs") else n / 1e3 if gap.endswith("ms") else n
+    print(f"| {kind} | {wait} | {secs:.2f} s | {lost.get((kind, wait), '?')} | {answers} |")
+PY
+}
+
 if [ "$SECTION" = topologies ]; then
     bench_topologies
+    bench_failover
     exit 0
 fi
 
@@ -390,3 +423,4 @@ load phases: ${SECS} s each, ${CONC} connections; command: loadtest/bench.sh
 | server peak RSS | $((rss_kb / 1024)) MB | | | <= 100 MB | $(verdict "$rss_kb <= 102400") |
 TABLE
 bench_topologies
+bench_failover
