@@ -537,9 +537,16 @@ impl ReserveCall {
             };
             attempts += 1;
             match result.as_ref().err().and_then(EngineError::needed_buckets) {
-                Some(need) if attempts < 3 && !need.is_empty() => {
+                Some(need) if attempts < 5 && !need.is_empty() => {
                     self.note_bucket(sale, need.iter().copied().min().unwrap_or(from));
+                    // The sale's other calls in flight move the counter on
+                    // meanwhile (slower with WAIT): declare the bucket after
+                    // the last one named too.
+                    let next = need.iter().copied().max().unwrap_or(from) + 1;
                     buckets.extend(need);
+                    buckets.push(next);
+                    buckets.sort_unstable();
+                    buckets.dedup();
                 }
                 _ => break,
             }

@@ -359,11 +359,8 @@ impl RedisConn {
         let (addr, client) = match &self.link {
             Link::Node(_, client) => (client.get_connection_info().addr().to_string(), None),
             Link::Sentinel(s) => {
-                let (_, client, _) = s.current().await.map_err(EngineError::from_redis)?;
-                (
-                    client.get_connection_info().addr().to_string(),
-                    Some(client),
-                )
+                let p = s.current().await.map_err(EngineError::from_redis)?;
+                (p.addr.clone(), Some(p.client.clone()))
             }
             Link::Cluster(c) => {
                 let slot = slot_of(key);
@@ -441,9 +438,9 @@ impl ConnectionLike for RedisConn {
             Link::Sentinel(s) => {
                 let s = s.clone();
                 Box::pin(async move {
-                    let (generation, _, mut c) = s.current().await?;
-                    let r = c.req_packed_command(cmd).await;
-                    s.check(generation, &r);
+                    let p = s.current().await?;
+                    let r = p.conn.clone().req_packed_command(cmd).await;
+                    s.check(p.generation, &r);
                     r
                 })
             }
@@ -462,9 +459,13 @@ impl ConnectionLike for RedisConn {
             Link::Sentinel(s) => {
                 let s = s.clone();
                 Box::pin(async move {
-                    let (generation, _, mut c) = s.current().await?;
-                    let r = c.req_packed_commands(pipeline, offset, count).await;
-                    s.check(generation, &r);
+                    let p = s.current().await?;
+                    let r = p
+                        .conn
+                        .clone()
+                        .req_packed_commands(pipeline, offset, count)
+                        .await;
+                    s.check(p.generation, &r);
                     r
                 })
             }
@@ -485,42 +486,54 @@ impl ConnectionLike for RedisConn {
 /// demoted).
 struct SentinelLink {
     client: tokio::sync::Mutex<SentinelClient>,
-    current: Mutex<Option<(u64, redis::Client, MultiplexedConnection)>>,
+    /// Shared by reference: a call clones the `Arc`, not the client.
+    current: Mutex<Option<Arc<Primary>>>,
     config: AsyncConnectionConfig,
     generation: std::sync::atomic::AtomicU64,
 }
 
+/// The primary the sentinels named, and the connection to it.
+struct Primary {
+    /// Which answer of the sentinels this is (an error forgets only its own).
+    generation: u64,
+    client: redis::Client,
+    /// `host:port`, as lanes are keyed.
+    addr: String,
+    conn: MultiplexedConnection,
+}
+
 impl SentinelLink {
-    async fn current(&self) -> RedisResult<(u64, redis::Client, MultiplexedConnection)> {
-        if let Some(c) = self
-            .current
+    fn cached(&self) -> Option<Arc<Primary>> {
+        self.current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-        {
-            return Ok(c);
+    }
+
+    async fn current(&self) -> RedisResult<Arc<Primary>> {
+        if let Some(p) = self.cached() {
+            return Ok(p);
         }
         let mut sentinel = self.client.lock().await;
         // Another caller may have asked while this one waited.
-        if let Some(c) = self
-            .current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
-            return Ok(c);
+        if let Some(p) = self.cached() {
+            return Ok(p);
         }
         // The sentinels' answer, checked with ROLE on the node itself.
         let client = sentinel.async_get_client().await?;
         let conn = client
             .get_multiplexed_async_connection_with_config(&self.config)
             .await?;
-        let generation = 1 + self
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let c = (generation, client, conn);
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
-        Ok(c)
+        let p = Arc::new(Primary {
+            generation: 1 + self
+                .generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            addr: client.get_connection_info().addr().to_string(),
+            client,
+            conn,
+        });
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(p.clone());
+        Ok(p)
     }
 
     /// Forgets the connection of `generation` when `r` shows that it broke
@@ -529,7 +542,7 @@ impl SentinelLink {
         let Err(e) = r else { return };
         if lost_primary(e) {
             let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-            if current.as_ref().is_some_and(|c| c.0 == generation) {
+            if current.as_ref().is_some_and(|c| c.generation == generation) {
                 *current = None;
             }
         }
@@ -537,10 +550,7 @@ impl SentinelLink {
 
     fn forget_addr(&self, addr: &str) {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if current
-            .as_ref()
-            .is_some_and(|c| c.1.get_connection_info().addr().to_string() == addr)
-        {
+        if current.as_ref().is_some_and(|c| c.addr == addr) {
             *current = None;
         }
     }
@@ -623,7 +633,7 @@ const REPLICAS_FRESH: Duration = Duration::from_millis(200);
 /// A replica acknowledges its primary's stream every second; one whose last
 /// acknowledgement is older than this is frozen, cut off or far behind (a
 /// busy machine delays an acknowledgement by a second at times: 3, not 2).
-const REPLICA_MAX_LAG_SECS: u64 = 3;
+const REPLICA_MAX_LAG_SECS: i64 = 3;
 
 /// The replicas an `INFO replication` reply shows online with a lag of at
 /// most [`REPLICA_MAX_LAG_SECS`]; `None` unless the node is a primary.
@@ -644,7 +654,8 @@ fn live_replicas(info: &str) -> Option<u32> {
         };
         if key.starts_with("slave") && key[5..].chars().all(|c| c.is_ascii_digit()) {
             let online = field(value, "state").as_deref() == Some("online");
-            let lag = field(value, "lag").and_then(|l| l.parse::<u64>().ok());
+            // Redis computes the lag against its cached clock: -1 happens.
+            let lag = field(value, "lag").and_then(|l| l.parse::<i64>().ok());
             if online && lag.is_some_and(|l| l <= REPLICA_MAX_LAG_SECS) {
                 n += 1;
             }
@@ -695,8 +706,12 @@ impl Lane {
         }
         let info: String = redis::cmd("INFO").arg("replication").query_async(c).await?;
         let Some(n) = live_replicas(&info) else {
+            tracing::warn!(primary = %self.addr, "not a primary any more: asking the topology again");
             return Ok(None);
         };
+        if n == 0 {
+            tracing::debug!(primary = %self.addr, info = %info.replace("\r\n", " "), "no replica online and current");
+        }
         *self.replicas.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), n));
         Ok(Some(n))
     }
@@ -920,8 +935,9 @@ mod tests {
             slave0:ip=127.0.0.1,port=7001,state=online,offset=100,lag=0\r\n\
             slave1:ip=127.0.0.1,port=7002,state=online,offset=90,lag=4\r\n\
             slave2:ip=127.0.0.1,port=7003,state=wait_bgsave,offset=0,lag=0\r\n\
+            slave3:ip=127.0.0.1,port=7004,state=online,offset=100,lag=-1\r\n\
             master_failover_state:no-failover\r\n";
-        assert_eq!(live_replicas(info), Some(1));
+        assert_eq!(live_replicas(info), Some(2));
         assert_eq!(
             live_replicas("role:master\r\nconnected_slaves:0\r\n"),
             Some(0)
