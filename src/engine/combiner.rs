@@ -514,26 +514,18 @@ impl ReserveCall {
                     .arg(job.idem.as_ref().map_or("", |k| k.as_str()));
             }
             // With acknowledged writes, one WAIT covers the whole call.
-            let call = async {
-                let mut w = self.conn.writer(&keys.sale).await?;
-                let r = inv
-                    .invoke_async::<Vec<Outcome>>(&mut w)
-                    .await
-                    .map_err(EngineError::from_redis);
-                w.settle(r)
-            };
-            result = match tokio::time::timeout(self.timeout, call).await {
-                Ok(Ok(replies)) if replies.len() == batch.len() => Ok(replies),
-                Ok(Ok(replies)) => Err(EngineError::Protocol(format!(
+            result = match self
+                .conn
+                .write::<Vec<Outcome>>(&keys.sale, &inv, self.timeout)
+                .await
+            {
+                Ok(replies) if replies.len() == batch.len() => Ok(replies),
+                Ok(replies) => Err(EngineError::Protocol(format!(
                     "reserve: {} replies for {} reservations",
                     replies.len(),
                     batch.len()
                 ))),
-                Ok(Err(e)) => Err(e),
-                Err(_) => {
-                    self.conn.note_timed_out_write();
-                    Err(EngineError::Timeout(self.timeout))
-                }
+                Err(e) => Err(e),
             };
             attempts += 1;
             match result.as_ref().err().and_then(EngineError::needed_buckets) {

@@ -237,18 +237,7 @@ impl Engine {
         let k = self.keys.sale(sale);
         let mut set = redis::cmd("SET");
         set.arg(&k.barrier).arg(1).arg("PX").arg(60_000);
-        let call = async {
-            let mut w = self.conn.writer(&k.sale).await?;
-            let r = set
-                .query_async::<()>(&mut w)
-                .await
-                .map_err(EngineError::from_redis);
-            w.settle(r)
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(r) => r,
-            Err(_) => Err(EngineError::Timeout(self.timeout)),
-        }
+        self.conn.write::<()>(&k.sale, &set, self.timeout).await
     }
 
     /// Up to `count` flow records of `sale` after `after`, oldest first; an

@@ -149,7 +149,7 @@ impl NotFound for super::scripts::refund::Reply {
 }
 
 impl Engine {
-    async fn run_order_script<R: redis::FromRedisValue + NotFound>(
+    async fn run_order_script<R: redis::FromRedisValue + NotFound + Send>(
         &self,
         script: &redis::Script,
         sale: SaleId,

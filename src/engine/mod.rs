@@ -367,26 +367,12 @@ impl Engine {
     /// A script call that changes `sale` and answers a client: with
     /// acknowledged writes, it answers only once WAIT confirmed the
     /// replicas (see [`topology::Writer`]).
-    pub(crate) async fn write<T: redis::FromRedisValue>(
+    pub(crate) async fn write<T: redis::FromRedisValue + Send>(
         &self,
         sale_key: &str,
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<T, EngineError> {
-        let call = async {
-            let mut w = self.conn.writer(sale_key).await?;
-            let r = inv
-                .invoke_async(&mut w)
-                .await
-                .map_err(EngineError::from_redis);
-            w.settle(r)
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(r) => r,
-            Err(_) => {
-                self.conn.note_timed_out_write();
-                Err(EngineError::Timeout(self.timeout))
-            }
-        }
+        self.conn.write(sale_key, inv, self.timeout).await
     }
 
     async fn timed<T>(

@@ -264,11 +264,30 @@ impl RedisConn {
         }
     }
 
-    /// Counts a write with acknowledgement that ran out of time before its
-    /// WAIT answered (it may have run: the caller gets a retry key).
-    pub fn note_timed_out_write(&self) {
-        if let Some(acks) = &self.acks {
-            acks.stats.unacknowledged.inc();
+    /// Sends `call`, a write to the sale that `key` belongs to, through
+    /// [`RedisConn::writer`] within `timeout`: with acknowledged writes its
+    /// answer comes only once WAIT confirmed the replicas (see
+    /// [`Writer::settle`]); one that runs out of time is counted as
+    /// unacknowledged (it may have run: the caller gets a retry key).
+    pub async fn write<T: redis::FromRedisValue + Send>(
+        &self,
+        key: &str,
+        call: &impl WriteCall,
+        timeout: Duration,
+    ) -> Result<T, EngineError> {
+        let run = async {
+            let mut w = self.writer(key).await?;
+            let r = call.send(&mut w).await.map_err(EngineError::from_redis);
+            w.settle(r)
+        };
+        match tokio::time::timeout(timeout, run).await {
+            Ok(r) => r,
+            Err(_) => {
+                if let Some(acks) = &self.acks {
+                    acks.stats.unacknowledged.inc();
+                }
+                Err(EngineError::Timeout(timeout))
+            }
         }
     }
 
@@ -714,6 +733,33 @@ impl Lane {
         }
         *self.replicas.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), n));
         Ok(Some(n))
+    }
+}
+
+/// What goes out on a [`Writer`]: a script call or a plain command.
+pub trait WriteCall: Sync {
+    /// Sends it on `w` and decodes the answer.
+    fn send<'a, T: redis::FromRedisValue + Send + 'a>(
+        &'a self,
+        w: &'a mut Writer,
+    ) -> RedisFuture<'a, T>;
+}
+
+impl WriteCall for redis::ScriptInvocation<'_> {
+    fn send<'a, T: redis::FromRedisValue + Send + 'a>(
+        &'a self,
+        w: &'a mut Writer,
+    ) -> RedisFuture<'a, T> {
+        Box::pin(self.invoke_async(w))
+    }
+}
+
+impl WriteCall for Cmd {
+    fn send<'a, T: redis::FromRedisValue + Send + 'a>(
+        &'a self,
+        w: &'a mut Writer,
+    ) -> RedisFuture<'a, T> {
+        Box::pin(self.query_async(w))
     }
 }
 
