@@ -15,6 +15,9 @@
 //! 6. [`audit`]: Redis, the flow backlog and MySQL compared, and repaired.
 //! 7. Around them: [`config`], [`startup`] (building and running a
 //!    process), [`telemetry`], [`cli`], [`demo`].
+// The engine's async state machines (acknowledged writes box a future per
+// call) run deeper than the compiler's default query depth.
+#![recursion_limit = "256"]
 
 /// The audit: Redis, the flow backlog and MySQL compared, and repaired.
 pub mod audit;
