@@ -277,6 +277,77 @@ pub enum Role {
     Expiry,
     /// The reconciler (flow records into MySQL) and the safety-net sweep.
     Reconciler,
+    /// The outbox relay: outbox rows to RabbitMQ (needs FLASHSALE_AMQP_URL).
+    Relay,
+    /// The loyalty-points consumer (needs FLASHSALE_AMQP_URL).
+    Points,
+}
+
+/// Roles of a `serve` process whose `FLASHSALE_ROLES` is unset: the HTTP
+/// API, expiry and the reconciler, and the relay when a broker is named.
+pub fn default_roles(broker: bool) -> Vec<Role> {
+    let mut roles = vec![Role::Http, Role::Expiry, Role::Reconciler];
+    if broker {
+        roles.push(Role::Relay);
+    }
+    roles
+}
+
+fn secret_url(s: &str) -> Result<SecretString, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "amqp" | "amqps") {
+        return Err(format!(
+            "scheme {:?}: an AMQP URL starts with amqp:// (amqps:// for TLS)",
+            url.scheme()
+        ));
+    }
+    Ok(SecretString::from(s.to_owned()))
+}
+
+/// The broker (RabbitMQ) for downstream events: the relay and the points
+/// consumer. Without `FLASHSALE_AMQP_URL` neither runs and nothing else
+/// depends on a broker.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AmqpConfig {
+    /// RabbitMQ, for example `amqp://guest:guest@127.0.0.1:5672/%2f`
+    /// (holds a password: kept out of logs).
+    #[arg(long, env = "FLASHSALE_AMQP_URL", value_parser = secret_url, hide_env_values = true)]
+    pub amqp_url: Option<SecretString>,
+    /// The durable topic exchange events go to.
+    #[arg(long, env = "FLASHSALE_AMQP_EXCHANGE", default_value = crate::events::DEFAULT_EXCHANGE)]
+    pub amqp_exchange: String,
+    /// The points consumer's durable queue; its dead letters go to
+    /// `<queue>.dead`.
+    #[arg(
+        long,
+        env = "FLASHSALE_POINTS_QUEUE",
+        default_value = "flashsale.points"
+    )]
+    pub points_queue: String,
+    /// Most outbox rows one relay publishes in one round (then waits for
+    /// their confirms and marks them sent in one statement).
+    #[arg(long, env = "FLASHSALE_RELAY_BATCH", default_value_t = 500,
+          value_parser = at_least_one)]
+    pub relay_batch: usize,
+    /// Pause of an idle relay before it looks at the outbox again.
+    #[arg(long, env = "FLASHSALE_RELAY_IDLE_MS", default_value_t = 50)]
+    pub relay_idle_ms: u64,
+    /// How long sent outbox rows are kept before they are purged.
+    #[arg(long, env = "FLASHSALE_OUTBOX_RETENTION_SECS", default_value_t = 7 * 86_400)]
+    pub outbox_retention_secs: u64,
+}
+
+impl AmqpConfig {
+    /// The broker's URL, when one is named.
+    pub fn url(&self) -> Option<&str> {
+        use secrecy::ExposeSecret;
+        self.amqp_url.as_ref().map(|u| u.expose_secret())
+    }
+
+    /// The dead-letter queue of the points queue.
+    pub fn points_dead_queue(&self) -> String {
+        format!("{}.dead", self.points_queue)
+    }
 }
 
 /// How the reconciler and the sweep run.
@@ -354,14 +425,12 @@ pub struct ServeConfig {
     /// Reconciler and sweep.
     #[command(flatten)]
     pub reconciler: ReconcilerConfig,
-    /// Roles this process runs, comma-separated.
-    #[arg(
-        long,
-        env = "FLASHSALE_ROLES",
-        value_enum,
-        value_delimiter = ',',
-        default_value = "http,expiry,reconciler"
-    )]
+    /// The broker, for the relay and the points consumer.
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+    /// Roles this process runs, comma-separated (default: http, expiry,
+    /// reconciler, and relay when FLASHSALE_AMQP_URL is set).
+    #[arg(long, env = "FLASHSALE_ROLES", value_enum, value_delimiter = ',')]
     pub roles: Vec<Role>,
     /// Refuse to start (exit 2) when Redis is set to lose acknowledged
     /// writes: an eviction policy other than `noeviction`, no AOF, or
@@ -387,7 +456,27 @@ impl ServeConfig {
     /// only what they must.
     pub fn from_defaults() -> anyhow::Result<Self> {
         use clap::Parser;
-        Ok(ServeOnly::try_parse_from(["flashsale"])?.serve)
+        Ok(ServeOnly::try_parse_from(["flashsale"])?.serve.with_roles())
+    }
+
+    /// Fills in the default roles (see [`default_roles`]) when none were
+    /// given; refuses the broker's roles without a broker.
+    pub fn with_roles(mut self) -> Self {
+        if self.roles.is_empty() {
+            self.roles = default_roles(self.amqp.amqp_url.is_some());
+        }
+        self
+    }
+
+    /// Refuses roles that need what is not configured.
+    pub fn check_roles(&self) -> anyhow::Result<()> {
+        for r in [Role::Relay, Role::Points] {
+            anyhow::ensure!(
+                !self.roles.contains(&r) || self.amqp.amqp_url.is_some(),
+                "role {r:?} needs a broker: set FLASHSALE_AMQP_URL"
+            );
+        }
+        Ok(())
     }
 
     /// Whether this process serves the HTTP API.

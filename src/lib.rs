@@ -19,6 +19,8 @@
 // call) run deeper than the compiler's default query depth.
 #![recursion_limit = "256"]
 
+/// RabbitMQ connections and the broker objects the API names.
+pub mod amqp;
 /// The audit: Redis, the flow backlog and MySQL compared, and repaired.
 pub mod audit;
 /// The command line.
@@ -33,8 +35,12 @@ pub mod demo;
 pub mod domain;
 /// The Redis side: key layout and typed calls of the Lua scripts.
 pub mod engine;
+/// Downstream events: the body the outbox holds and the relay publishes.
+pub mod events;
 /// The HTTP API: routes, errors, authentication, front-door limits.
 pub mod http;
+/// The loyalty-points consumer and its ledger.
+pub mod points;
 /// Putting a sale on, in MySQL and Redis.
 pub mod sales;
 /// Building and running a `serve` process.

@@ -16,14 +16,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Role, ServeConfig};
+use crate::config::{AmqpConfig, Role, ServeConfig};
 use crate::engine::Engine;
 use crate::http::server::{self, ConnLimits};
 use crate::http::{self, AppState, Authenticator, Health, Limits, Rate, RateLimits, Shared};
+use crate::points::PointsConsumer;
 use crate::telemetry::{Metrics, RoleLabels};
 use crate::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
 use crate::workers::live::LiveSales;
 use crate::workers::reconciler::{Reconciler, ReconcilerOptions};
+use crate::workers::relay::Relay;
 use crate::workers::supervisor::Supervisor;
 use crate::workers::sweep::{SweepOptions, Sweeper};
 
@@ -39,12 +41,18 @@ pub struct App {
     expiry: ExpiryOptions,
     /// Reconciler and sweep settings, when this process runs them.
     reconciler: Option<(ReconcilerOptions, SweepOptions)>,
+    /// The broker, when this process runs the relay.
+    relay: Option<AmqpConfig>,
+    /// The broker, when this process runs the points consumer.
+    points: Option<AmqpConfig>,
 }
 
 impl App {
     /// Connects both stores (creating and migrating the database), loads the
     /// scripts and any unfinished sale Redis lacks, and binds the listener.
     pub async fn build(cfg: ServeConfig) -> anyhow::Result<Self> {
+        let cfg = cfg.with_roles();
+        cfg.check_roles()?;
         let serves_api = cfg.serves_http();
         let secrets = match (&cfg.secrets, serves_api) {
             (Some(s), _) => Some(s.clone()),
@@ -167,6 +175,8 @@ impl App {
                     },
                 )
             }),
+            relay: cfg.roles.contains(&Role::Relay).then(|| cfg.amqp.clone()),
+            points: cfg.roles.contains(&Role::Points).then(|| cfg.amqp.clone()),
         })
     }
 
@@ -302,6 +312,22 @@ impl App {
                     .run(stop.clone())
             });
             tracing::info!("reconciler and sweep running");
+        }
+        if let Some(amqp) = self.relay {
+            let (s, stop) = (s.clone(), shutdown.clone());
+            let exchange = amqp.amqp_exchange.clone();
+            supervisor.spawn("relay", move || {
+                Relay::new(s.db.clone(), amqp.clone(), s.metrics.clone()).run(stop.clone())
+            });
+            tracing::info!(%exchange, "outbox relay running");
+        }
+        if let Some(amqp) = self.points {
+            let (s, stop) = (s.clone(), shutdown.clone());
+            let queue = amqp.points_queue.clone();
+            supervisor.spawn("points", move || {
+                PointsConsumer::new(s.db.clone(), amqp.clone(), s.metrics.clone()).run(stop.clone())
+            });
+            tracing::info!(%queue, "points consumer running");
         }
         if self.expiry_workers > 0 {
             tracing::info!(workers = self.expiry_workers, "expiry workers running");

@@ -171,6 +171,8 @@ pub struct Metrics {
     pub live: LiveMetrics,
     /// Sales fenced and rebuilt after Redis lost data, and orders lost.
     pub loss: LossMetrics,
+    /// The outbox, the relay and the points consumer.
+    pub events: EventMetrics,
 }
 
 /// Labels of a per-sale series.
@@ -223,6 +225,118 @@ impl LossMetrics {
             "Orders acknowledged to a buyer that reached neither MySQL nor the Redis that survived a loss, per sale",
             self.orders_lost.clone(),
         );
+    }
+}
+
+/// Labels of a per-event-type series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventTypeLabels {
+    /// The event type (`order.paid`, ...).
+    pub event_type: &'static str,
+}
+
+/// Downstream events: the outbox, the relay (`workers::relay`) and the
+/// points consumer (`points`).
+pub struct EventMetrics {
+    /// Outbox rows written by the reconciler, by type.
+    pub outbox_written: Family<EventTypeLabels, Counter>,
+    /// Outbox rows not yet confirmed by the broker, at the relay's last look.
+    pub outbox_backlog: Gauge,
+    /// Age of the oldest unsent outbox row, in seconds, at the relay's last look.
+    pub outbox_oldest_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Events the broker confirmed, by type.
+    pub published: Family<EventTypeLabels, Counter>,
+    /// Publishes sent and not yet confirmed.
+    pub confirms_pending: Gauge,
+    /// Publish rounds that failed (a lost connection, a nack, MySQL) and were retried.
+    pub relay_failures: Counter,
+    /// Sent outbox rows purged after the retention period.
+    pub outbox_purged: Counter,
+    /// Events the points consumer applied, by outcome (`applied`, `duplicate`, `ignored`).
+    pub points_consumed: Family<OutcomeLabels, Counter>,
+    /// Messages the points consumer could not parse and dead-lettered.
+    pub points_dead_lettered: Counter,
+    /// Messages waiting in the points queue, at the consumer's last look.
+    pub points_queue_depth: Gauge,
+    /// Time from an event's change in Redis to its points entry.
+    pub points_lag: Histogram,
+}
+
+impl EventMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "outbox_written",
+            "Outbox rows written by the reconciler, by event type",
+            self.outbox_written.clone(),
+        );
+        registry.register(
+            "outbox_backlog",
+            "Outbox rows not yet confirmed by the broker, at the relay's last look",
+            self.outbox_backlog.clone(),
+        );
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest unsent outbox row, at the relay's last look",
+            self.outbox_oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Events the broker confirmed, by event type",
+            self.published.clone(),
+        );
+        registry.register(
+            "relay_confirms_pending",
+            "Events published and not yet confirmed by the broker",
+            self.confirms_pending.clone(),
+        );
+        registry.register(
+            "relay_failures",
+            "Relay rounds that failed (lost connection, nack, MySQL) and were retried",
+            self.relay_failures.clone(),
+        );
+        registry.register(
+            "outbox_purged",
+            "Sent outbox rows purged after the retention period",
+            self.outbox_purged.clone(),
+        );
+        registry.register(
+            "points_events",
+            "Events the points consumer handled, by outcome",
+            self.points_consumed.clone(),
+        );
+        registry.register(
+            "points_dead_lettered",
+            "Messages the points consumer could not parse and dead-lettered",
+            self.points_dead_lettered.clone(),
+        );
+        registry.register(
+            "points_queue_depth",
+            "Messages waiting in the points queue, at the consumer's last look",
+            self.points_queue_depth.clone(),
+        );
+        registry.register(
+            "points_lag_seconds",
+            "Time from a change in Redis to its points entry",
+            self.points_lag.clone(),
+        );
+    }
+}
+
+impl Default for EventMetrics {
+    fn default() -> Self {
+        Self {
+            outbox_written: Family::default(),
+            outbox_backlog: Gauge::default(),
+            outbox_oldest_age_seconds: Gauge::default(),
+            published: Family::default(),
+            confirms_pending: Gauge::default(),
+            relay_failures: Counter::default(),
+            outbox_purged: Counter::default(),
+            points_consumed: Family::default(),
+            points_dead_lettered: Counter::default(),
+            points_queue_depth: Gauge::default(),
+            points_lag: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+        }
     }
 }
 
@@ -417,10 +531,13 @@ impl Default for Metrics {
         live.register(&mut registry);
         let loss = LossMetrics::default();
         loss.register(&mut registry);
+        let events = EventMetrics::default();
+        events.register(&mut registry);
         Self {
             registry: Mutex::new(registry),
             live,
             loss,
+            events,
             dependency_up,
             role_up,
             role_restarts,

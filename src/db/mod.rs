@@ -7,6 +7,7 @@ pub mod audit;
 pub mod forward;
 pub mod inventory;
 pub mod ledger;
+pub mod outbox;
 pub mod quarantine;
 pub mod rebuild;
 pub mod retired;

@@ -6,6 +6,7 @@ pub mod expiry;
 pub mod guard;
 pub mod live;
 pub mod reconciler;
+pub mod relay;
 pub mod retire;
 pub mod supervisor;
 pub mod sweep;
