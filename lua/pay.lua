@@ -11,7 +11,9 @@
 -- Returns: {"ok", packed}                 now paid
 --          {"dup", packed}                paid before with this payment id
 --          {"order_expired", packed, c}   past the deadline; c is "1" when this
---                                         call closed it, "0" when it was closed before
+--                                         call closed it, "0" when it was closed before;
+--                                         either way the payment is recorded (a
+--                                         late_pay flow record: the gateway must refund it)
 --          {"order_not_pending", packed}  cancelled, or paid with another payment id
 --          {"amount_mismatch", packed}    nothing changed
 --          {"not_found"}
@@ -25,18 +27,26 @@ if not o then
   return {'not_found'}
 end
 
+-- A payment after the deadline: the money was taken and must go back. The
+-- record carries it to MySQL (late_payments) and downstream (payment.late);
+-- the order itself stays closed. Returns the packed order.
+local function late(closed)
+  return save(seq, closed, 'late_pay', nil, nil, {'p', payment_id, 'a', int(amount)})
+end
+
 if o.status ~= 'pending' then
   if o.paid ~= '' and o.payment_id == payment_id then
     return {'dup', packed}
   elseif o.status == 'closed' then
-    return {'order_expired', packed, '0'}
+    return {'order_expired', late(o), '0'}
   end
   return {'order_not_pending', packed}
 end
 
 local now = now_ms()
 if now >= o.deadline then
-  return {'order_expired', release(seq, o, 'closed', now), '1'}
+  release(seq, o, 'closed', now)
+  return {'order_expired', late(o), '1'}
 end
 if amount ~= o.amount then
   return {'amount_mismatch', packed}

@@ -279,9 +279,11 @@ end
 
 -- Writes the order's flow record (the event and the order's whole state
 -- after it, which is all the reconciler needs; `restocked` adds r=1|0 to a
--- refund; `key` adds k=<the key a new order was made under> to a reserve)
--- and stores the order with the record's id. Returns the packed order.
-local function save(seq, o, event, restocked, key)
+-- refund; `key` adds k=<the key a new order was made under> to a reserve;
+-- `extra` adds more field/value pairs, as a late payment's p=<payment id>
+-- and a=<amount>) and stores the order with the record's id. Returns the
+-- packed order.
+local function save(seq, o, event, restocked, key, extra)
   -- `n` numbers the sale's records 1, 2, 3, ... (the sale hash's `flows`):
   -- MySQL keeps the last one applied, so a Redis that went back in time
   -- shows by its numbers, whatever its clock says (workers/guard.rs).
@@ -294,6 +296,11 @@ local function save(seq, o, event, restocked, key)
   if restocked ~= nil then
     fields[#fields + 1] = 'r'
     fields[#fields + 1] = restocked and '1' or '0'
+  end
+  if extra then
+    for i = 1, #extra do
+      fields[#fields + 1] = extra[i]
+    end
   end
   local id = redis.call('XADD', KEYS[5], '*', unpack(fields))
   o.flow = id

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# scripts/services.sh - make sure the local Redis and MariaDB that flashsale
-# needs are answering on this (Debian 12) development machine.
+# scripts/services.sh - make sure the local Redis, MariaDB and RabbitMQ that
+# flashsale needs are answering on this (Debian 12) development machine.
 #
-#   scripts/services.sh            ensure Redis (127.0.0.1:6379) and MariaDB
+#   scripts/services.sh            ensure Redis (127.0.0.1:6379), MariaDB
 #                                  (127.0.0.1:3306, root, empty password, TCP)
+#                                  and RabbitMQ (127.0.0.1:5672, guest/guest)
 #   scripts/services.sh redis      ensure only Redis
 #   scripts/services.sh mariadb    ensure only MariaDB
+#   scripts/services.sh rabbitmq   ensure only RabbitMQ (and amqp-tools, for
+#                                  watching events with amqp-consume)
 #
-# When both already answer it only says so: no apt, no sudo, no restarts.
+# When all already answer it only says so: no apt, no sudo, no restarts.
 # Anything missing is installed (apt-get, at most one `apt-get update`) and
 # started (systemctl when systemd runs, a plain daemon otherwise).  Exits
 # non-zero with a message when a service still does not answer.
@@ -32,6 +35,8 @@ SERVICES_REDIS_PORT=6379
 SERVICES_DB_HOST=127.0.0.1
 SERVICES_DB_PORT=3306
 SERVICES_MARIADBD=/usr/sbin/mariadbd
+SERVICES_AMQP_HOST=127.0.0.1
+SERVICES_AMQP_PORT=5672
 _services_apt_updated=0
 
 svc_say() { printf 'services: %s\n' "$*"; }
@@ -248,24 +253,88 @@ ensure_mariadb() {
     svc_fail "mariadb: server runs, but 'root' with an empty password still cannot log in over TCP at $SERVICES_DB_HOST:$SERVICES_DB_PORT (is networking/bind-address or port changed, or does root@127.0.0.1 have a password?)"
 }
 
+# ------------------------------------------------------------- RabbitMQ ---
+
+# A broker answers the AMQP 0-9-1 protocol header with a Connection.Start
+# method frame (frame type 1).
+rabbitmq_answers() {
+    # shellcheck disable=SC2016 # $0/$1 are expanded by the inner bash
+    timeout 3 bash -c '
+        exec 3<>"/dev/tcp/$0/$1" || exit 1
+        printf "AMQP\x00\x00\x09\x01" >&3
+        first=$(head -c 1 <&3 | od -An -tu1 | tr -d " ")
+        [ "$first" = "1" ]' "$SERVICES_AMQP_HOST" "$SERVICES_AMQP_PORT" 2>/dev/null
+}
+
+rabbitmq_wait() {
+    local i
+    for ((i = 0; i < 120; i++)); do # 120 x 0.5 s = 60 s: Erlang starts slowly
+        rabbitmq_answers && return 0
+        sleep 0.5
+    done
+    return 1
+}
+
+rabbitmq_start() {
+    svc_need_root "start rabbitmq-server" || return 1
+    if svc_have_systemd; then
+        svc_say "rabbitmq: systemctl start rabbitmq-server"
+        $SUDO systemctl start rabbitmq-server \
+            || { svc_fail "rabbitmq: systemctl start rabbitmq-server failed (see: journalctl -u rabbitmq-server)"; return 1; }
+        return 0
+    fi
+    svc_say "rabbitmq: starting rabbitmq-server -detached (no systemd)"
+    $SUDO rabbitmq-server -detached \
+        || { svc_fail "rabbitmq: rabbitmq-server -detached failed (see /var/log/rabbitmq/)"; return 1; }
+}
+
+ensure_rabbitmq() {
+    if ! command -v amqp-consume >/dev/null 2>&1; then
+        # The README's way to watch events; not needed by the service.
+        svc_apt_install amqp-tools || svc_say "rabbitmq: amqp-tools not installed (optional)"
+    fi
+    if rabbitmq_answers; then
+        svc_say "rabbitmq: answering on $SERVICES_AMQP_HOST:$SERVICES_AMQP_PORT"
+        return 0
+    fi
+    svc_say "rabbitmq: not answering on $SERVICES_AMQP_HOST:$SERVICES_AMQP_PORT"
+    if command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ]; then
+        svc_say "rabbitmq: rabbitmq-server is installed"
+    else
+        svc_apt_install rabbitmq-server || return 1
+        if rabbitmq_wait; then
+            svc_say "rabbitmq: installed and answering"
+            return 0
+        fi
+    fi
+    rabbitmq_start || return 1
+    if rabbitmq_wait; then
+        svc_say "rabbitmq: started, answering"
+        return 0
+    fi
+    svc_fail "rabbitmq: still no AMQP answer from $SERVICES_AMQP_HOST:$SERVICES_AMQP_PORT after 60 s"
+}
+
 # ------------------------------------------------------------------ main ---
 
-# ensure_services [all|redis|mariadb]  (default: all)
+# ensure_services [all|redis|mariadb|rabbitmq]  (default: all)
 ensure_services() {
     local what="${1:-all}" rc=0
     case "$what" in
         all)
             ensure_redis || rc=1
             ensure_mariadb || rc=1
+            ensure_rabbitmq || rc=1
             ;;
         redis) ensure_redis || rc=1 ;;
         mariadb | mysql) ensure_mariadb || rc=1 ;;
+        rabbitmq | amqp) ensure_rabbitmq || rc=1 ;;
         -h | --help)
-            printf 'usage: %s [all|redis|mariadb]\n' "${BASH_SOURCE[0]}"
+            printf 'usage: %s [all|redis|mariadb|rabbitmq]\n' "${BASH_SOURCE[0]}"
             return 0
             ;;
         *)
-            printf 'usage: %s [all|redis|mariadb]\n' "${BASH_SOURCE[0]}" >&2
+            printf 'usage: %s [all|redis|mariadb|rabbitmq]\n' "${BASH_SOURCE[0]}" >&2
             return 2
             ;;
     esac

@@ -76,6 +76,9 @@ struct AuditArgs {
     grace_secs: u64,
     #[command(flatten)]
     store: StoreConfig,
+    /// The broker and the outbox's retention (the outbox checks).
+    #[command(flatten)]
+    amqp: crate::config::AmqpConfig,
 }
 
 #[derive(Subcommand, Debug)]
@@ -309,6 +312,10 @@ async fn audit(args: AuditArgs) -> anyhow::Result<i32> {
             .context("--sale")?,
         grace: std::time::Duration::from_secs(args.grace_secs),
         progress: !args.json && std::io::stderr().is_terminal(),
+        events: audit::EventsAudit {
+            retention: std::time::Duration::from_secs(args.amqp.outbox_retention_secs),
+            broker: args.amqp.amqp_url.is_some(),
+        },
     };
     let db = crate::db::connect(&args.store.database_url).await?;
     let engine = engine(&args.store)?;

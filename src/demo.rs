@@ -171,6 +171,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             sale: Some(sale_id.parse()?),
             grace: Duration::from_secs(60),
             progress: false,
+            events: Default::default(),
         },
     )
     .await?;

@@ -15,6 +15,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::domain::SaleId;
+use crate::engine::{FlowEvent, FlowId, LatePayment, Order};
+
 /// The version of the body below; a consumer refuses a version it does not
 /// know instead of guessing.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -63,6 +66,19 @@ impl EventType {
         Self::PaymentLate,
         Self::SaleSoldOut,
     ];
+
+    /// The event a flow record of `event` tells of.
+    pub fn of_flow(event: FlowEvent) -> Self {
+        match event {
+            FlowEvent::Reserve => Self::OrderReserved,
+            FlowEvent::Pay => Self::OrderPaid,
+            FlowEvent::Cancel => Self::OrderCancelled,
+            FlowEvent::Close => Self::OrderClosed,
+            FlowEvent::RefundRequest => Self::OrderRefundRequested,
+            FlowEvent::Refund => Self::OrderRefunded,
+            FlowEvent::LatePay => Self::PaymentLate,
+        }
+    }
 
     /// The type as the body and the routing key spell it.
     pub fn as_str(self) -> &'static str {
@@ -132,7 +148,93 @@ pub struct Event {
     pub restocked: Option<bool>,
 }
 
+fn at(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
 impl Event {
+    /// The event `kind` of order `o` (its state after the change), which
+    /// happened at `at_ms` by Redis's clock.
+    pub fn of_order(kind: EventType, o: &Order, at_ms: i64) -> Self {
+        let order_id = o.id.to_string();
+        Self {
+            event_id: order_event_id(kind, &order_id),
+            kind,
+            schema_version: SCHEMA_VERSION,
+            occurred_at: at(at_ms),
+            sale_id: o.id.sale().to_string(),
+            order_id: Some(order_id),
+            user_id: Some(o.user.to_string()),
+            qty: Some(o.qty),
+            amount_cents: Some(o.amount_cents),
+            payment_id: o.payment_id.clone(),
+            status: Some(o.status.as_str().to_owned()),
+            restocked: None,
+        }
+    }
+
+    /// The events order `o` has had to reach its state (reserved; paid when
+    /// it was paid; cancelled, closed or refunded), each at its own time:
+    /// what a change written outside the reconciler (a sweep's close, a
+    /// retired sale's refund, an audit repair) owes the outbox. Their ids
+    /// are the ids the reconciler gives the same changes.
+    pub fn history(o: &Order) -> Vec<Self> {
+        use crate::engine::OrderStatus::*;
+        let mut reserved = Self::of_order(EventType::OrderReserved, o, o.created_ms);
+        reserved.status = Some("pending".to_owned());
+        reserved.payment_id = None;
+        let mut out = vec![reserved];
+        let mut push = |kind, status: &str, at_ms: Option<i64>| {
+            if let Some(ms) = at_ms {
+                let mut e = Self::of_order(kind, o, ms);
+                e.status = Some(status.to_owned());
+                out.push(e);
+            }
+        };
+        push(EventType::OrderPaid, "paid", o.paid_ms);
+        match o.status {
+            Cancelled => push(EventType::OrderCancelled, "cancelled", o.closed_ms),
+            Closed => push(EventType::OrderClosed, "closed", o.closed_ms),
+            Refunded => push(EventType::OrderRefunded, "refunded", o.refunded_ms),
+            Pending | Paid | RefundPending => {}
+        }
+        out
+    }
+
+    /// A payment of closed order `o` that came after its deadline; one
+    /// event per order and payment id, however often the gateway sent it.
+    pub fn late_payment(o: &Order, late: &LatePayment, at_ms: i64) -> Self {
+        let mut e = Self::of_order(EventType::PaymentLate, o, at_ms);
+        e.event_id = event_id(&format!(
+            "{}/{}/{}",
+            EventType::PaymentLate,
+            o.id,
+            late.payment_id
+        ));
+        e.amount_cents = Some(late.amount_cents);
+        e.payment_id = Some(late.payment_id.clone());
+        e
+    }
+
+    /// `sale`'s available stock reached 0 with the change of flow record
+    /// `flow` (one event each time it does).
+    pub fn sold_out(sale: SaleId, flow: FlowId) -> Self {
+        Self {
+            event_id: event_id(&format!("{}/{sale}/{flow}", EventType::SaleSoldOut)),
+            kind: EventType::SaleSoldOut,
+            schema_version: SCHEMA_VERSION,
+            occurred_at: at(flow.ms as i64),
+            sale_id: sale.to_string(),
+            order_id: None,
+            user_id: None,
+            qty: None,
+            amount_cents: None,
+            payment_id: None,
+            status: None,
+            restocked: None,
+        }
+    }
+
     /// The body as published.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("an event serializes")

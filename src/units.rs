@@ -256,7 +256,7 @@ impl Units {
                 d.available = q;
                 d.closed = q;
             }
-            FlowEvent::RefundRequest => {}
+            FlowEvent::RefundRequest | FlowEvent::LatePay => {}
             FlowEvent::Refund => {
                 d.paid = -q;
                 d.refunded = q;

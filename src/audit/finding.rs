@@ -92,6 +92,11 @@ pub enum Fix {
     },
     /// Fence the sale and rebuild it from MySQL (what Redis lost).
     LoadSale,
+    /// Write the outbox rows the order owes for its state in MySQL.
+    WriteOutbox {
+        /// The order's seq.
+        seq: u64,
+    },
 }
 
 macro_rules! finding_kinds {
@@ -173,6 +178,11 @@ finding_kinds! {
     QuarantinedRecord = "quarantined_record",
     /// Flow records wait for MySQL longer than the grace.
     BacklogStale = "backlog_stale",
+    // Downstream events.
+    /// A paid or refunded order without its outbox row.
+    OutboxMissing = "outbox_missing",
+    /// Events wait for the broker longer than the grace (a broker is named).
+    OutboxBehind = "outbox_behind",
     // Retired sales.
     /// A retired sale with orders still waiting.
     RetiredWithWork = "retired_with_work",
@@ -238,6 +248,7 @@ impl FindingKind {
             SaleMissingInRedis => (Some(Fix::LoadSale), Mysql),
             OverduePending => (Some(Fix::RunExpiry), Neither),
             RefundDeadLettered => (seq.map(|seq| Fix::RequeueRefund { seq }), Neither),
+            OutboxMissing => (seq.map(|seq| Fix::WriteOutbox { seq }), Mysql),
             SaleMissingInMysql
             | SaleForeign
             | SaleFenced
@@ -247,6 +258,7 @@ impl FindingKind {
             | PaidAndClosed
             | QuarantinedRecord
             | BacklogStale
+            | OutboxBehind
             | RetiredWithWork
             | RetiredSaleLiveInRedis
             | RetiredSaleBacklog => return (None, None),

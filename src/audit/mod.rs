@@ -46,6 +46,28 @@ pub struct AuditOptions {
     pub grace: Duration,
     /// Draw a progress bar on stderr (only drawn when it is a terminal).
     pub progress: bool,
+    /// How the outbox is checked.
+    pub events: EventsAudit,
+}
+
+/// What the audit needs to know of downstream events.
+#[derive(Debug, Clone, Copy)]
+pub struct EventsAudit {
+    /// How long sent outbox rows are kept (`FLASHSALE_OUTBOX_RETENTION_SECS`):
+    /// orders changed longer ago may have lost their rows to the purge.
+    pub retention: Duration,
+    /// Whether a broker is named (`FLASHSALE_AMQP_URL`): only then is an
+    /// event still unsent past the grace a finding.
+    pub broker: bool,
+}
+
+impl Default for EventsAudit {
+    fn default() -> Self {
+        Self {
+            retention: Duration::from_secs(7 * 86_400),
+            broker: false,
+        }
+    }
 }
 
 /// One sale's audit.
@@ -115,7 +137,7 @@ pub async fn run(engine: &Engine, db: &MySqlPool, opts: &AuditOptions) -> anyhow
     let mut report = Report::default();
     for sale in sales {
         let one = if crate::db::retired::is_retired(db, sale).await? {
-            retired::audit_retired(engine, db, sale).await?
+            retired::audit_retired(engine, db, sale, opts).await?
         } else {
             scan::audit_sale(engine, db, sale, opts).await?
         };

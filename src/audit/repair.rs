@@ -43,6 +43,7 @@ impl Fix {
             Fix::RunExpiry => "run the expiry for this sale now".into(),
             Fix::RequeueRefund { seq } => format!("put order seq {seq}'s refund back on the retry queue"),
             Fix::LoadSale => "fence the sale and rebuild it from MySQL".into(),
+            Fix::WriteOutbox { seq } => format!("write the outbox rows order seq {seq} owes for its state in MySQL"),
         }
     }
 
@@ -59,6 +60,7 @@ impl Fix {
             Fix::DropDueEntry { .. } | Fix::AddDeadline { .. } => 6,
             Fix::RequeueRefund { .. } => 7,
             Fix::RunExpiry => 8,
+            Fix::WriteOutbox { .. } => 9,
         }
     }
 }
@@ -126,6 +128,12 @@ async fn apply_one(
         Ok::<_, anyhow::Error>(engine.repair(sale, &repair).await? == Repaired::Applied)
     };
     Ok(match fix {
+        Fix::WriteOutbox { seq } => {
+            let mut tx = db.begin().await?;
+            crate::db::outbox::write_order_history(&mut tx, OrderId::new(sale, *seq)).await?;
+            tx.commit().await?;
+            true
+        }
         Fix::WriteOrderToMysql { seq, mark_settled } => {
             ledger::ensure_cursor(db, sale).await?;
             let mut tx = db.begin().await?;

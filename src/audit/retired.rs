@@ -28,6 +28,7 @@ pub(super) async fn audit_retired(
     engine: &Engine,
     db: &MySqlPool,
     sale: SaleId,
+    opts: &super::AuditOptions,
 ) -> anyhow::Result<SaleReport> {
     let mut cx = Ctx::new(engine, db, sale);
     cx.report.retired = true;
@@ -73,6 +74,7 @@ pub(super) async fn audit_retired(
     }
     // Records the reconciler refused stay a person's call after retirement.
     check_quarantined(&mut cx).await?;
+    super::scan::still::check_outbox(&mut cx, opts).await?;
     match engine.audit_snapshot(sale).await? {
         None => {}
         Some(snap) if !snap.fields.contains_key("retired") => {

@@ -76,5 +76,6 @@ pub(super) async fn audit_sale(
     };
     let sums = orders::scan(&mut cx, &at, opts).await?;
     still::check(&mut cx, &at, &sums, opts.grace).await?;
+    still::check_outbox(&mut cx, opts).await?;
     Ok(cx.report)
 }

@@ -181,6 +181,16 @@ pub async fn force_order(tx: &mut Transaction<'_, MySql>, o: &Order) -> sqlx::Re
     .bind(&o.payment_id)
     .execute(&mut **tx)
     .await?;
+    // What downstream owes for the state written (rows there already stay).
+    let rows: Vec<super::outbox::NewRow> = crate::events::Event::history(o)
+        .into_iter()
+        .map(|event| super::outbox::NewRow {
+            sale: o.id.sale(),
+            order_seq: Some(o.id.seq()),
+            event,
+        })
+        .collect();
+    super::outbox::insert(tx, &rows).await?;
     Ok(())
 }
 
@@ -231,4 +241,62 @@ pub async fn orders_by_status(
         .bind(sale.get())
         .fetch_all(&mut **tx)
         .await
+}
+
+/// A paid or refunded order without the outbox row its state owes.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct MissingEvent {
+    /// The order's seq.
+    pub seq: u64,
+    /// Its status in MySQL.
+    pub status: String,
+    /// The event type it lacks.
+    pub event_type: String,
+}
+
+/// Up to `limit` orders of `sale` paid (or refunded) since `since` whose
+/// `order.paid` (or `order.refunded`) outbox row is missing.
+pub async fn orders_missing_events(
+    pool: &MySqlPool,
+    sale: SaleId,
+    since: DateTime<Utc>,
+    limit: u64,
+) -> sqlx::Result<Vec<MissingEvent>> {
+    sqlx::query_as(
+        "SELECT o.seq, o.status, 'order.paid' AS event_type FROM orders o \
+         WHERE o.sale_id = ? AND o.paid_at IS NOT NULL AND o.paid_at >= ? \
+         AND NOT EXISTS (SELECT 1 FROM outbox x WHERE x.sale_id = o.sale_id \
+           AND x.order_seq = o.seq AND x.event_type = 'order.paid') \
+         UNION ALL \
+         SELECT o.seq, o.status, 'order.refunded' FROM orders o \
+         WHERE o.sale_id = ? AND o.status = 'refunded' AND o.refunded_at >= ? \
+         AND NOT EXISTS (SELECT 1 FROM outbox x WHERE x.sale_id = o.sale_id \
+           AND x.order_seq = o.seq AND x.event_type = 'order.refunded') \
+         ORDER BY seq LIMIT ?",
+    )
+    .bind(sale.get())
+    .bind(since)
+    .bind(sale.get())
+    .bind(since)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// `sale`'s outbox rows not yet sent: all of them, and those written
+/// before `before`.
+pub async fn unsent_events(
+    pool: &MySqlPool,
+    sale: SaleId,
+    before: DateTime<Utc>,
+) -> sqlx::Result<(u64, u64)> {
+    let (all, late): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT COUNT(*), CAST(SUM(created_at < ?) AS SIGNED) FROM outbox \
+         WHERE sent_at IS NULL AND sale_id = ?",
+    )
+    .bind(before)
+    .bind(sale.get())
+    .fetch_one(pool)
+    .await?;
+    Ok((all as u64, late.unwrap_or(0) as u64))
 }

@@ -59,6 +59,7 @@ fn status_after(event: FlowEvent) -> OrderStatus {
         FlowEvent::Close => OrderStatus::Closed,
         FlowEvent::RefundRequest => OrderStatus::RefundPending,
         FlowEvent::Refund => OrderStatus::Refunded,
+        FlowEvent::LatePay => OrderStatus::Closed,
     }
 }
 
@@ -126,6 +127,11 @@ pub(crate) fn judge(held: Option<&Held>, r: &FlowRecord) -> Verdict {
         };
     };
     let to = o.status.as_str();
+    if r.event == FlowEvent::LatePay && held.status != to {
+        // It tells of a payment, never moves the order: the order's close
+        // comes first, in its own record.
+        why.push(format!("a late payment of an order that is {}", held.status));
+    }
     if held.status != to {
         match OrderStatus::parse(&held.status) {
             Some(from) if is_legal(from, o.status) => {}
@@ -178,6 +184,7 @@ mod tests {
             restocked: false,
             key: None,
             n: None,
+            late: None,
         }
     }
 

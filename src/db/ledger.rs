@@ -16,9 +16,11 @@ use sqlx::{Executor, MySql, MySqlPool, QueryBuilder, Transaction};
 
 use super::forward::{judge, Held, Verdict};
 use super::inventory;
+use super::outbox::{self, NewRow};
 use super::quarantine::{self, Quarantined};
 use crate::domain::SaleId;
-use crate::engine::{FlowEntry, FlowId, Order};
+use crate::engine::{FlowEntry, FlowEvent, FlowId, FlowRecord, Order};
+use crate::events::{Event, EventType};
 use crate::units::Units;
 
 fn at(ms: i64) -> DateTime<Utc> {
@@ -92,6 +94,8 @@ pub struct BatchOutcome {
     pub already_applied: usize,
     /// Records refused and quarantined, in stream order.
     pub quarantined: Vec<Quarantined>,
+    /// Outbox rows written, by type (for metrics).
+    pub events: Vec<EventType>,
 }
 
 impl BatchOutcome {
@@ -99,6 +103,7 @@ impl BatchOutcome {
         self.applied += o.applied;
         self.already_applied += o.already_applied;
         self.quarantined.extend(o.quarantined);
+        self.events.extend(o.events);
     }
 }
 
@@ -267,6 +272,8 @@ async fn apply_entries(
         .collect();
 
     let mut rows = Vec::with_capacity(records.len());
+    // Whether each of `rows` moves its order (false: repeats MySQL's state).
+    let mut moves = Vec::with_capacity(records.len());
     let mut last_state: BTreeMap<u64, &Order> = BTreeMap::new();
     let mut keys: HashMap<u64, &str> = HashMap::new();
     let mut d = Deltas::default();
@@ -281,8 +288,12 @@ async fn apply_entries(
                 last_state.insert(seq, &r.order);
                 d += Units::of_flow(r);
                 rows.push(r);
+                moves.push(true);
             }
-            Verdict::Repeat => rows.push(r),
+            Verdict::Repeat => {
+                rows.push(r);
+                moves.push(false);
+            }
             Verdict::Refuse(reason) => out.quarantined.push(Quarantined::refused(r, reason)),
         }
     }
@@ -308,10 +319,73 @@ async fn apply_entries(
     if !last_state.is_empty() {
         upsert_orders(tx, last_state.into_values(), &keys).await?;
     }
+    out.events = write_events(tx, sale, &rows, &moves).await?;
     if d != Deltas::default() {
         inventory::add(tx, sale, &d).await?;
     }
     Ok(out)
+}
+
+/// The outbox rows of applied records (`rows`, with whether each moved its
+/// order), written in the batch's transaction: one event per record (a
+/// repeat too: its event id is the one the first write had, so the outbox
+/// keeps one row), late payments recorded in `late_payments`, and
+/// `sale.sold_out` each time a record takes the available stock to 0.
+/// Called before the batch's deltas reach the inventory row.
+async fn write_events(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+    rows: &[&FlowRecord],
+    moves: &[bool],
+) -> sqlx::Result<Vec<EventType>> {
+    let mut available = inventory::read(tx, sale)
+        .await?
+        .map_or(0, |(u, _)| u.available);
+    let mut late = Vec::new();
+    let mut events = Vec::with_capacity(rows.len() + 1);
+    for (r, &moved) in rows.iter().zip(moves) {
+        let at_ms = r.id.ms as i64;
+        let mut event = match &r.late {
+            Some(l) => {
+                late.push((r, l));
+                Event::late_payment(&r.order, l, at_ms)
+            }
+            None => Event::of_order(EventType::of_flow(r.event), &r.order, at_ms),
+        };
+        if r.event == FlowEvent::Refund {
+            event.restocked = Some(r.restocked);
+        }
+        events.push(NewRow {
+            sale,
+            order_seq: Some(r.order.id.seq()),
+            event,
+        });
+        if moved {
+            let before = available;
+            available += Units::of_flow(r).available;
+            if before > 0 && available == 0 {
+                events.push(NewRow {
+                    sale,
+                    order_seq: None,
+                    event: Event::sold_out(sale, r.id),
+                });
+            }
+        }
+    }
+    if !late.is_empty() {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT IGNORE INTO late_payments (sale_id, seq, payment_id, amount_cents, received_at) ",
+        );
+        q.push_values(&late, |mut b, (r, l)| {
+            b.push_bind(sale.get())
+                .push_bind(r.order.id.seq())
+                .push_bind(&l.payment_id)
+                .push_bind(l.amount_cents)
+                .push_bind(at(r.id.ms as i64));
+        });
+        q.build().execute(&mut **tx).await?;
+    }
+    outbox::insert(tx, &events).await
 }
 
 /// Inserts new orders, or sets existing rows to the given state. Every

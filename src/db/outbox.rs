@@ -7,7 +7,7 @@
 
 use sqlx::{MySql, QueryBuilder, Transaction};
 
-use crate::domain::SaleId;
+use crate::domain::{OrderId, SaleId};
 use crate::events::{Event, EventType};
 
 /// One row to write: the event, and the order it is about (`None` for a
@@ -57,4 +57,36 @@ pub async fn insert(
         }
     }
     Ok(written)
+}
+
+/// Writes the outbox rows order `id` owes for the state MySQL holds it in
+/// within `tx` (see [`Event::history`]): for changes made outside the
+/// reconciler. Rows already there are kept.
+pub async fn write_order_history(
+    tx: &mut Transaction<'_, MySql>,
+    id: OrderId,
+) -> anyhow::Result<Vec<EventType>> {
+    let row: Option<super::OrderRow> = sqlx::query_as(&format!(
+        "SELECT {} FROM orders WHERE sale_id = ? AND seq = ?",
+        super::ORDER_COLUMNS
+    ))
+    .bind(id.sale().get())
+    .bind(id.seq())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(order) = row
+        .map(|r| r.into_order(id.sale(), String::new()))
+        .transpose()?
+    else {
+        return Ok(Vec::new());
+    };
+    let rows: Vec<NewRow> = Event::history(&order)
+        .into_iter()
+        .map(|event| NewRow {
+            sale: id.sale(),
+            order_seq: Some(id.seq()),
+            event,
+        })
+        .collect();
+    Ok(insert(tx, &rows).await?)
 }

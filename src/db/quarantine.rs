@@ -51,6 +51,10 @@ impl Quarantined {
         if r.event == FlowEvent::Refund {
             fields["r"] = (if r.restocked { "1" } else { "0" }).into();
         }
+        if let Some(l) = &r.late {
+            fields["p"] = l.payment_id.clone().into();
+            fields["a"] = l.amount_cents.to_string().into();
+        }
         Self {
             flow: r.id,
             seq: Some(r.order.id.seq()),

@@ -266,6 +266,7 @@ pub async fn refund(
     // After the end: the units do not go back on sale.
     let refund = Units::moved_by(FlowEvent::Refund, i64::from(order.qty), false);
     inventory::add(&mut tx, id.sale(), &refund).await?;
+    super::outbox::write_order_history(&mut tx, id).await?;
     tx.commit().await?;
     order.status = OrderStatus::Refunded;
     order.refunded_ms = Some(at.timestamp_millis());

@@ -108,6 +108,7 @@ pub async fn close_lost_order(
         .bind("pending in MySQL past its deadline and unknown to Redis")
         .execute(&mut *tx)
         .await?;
+    super::outbox::write_order_history(&mut tx, row.id).await?;
     tx.commit().await?;
     Ok(true)
 }

@@ -4,8 +4,9 @@
 //! Records are appended by the order scripts (see `lua/prelude.lua`, `save`):
 //! `ev` (the event), `o` (the order's seq), `s` (the packed order after
 //! the event), `n` (its number among the sale's records), on refunds `r`
-//! ("1" when the units went back on sale), and on reservations `k` (the key
-//! the order was made under). Stream ids are Redis-clock milliseconds plus a sequence, so
+//! ("1" when the units went back on sale), on reservations `k` (the key
+//! the order was made under), and on late payments `p` and `a` (the payment
+//! id and amount the gateway sent after the deadline). Stream ids are Redis-clock milliseconds plus a sequence, so
 //! they order a sale's changes exactly as Redis applied them.
 
 use std::fmt;
@@ -72,6 +73,9 @@ pub enum FlowEvent {
     RefundRequest,
     /// It was refunded.
     Refund,
+    /// A payment came after the order's deadline (the order stays closed;
+    /// the gateway must refund the payment).
+    LatePay,
 }
 
 impl FlowEvent {
@@ -84,6 +88,7 @@ impl FlowEvent {
             Self::Close => "close",
             Self::RefundRequest => "refund_request",
             Self::Refund => "refund",
+            Self::LatePay => "late_pay",
         }
     }
 
@@ -95,6 +100,7 @@ impl FlowEvent {
             "close" => Self::Close,
             "refund_request" => Self::RefundRequest,
             "refund" => Self::Refund,
+            "late_pay" => Self::LatePay,
             _ => return None,
         })
     }
@@ -118,6 +124,17 @@ pub struct FlowRecord {
     /// Its number among the sale's records (1, 2, 3, ...; `None` in records
     /// written before records were numbered).
     pub n: Option<u64>,
+    /// For a late payment: what the gateway took.
+    pub late: Option<LatePayment>,
+}
+
+/// A payment that came after its order's deadline (a `late_pay` record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatePayment {
+    /// The gateway's payment id.
+    pub payment_id: String,
+    /// The amount paid, in cents.
+    pub amount_cents: i64,
 }
 
 /// A stream entry the reconciler cannot read as a flow record (an unknown
@@ -182,6 +199,17 @@ fn decode(sale: SaleId, entry: &redis::streams::StreamId) -> Result<FlowEntry, E
             n: match field("n") {
                 Some(n) => Some(n.parse().map_err(|_| "field n is not a number")?),
                 None => None,
+            },
+            late: if event == FlowEvent::LatePay {
+                Some(LatePayment {
+                    payment_id: field("p").ok_or("a late_pay record without field p")?,
+                    amount_cents: field("a")
+                        .ok_or("a late_pay record without field a")?
+                        .parse()
+                        .map_err(|_| "field a is not an amount")?,
+                })
+            } else {
+                None
             },
         })
     })();

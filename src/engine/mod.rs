@@ -26,7 +26,7 @@ use crate::domain::SaleId;
 
 pub use audit::{AuditSnapshot, Repair, Repaired};
 pub use combiner::{Batching, ReserveFailed, ReserveStats};
-pub use flow::{FlowEntry, FlowEvent, FlowId, FlowRecord, UnreadableRecord};
+pub use flow::{FlowEntry, FlowEvent, FlowId, FlowRecord, LatePayment, UnreadableRecord};
 pub use keys::{Keys, SaleKeys};
 pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reservation};
 pub use order::{Order, OrderStatus};

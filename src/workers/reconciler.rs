@@ -27,7 +27,7 @@ use super::retire::{Retirer, DEFAULT_RETENTION};
 use crate::db::ledger;
 use crate::domain::SaleId;
 use crate::engine::Engine;
-use crate::telemetry::Metrics;
+use crate::telemetry::{EventTypeLabels, Metrics};
 
 /// How often ended sales are looked at for retirement.
 const RETIRE_EVERY: Duration = Duration::from_secs(1);
@@ -217,6 +217,15 @@ impl Reconciler {
         tx.commit().await?;
         self.metrics.reconciler_batches.inc();
         self.metrics.reconciler_rows.inc_by(out.applied as u64);
+        for t in &out.events {
+            self.metrics
+                .events
+                .outbox_written
+                .get_or_create(&EventTypeLabels {
+                    event_type: t.as_str(),
+                })
+                .inc();
+        }
         for q in &out.quarantined {
             self.metrics.flow_quarantined.inc();
             tracing::error!(sale = %sale, flow = %q.flow, order_seq = ?q.seq, reason = %q.reason,

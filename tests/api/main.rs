@@ -2,12 +2,14 @@
 
 mod audit;
 mod bad_input;
+mod downstream;
 mod expiry;
 mod failover;
 mod front_door;
 mod helpers;
 mod lifecycle;
 mod operations;
+mod outbox;
 mod quarantine;
 mod reconcile;
 mod redis_loss;

@@ -141,6 +141,7 @@ async fn audit_one(app: &TestApp, pool: &MySqlPool, sale: &str) -> audit::Report
             sale: Some(sale.parse().unwrap()),
             grace: Duration::from_secs(60),
             progress: false,
+            events: Default::default(),
         },
     )
     .await

@@ -246,3 +246,53 @@ pub(in crate::audit) async fn check_quarantined(cx: &mut Ctx<'_>) -> anyhow::Res
     }
     Ok(())
 }
+
+/// Downstream events of the sale, in MySQL alone: every paid order has its
+/// `order.paid` outbox row and every refunded one its `order.refunded` row
+/// (orders changed before the outbox's retention are left out: the purge
+/// may have taken their rows); with a broker named, no event waits to be
+/// published longer than the grace (without one, waiting events are
+/// information: nothing publishes them).
+pub(in crate::audit) async fn check_outbox(
+    cx: &mut Ctx<'_>,
+    opts: &crate::audit::AuditOptions,
+) -> anyhow::Result<()> {
+    let since = chrono::Utc::now()
+        - chrono::Duration::from_std(opts.events.retention).unwrap_or(chrono::TimeDelta::MAX);
+    let missing = q::orders_missing_events(cx.db, cx.sale, since, PAGE).await?;
+    for m in &missing {
+        cx.find(
+            FindingKind::OutboxMissing,
+            format!(
+                "order seq {} is {} in MySQL but the outbox has no {} event for it",
+                m.seq, m.status, m.event_type
+            ),
+        )
+        .order(m.seq)
+        .mysql(json!({"status": m.status, "missing": m.event_type}))
+        .push();
+    }
+    if missing.len() as u64 >= PAGE {
+        cx.skip("outbox rows of further orders: the first page already has findings");
+    }
+    let grace = chrono::Duration::from_std(opts.grace).unwrap_or(chrono::TimeDelta::MAX);
+    let (waiting, late) = q::unsent_events(cx.db, cx.sale, chrono::Utc::now() - grace).await?;
+    if !opts.events.broker {
+        if waiting > 0 {
+            cx.report.information.push(format!(
+                "{waiting} events wait in the outbox: no broker is named (FLASHSALE_AMQP_URL), so the relay does not run"
+            ));
+        }
+    } else if late > 0 {
+        cx.find(
+            FindingKind::OutboxBehind,
+            format!(
+                "{late} events wait for the broker longer than {} s: is the relay running, does RabbitMQ answer?",
+                opts.grace.as_secs()
+            ),
+        )
+        .mysql(json!({"unsent": waiting, "past_grace": late}))
+        .push();
+    }
+    Ok(())
+}
