@@ -2,6 +2,7 @@
 
 mod audit;
 mod bad_input;
+mod events;
 mod expiry;
 mod failover;
 mod front_door;
