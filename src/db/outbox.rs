@@ -83,10 +83,11 @@ pub struct Unsent {
 
 /// The sales that have unsent rows (a loose scan of `idx_outbox_unsent`).
 pub async fn unsent_sales(pool: &MySqlPool) -> sqlx::Result<Vec<SaleId>> {
-    let rows: Vec<(u64,)> =
-        sqlx::query_as("SELECT DISTINCT sale_id FROM outbox WHERE sent_at IS NULL ORDER BY sale_id")
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<(u64,)> = sqlx::query_as(
+        "SELECT DISTINCT sale_id FROM outbox WHERE sent_at IS NULL ORDER BY sale_id",
+    )
+    .fetch_all(pool)
+    .await?;
     // A sale id of 0 cannot come from the reconciler; such a row would be
     // a hand-made one and is left alone rather than failing every pass.
     Ok(rows

@@ -251,7 +251,10 @@ impl Relay {
         let mut tx = self.db.begin().await?;
         if !outbox::lock_claim(&mut tx, sale).await? {
             tx.rollback().await?;
-            return Ok(0); // another relay has this sale right now
+            // Another relay has this sale right now, or its claim row is
+            // gone (SKIP LOCKED cannot tell): look again next time.
+            self.known_claims.lock().await.remove(&sale);
+            return Ok(0);
         }
         let rows = outbox::unsent_batch(&mut tx, sale, self.cfg.relay_batch).await?;
         if rows.is_empty() {
@@ -261,9 +264,7 @@ impl Relay {
         // Dropping `tx` on an error rolls back: the rows stay unsent.
         tokio::time::timeout(CONFIRM_TIMEOUT, self.publish_confirmed(channel, &rows))
             .await
-            .map_err(|_| {
-                RelayError::Broker(format!("no confirms within {CONFIRM_TIMEOUT:?}"))
-            })??;
+            .map_err(|_| RelayError::Broker(format!("no confirms within {CONFIRM_TIMEOUT:?}")))??;
         let ids: Vec<u64> = rows.iter().map(|r| r.id).collect();
         outbox::mark_sent(&mut tx, sale, &ids).await?;
         tx.commit().await?;
@@ -282,7 +283,11 @@ impl Relay {
     /// Publishes `rows` in order, then awaits all their confirms together
     /// (one round trip a batch, not a message). Any nack or error fails the
     /// whole batch: it is published again, duplicates and all.
-    async fn publish_confirmed(&self, channel: &Channel, rows: &[Unsent]) -> Result<(), RelayError> {
+    async fn publish_confirmed(
+        &self,
+        channel: &Channel,
+        rows: &[Unsent],
+    ) -> Result<(), RelayError> {
         let mut pending = PendingConfirms::new(&self.metrics);
         let mut confirms = Vec::with_capacity(rows.len());
         let exchange = ShortString::from(self.cfg.amqp_exchange.as_str());
@@ -329,10 +334,7 @@ impl Relay {
     }
 
     fn upkeep_due(&self) -> bool {
-        let mut last = self
-            .last_upkeep
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut last = self.last_upkeep.lock().unwrap_or_else(|p| p.into_inner());
         if last.is_some_and(|t| t.elapsed() < UPKEEP_EVERY) {
             return false;
         }
@@ -363,7 +365,8 @@ impl Relay {
         self.metrics.events.outbox_oldest_age_seconds.set(age);
         let mut purged = 0;
         for _ in 0..PURGE_CHUNKS_PER_UPKEEP {
-            let n = outbox::purge_sent(&self.db, self.cfg.outbox_retention_secs, PURGE_CHUNK).await?;
+            let n =
+                outbox::purge_sent(&self.db, self.cfg.outbox_retention_secs, PURGE_CHUNK).await?;
             purged += n;
             self.metrics.events.outbox_purged.inc_by(n);
             if n < PURGE_CHUNK {

@@ -220,8 +220,7 @@ fn gen_rows(sales: &[u64], from: u64, per_sale: u64) -> Vec<NewRow> {
                     user_id: Some((1000 + seq).to_string()),
                     qty: Some(1),
                     amount_cents: Some(99_900),
-                    payment_id: (kind == EventType::OrderPaid)
-                        .then(|| format!("pay_{sale}_{seq}")),
+                    payment_id: (kind == EventType::OrderPaid).then(|| format!("pay_{sale}_{seq}")),
                     status: None,
                     restocked: None,
                 },
@@ -491,8 +490,11 @@ async fn relay_killed_ten_times_mid_stream_loses_nothing() {
         }
     }
     println!("{kills} kills; {sent} of {total} rows sent before the last restart");
-    assert!(sent < total, "the relay finished before the tenth kill: more rows");
-    let _relay = start_relay(&target, &env);
+    assert!(
+        sent < total,
+        "the relay finished before the tenth kill: more rows"
+    );
+    let relay = start_relay(&target, &env);
     wait_all_sent(&db, Duration::from_secs(40)).await;
     let got = broker.drain(&queue, Duration::from_secs(20)).await;
     let dups = check_delivery(&db, &got).await;
@@ -502,6 +504,7 @@ async fn relay_killed_ten_times_mid_stream_loses_nothing() {
         started.elapsed()
     );
 
+    drop(relay);
     broker.cleanup().await;
     db.close().await;
     target.cleanup().await;
@@ -535,7 +538,7 @@ async fn relay_reconnects_when_the_broker_closes_its_connection() {
     let db = flashsale::db::connect(&target.database_url).await.unwrap();
     let mut broker = TestBroker::connect(&unique("fstest_ex")).await;
     let queue = broker.bind_queue("#").await;
-    write_rows(&db, &gen_rows(&[31, 32], 1, 2000)).await;
+    write_rows(&db, &gen_rows(&[31, 32, 33, 34], 1, 4000)).await;
     let total = unsent(&db).await;
     let relay = start_relay(&target, &relay_env(&broker.exchange, 50));
 
@@ -548,8 +551,14 @@ async fn relay_reconnects_when_the_broker_closes_its_connection() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let at_close = total - unsent(&db).await;
-    println!("connection {} closed with {at_close} of {total} rows sent ({before} when found)", conns[0]);
-    assert!(at_close < total, "the relay finished before the close: more rows");
+    println!(
+        "connection {} closed with {at_close} of {total} rows sent ({before} when found)",
+        conns[0]
+    );
+    assert!(
+        at_close < total,
+        "the relay finished before the close: more rows"
+    );
 
     wait_all_sent(&db, Duration::from_secs(40)).await;
     let now = relay_connections_of(relay.pid());
@@ -599,24 +608,18 @@ async fn upkeep_measures_the_backlog_and_purges_old_sent_rows_in_chunks() {
     let db = flashsale::db::connect(&target.database_url).await.unwrap();
     write_rows(&db, &gen_rows(&[51, 52, 53], 1, 4000)).await;
     // 11,000 rows sent two days ago, 500 sent just now, 500 waiting for 5 s.
-    sqlx::query(
-        "UPDATE outbox SET sent_at = NOW(3) - INTERVAL 2 DAY ORDER BY id LIMIT 11000",
-    )
-    .execute(&db)
-    .await
-    .unwrap();
-    sqlx::query(
-        "UPDATE outbox SET sent_at = NOW(3) WHERE sent_at IS NULL ORDER BY id LIMIT 500",
-    )
-    .execute(&db)
-    .await
-    .unwrap();
-    sqlx::query(
-        "UPDATE outbox SET created_at = NOW(3) - INTERVAL 5 SECOND WHERE sent_at IS NULL",
-    )
-    .execute(&db)
-    .await
-    .unwrap();
+    sqlx::query("UPDATE outbox SET sent_at = NOW(3) - INTERVAL 2 DAY ORDER BY id LIMIT 11000")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE outbox SET sent_at = NOW(3) WHERE sent_at IS NULL ORDER BY id LIMIT 500")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE outbox SET created_at = NOW(3) - INTERVAL 5 SECOND WHERE sent_at IS NULL")
+        .execute(&db)
+        .await
+        .unwrap();
     let metrics = Arc::new(Metrics::default());
     let mut cfg = amqp_cfg(&target, "unused", 50);
     cfg.outbox_retention_secs = 86_400;
@@ -634,6 +637,43 @@ async fn upkeep_measures_the_backlog_and_purges_old_sent_rows_in_chunks() {
     assert_eq!(left, 1000);
     assert_eq!(relay.upkeep().await.unwrap(), 0);
 
+    db.close().await;
+    target.cleanup().await;
+}
+
+/// Not a check of behaviour but a measurement: rows per second through the
+/// relay in this process (debug build, the default batch), from the first
+/// poll to the last row marked sent, with one queue taking everything.
+#[tokio::test]
+async fn relay_throughput() {
+    let target = Target::fresh();
+    let db = flashsale::db::connect(&target.database_url).await.unwrap();
+    let mut broker = TestBroker::connect(&unique("fstest_ex")).await;
+    let queue = broker.bind_queue("#").await;
+    let sales = [61, 62, 63, 64];
+    write_rows(&db, &gen_rows(&sales, 1, 5000)).await;
+    let total = unsent(&db).await;
+    let metrics = Arc::new(Metrics::default());
+    let stop = CancellationToken::new();
+    let relay = Relay::new(
+        db.clone(),
+        amqp_cfg(&target, &broker.exchange, 500),
+        metrics.clone(),
+    );
+    let started = Instant::now();
+    let handle = tokio::spawn(relay.run(stop.clone()));
+    wait_all_sent(&db, Duration::from_secs(50)).await;
+    let took = started.elapsed();
+    stop.cancel();
+    handle.await.unwrap();
+    println!(
+        "relay throughput: {total} rows in {took:?}, {:.0} rows/s (batch 500)",
+        total as f64 / took.as_secs_f64()
+    );
+    assert_eq!(broker.depth(&queue).await as i64, total);
+    assert_eq!(published_total(&metrics), total as u64);
+
+    broker.cleanup().await;
     db.close().await;
     target.cleanup().await;
 }
