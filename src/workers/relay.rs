@@ -98,6 +98,11 @@ impl Link {
         Ok(Self { conn, channel })
     }
 
+    /// Whether the connection and the channel are still open.
+    fn usable(&self) -> bool {
+        self.conn.status().connected() && self.channel.status().connected()
+    }
+
     /// Closes the connection, best effort (it may be gone already).
     async fn close(self) {
         let closing = self.conn.close(200, "relay reconnects".into());
@@ -208,18 +213,21 @@ impl Relay {
     }
 
     /// One batch of every sale with unsent rows (the ones another relay
-    /// holds are skipped), connecting first if need be. Stops between sales
-    /// when `stop` fires.
+    /// holds are skipped), connecting first if need be (also while idle, so
+    /// a relay shows in the broker's connections and a broker outage counts
+    /// as failures before events wait on it). Stops between sales when
+    /// `stop` fires.
     pub async fn try_pass(&self, stop: &CancellationToken) -> Result<PassOutcome, RelayError> {
         let mut out = PassOutcome::default();
-        let sales = outbox::unsent_sales(&self.db).await?;
-        if sales.is_empty() {
-            // Nothing waits: the backlog is known without a query.
-            self.metrics.events.outbox_backlog.set(0);
-            self.metrics.events.outbox_oldest_age_seconds.set(0.0);
-            return Ok(out);
-        }
         let mut link = self.link.lock().await;
+        if link.as_ref().is_some_and(|l| !l.usable()) {
+            // Lost while idle (a heartbeat timeout, a closed channel): not a
+            // failed round; connect again before publishing.
+            if let Some(old) = link.take() {
+                tracing::info!("the broker connection was lost while idle; reconnecting");
+                old.close().await;
+            }
+        }
         if link.is_none() {
             let url = self
                 .cfg
@@ -227,6 +235,13 @@ impl Relay {
                 .ok_or_else(|| RelayError::Broker("FLASHSALE_AMQP_URL is not set".into()))?;
             *link = Some(Link::open(url, &self.cfg.amqp_exchange).await?);
             tracing::info!(exchange = %self.cfg.amqp_exchange, "relay connected to the broker");
+        }
+        let sales = outbox::unsent_sales(&self.db).await?;
+        if sales.is_empty() {
+            // Nothing waits: the backlog is known without a query.
+            self.metrics.events.outbox_backlog.set(0);
+            self.metrics.events.outbox_oldest_age_seconds.set(0.0);
+            return Ok(out);
         }
         let channel = &link.as_ref().expect("connected above").channel;
         for sale in sales {

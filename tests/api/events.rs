@@ -532,6 +532,15 @@ fn relay_connections_of(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// `rabbitmqctl close_connection` of one connection (by its Erlang pid).
+fn close_connection(erl_pid: &str) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", erl_pid, "test"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 #[tokio::test]
 async fn relay_reconnects_when_the_broker_closes_its_connection() {
     let target = Target::fresh();
@@ -545,11 +554,7 @@ async fn relay_reconnects_when_the_broker_closes_its_connection() {
     let before = wait_progress(&db, total, 0, 1).await;
     let conns = relay_connections_of(relay.pid());
     assert_eq!(conns.len(), 1, "the relay's connection: {conns:?}");
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "close_connection", &conns[0], "test"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    close_connection(&conns[0]);
     let at_close = total - unsent(&db).await;
     println!(
         "connection {} closed with {at_close} of {total} rows sent ({before} when found)",
@@ -564,8 +569,19 @@ async fn relay_reconnects_when_the_broker_closes_its_connection() {
     let now = relay_connections_of(relay.pid());
     assert_eq!(now.len(), 1, "one new connection: {now:?}");
     assert_ne!(now[0], conns[0]);
+
+    // Closed again while idle: the relay notices before it publishes.
+    close_connection(&now[0]);
+    write_rows(&db, &gen_rows(&[31, 35], 4001, 200)).await;
+    let total = unsent(&db).await + total;
+    wait_all_sent(&db, Duration::from_secs(20)).await;
+    let again = relay_connections_of(relay.pid());
+    assert_eq!(again.len(), 1, "one new connection: {again:?}");
+    assert!(!conns.contains(&again[0]) && again[0] != now[0]);
+
     let got = broker.drain(&queue, Duration::from_secs(20)).await;
     let dups = check_delivery(&db, &got).await;
+    assert!(got.len() as i64 >= total);
     println!("{} messages for {total} rows: {dups} duplicates", got.len());
 
     drop(relay);
