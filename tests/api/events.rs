@@ -468,9 +468,9 @@ async fn relay_killed_ten_times_mid_stream_loses_nothing() {
     let mut broker = TestBroker::connect(&unique("fstest_ex")).await;
     let queue = broker.bind_queue("#").await;
     let sales = [21, 22, 23, 24];
-    write_rows(&db, &gen_rows(&sales, 1, 1500)).await;
+    write_rows(&db, &gen_rows(&sales, 1, 3000)).await;
     let total = unsent(&db).await;
-    assert_eq!(total, 6000);
+    assert_eq!(total, 12_000);
     let env = relay_env(&broker.exchange, 50);
 
     let mut rng = Rng::seeded();
@@ -481,7 +481,7 @@ async fn relay_killed_ten_times_mid_stream_loses_nothing() {
         let mut relay = start_relay(&target, &env);
         // Mid-stream: after it published something, at a random moment.
         wait_progress(&db, total, sent, 1).await;
-        tokio::time::sleep(Duration::from_millis(rng.below(150))).await;
+        tokio::time::sleep(Duration::from_millis(rng.below(100))).await;
         relay.kill();
         sent = total - unsent(&db).await;
         kills += 1;
