@@ -10,7 +10,9 @@
 //! published again. Delivery is at least once, in id order per sale by first
 //! occurrence; consumers de-duplicate by event id.
 //!
-//! On any broker error the connection is dropped, the failure counted and
+//! It holds one named connection (`amqp::connection_name("relay")`) also
+//! while idle, and replaces it when it is found closed. On any broker error
+//! during a round the connection is dropped, the failure counted and
 //! the relay reconnects after a capped, jittered exponential backoff; while
 //! MySQL is down it backs off the same way. Every ten seconds it measures the
 //! backlog and purges sent rows past the retention, in bounded chunks.
