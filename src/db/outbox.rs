@@ -5,7 +5,8 @@
 //! Rows are unique by event id, and an event's id is derived from the change
 //! (see [`crate::events`]), so writing the same change twice leaves one row.
 
-use sqlx::{MySql, QueryBuilder, Transaction};
+use chrono::{DateTime, Utc};
+use sqlx::{MySql, MySqlPool, QueryBuilder, Transaction};
 
 use crate::domain::{OrderId, SaleId};
 use crate::events::{Event, EventType};
@@ -89,4 +90,166 @@ pub async fn write_order_history(
         })
         .collect();
     Ok(insert(tx, &rows).await?)
+}
+
+// The relay's side (`workers::relay`): the sales with unsent rows, a claim
+// row per sale locked for one transaction (`SKIP LOCKED`, so any number of
+// relays share the sales and one sale's rows leave from one relay at a
+// time, in id order), the rows of one batch, their mark once the broker
+// confirmed them, and the upkeep (backlog, purge of sent rows).
+
+/// One unsent row, as the relay publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsent {
+    /// The row's id: the order a sale's rows are published in.
+    pub id: u64,
+    /// The event id (the message id).
+    pub event_id: String,
+    /// The event type as stored (the routing key).
+    pub event_type: String,
+    /// The JSON body as stored, published byte for byte.
+    pub body: String,
+    /// When the change happened (the message timestamp).
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// The sales that have unsent rows (a loose scan of `idx_outbox_unsent`).
+pub async fn unsent_sales(pool: &MySqlPool) -> sqlx::Result<Vec<SaleId>> {
+    let rows: Vec<(u64,)> = sqlx::query_as(
+        "SELECT DISTINCT sale_id FROM outbox WHERE sent_at IS NULL ORDER BY sale_id",
+    )
+    .fetch_all(pool)
+    .await?;
+    // A sale id of 0 cannot come from the reconciler; such a row would be
+    // a hand-made one and is left alone rather than failing every pass.
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id,)| SaleId::new(id).ok())
+        .collect())
+}
+
+/// Creates `sale`'s claim row if it is missing. Called outside the batch
+/// transaction (as `ledger::ensure_cursor`): inserting under a locking read
+/// of a missing row would wait on the transaction's own gap lock.
+pub async fn ensure_claim(pool: &MySqlPool, sale: SaleId) -> sqlx::Result<()> {
+    let exists: Option<(u64,)> =
+        sqlx::query_as("SELECT sale_id FROM outbox_relay_claims WHERE sale_id = ?")
+            .bind(sale.get())
+            .fetch_optional(pool)
+            .await?;
+    if exists.is_none() {
+        sqlx::query(
+            "INSERT INTO outbox_relay_claims (sale_id) VALUES (?) \
+             ON DUPLICATE KEY UPDATE sale_id = sale_id",
+        )
+        .bind(sale.get())
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Locks `sale`'s claim row (see [`ensure_claim`]) for this transaction;
+/// `false` when another relay holds it (then this one moves on).
+pub async fn lock_claim(tx: &mut Transaction<'_, MySql>, sale: SaleId) -> sqlx::Result<bool> {
+    let row: Option<(u64,)> = sqlx::query_as(
+        "SELECT sale_id FROM outbox_relay_claims WHERE sale_id = ? FOR UPDATE SKIP LOCKED",
+    )
+    .bind(sale.get())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.is_some())
+}
+
+/// Up to `limit` unsent rows of `sale`, in id order. Read under the sale's
+/// claim (see [`lock_claim`]): the rows a relay that held it before
+/// committed as sent are not read again.
+pub async fn unsent_batch(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+    limit: usize,
+) -> sqlx::Result<Vec<Unsent>> {
+    let rows: Vec<(u64, String, String, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, event_id, event_type, body, occurred_at FROM outbox \
+         WHERE sent_at IS NULL AND sale_id = ? ORDER BY id LIMIT ?",
+    )
+    .bind(sale.get())
+    .bind(limit as u64)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, event_id, event_type, body, occurred_at)| Unsent {
+            id,
+            event_id,
+            event_type,
+            body,
+            occurred_at,
+        })
+        .collect())
+}
+
+/// Marks `ids` (rows of `sale` the broker confirmed) sent and adds them to
+/// the sale's published count, in the claim's transaction. Returns the rows
+/// marked.
+pub async fn mark_sent(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+    ids: &[u64],
+) -> sqlx::Result<u64> {
+    let mut marked = 0;
+    for chunk in ids.chunks(5000) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "UPDATE outbox SET sent_at = NOW(3) WHERE sent_at IS NULL AND id IN (",
+        );
+        let mut list = q.separated(", ");
+        for id in chunk {
+            list.push_bind(*id);
+        }
+        q.push(")");
+        marked += q.build().execute(&mut **tx).await?.rows_affected();
+    }
+    sqlx::query("UPDATE outbox_relay_claims SET published = published + ? WHERE sale_id = ?")
+        .bind(marked)
+        .bind(sale.get())
+        .execute(&mut **tx)
+        .await?;
+    Ok(marked)
+}
+
+/// The unsent rows: how many, and the age in seconds of the oldest (by its
+/// `created_at`, MySQL's clock; the oldest is taken to be the lowest id,
+/// which the auto-increment makes so up to a commit's width). `(0, 0.0)`
+/// when none waits.
+pub async fn backlog(pool: &MySqlPool) -> sqlx::Result<(u64, f64)> {
+    let (count, first): (i64, Option<u64>) =
+        sqlx::query_as("SELECT COUNT(*), MIN(id) FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(pool)
+            .await?;
+    let Some(first) = first else {
+        return Ok((0, 0.0));
+    };
+    let age_us: Option<(i64,)> = sqlx::query_as(
+        "SELECT TIMESTAMPDIFF(MICROSECOND, created_at, NOW(3)) FROM outbox WHERE id = ?",
+    )
+    .bind(first)
+    .fetch_optional(pool)
+    .await?;
+    let age = age_us.map_or(0.0, |(us,)| us.max(0) as f64 / 1e6);
+    Ok((count.max(0) as u64, age))
+}
+
+/// Deletes up to `limit` rows sent more than `retention_secs` ago (MySQL's
+/// clock, the one `sent_at` is written by); returns how many. Callers loop
+/// while a full chunk comes back, so one statement never holds many locks.
+pub async fn purge_sent(pool: &MySqlPool, retention_secs: u64, limit: u64) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM outbox WHERE sent_at IS NOT NULL \
+         AND sent_at < NOW(3) - INTERVAL ? SECOND LIMIT ?",
+    )
+    .bind(retention_secs)
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
 }

@@ -636,6 +636,11 @@ impl ServeProcess {
         Self(child)
     }
 
+    /// The child's process id (a broker connection's name carries it).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
     /// SIGKILL: no shutdown, no goodbye.
     pub fn kill(&mut self) {
         let _ = self.0.kill();

@@ -3,6 +3,7 @@
 mod audit;
 mod bad_input;
 mod downstream;
+mod events;
 mod expiry;
 mod failover;
 mod front_door;
