@@ -8,6 +8,7 @@ mod front_door;
 mod helpers;
 mod lifecycle;
 mod operations;
+mod points;
 mod quarantine;
 mod reconcile;
 mod redis_loss;
