@@ -19,7 +19,7 @@ use lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
 use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::MySqlPool;
@@ -82,36 +82,37 @@ impl Broker {
     }
 
     async fn publish_to(&self, exchange: &str, routing_key: &str, body: &[u8]) {
-        self.publish_unconfirmed(exchange, routing_key, body).await;
-        self.ch.wait_for_confirms().await.unwrap();
+        let confirm = self.publish_unconfirmed(exchange, routing_key, body).await;
+        confirmed(vec![confirm]).await;
     }
 
-    /// Publishes without waiting for the confirm (see `confirmed`).
-    async fn publish_unconfirmed(&self, exchange: &str, routing_key: &str, body: &[u8]) {
+    /// Publishes; the broker's confirm is the future returned.
+    async fn publish_unconfirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+    ) -> PublisherConfirm {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
-        let _ = self
-            .ch
+        self.ch
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
                 body,
                 props,
             )
             .await
-            .unwrap();
+            .unwrap()
     }
 
     async fn publish_event(&self, e: &Event) {
         self.publish(e.kind.as_str(), e.to_json().as_bytes()).await;
-    }
-
-    /// Waits for the confirms of everything published so far.
-    async fn confirmed(&self) {
-        let returned = self.ch.wait_for_confirms().await.unwrap();
-        assert!(returned.is_empty(), "unroutable: {returned:?}");
     }
 
     /// Messages ready in `queue` (not counting those delivered and unacked).
@@ -171,6 +172,15 @@ impl Drop for Broker {
             })
         })
         .join();
+    }
+}
+
+/// Waits for the broker's confirms; each must be an ack of a routed message.
+async fn confirmed(pending: Vec<PublisherConfirm>) {
+    for c in futures::future::join_all(pending).await {
+        let c = c.unwrap();
+        assert!(c.is_ack(), "{c:?}");
+        assert!(c.take_message().is_none(), "returned unroutable");
     }
 }
 
@@ -494,16 +504,15 @@ async fn a_consumer_killed_mid_stream_and_restarted_applies_every_event_exactly_
         }
     }
     assert_eq!(events.len(), 2000);
+    let mut pending = Vec::with_capacity(events.len());
     for e in &events {
-        broker
-            .publish_unconfirmed(
-                &broker.cfg.amqp_exchange,
-                e.kind.as_str(),
-                e.to_json().as_bytes(),
-            )
+        let body = e.to_json();
+        let c = broker
+            .publish_unconfirmed(&broker.cfg.amqp_exchange, e.kind.as_str(), body.as_bytes())
             .await;
+        pending.push(c);
     }
-    broker.confirmed().await;
+    confirmed(pending).await;
     assert_eq!(broker.ready(&broker.cfg.points_queue).await, 2000);
 
     // SIGKILL the consumer three times while it works (as `serve --roles
