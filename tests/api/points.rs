@@ -248,6 +248,20 @@ impl InProcess {
             .get()
     }
 
+    /// Sum (seconds) and count of the observed points lag (event time to
+    /// commit).
+    fn lag_totals(&self) -> (f64, u64) {
+        let text = self.metrics.render();
+        let find = |suffix: &str| {
+            text.lines()
+                .find(|l| l.contains(&format!("points_lag_seconds_{suffix} ")))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (find("sum"), find("count") as u64)
+    }
+
     fn dead_lettered(&self) -> u64 {
         self.metrics.events.points_dead_lettered.get()
     }
@@ -406,6 +420,25 @@ async fn paid_and_refunded_events_move_balances_once_each_however_often_delivere
     assert_eq!(points, -(refund.amount_cents.unwrap() / 100));
     assert_eq!(broker.ready(&broker.cfg.points_queue).await, 0);
     assert_eq!(broker.ready(&broker.cfg.points_dead_queue()).await, 0);
+    let (_, observed) = consumer.lag_totals();
+    assert_eq!(observed, n, "one lag per applied event");
+    // The lag of an idle consumer: one event at a time, stamped as it is
+    // published.
+    let (sum0, count0) = consumer.lag_totals();
+    for k in 1..=20u64 {
+        let e = order_event(EventType::OrderPaid, &format!("9-{}", 1000 + k), 5, 100);
+        broker.publish_event(&e).await;
+        wait_for("applied", Duration::from_secs(5), || async {
+            consumer.consumed("applied") == n + k
+        })
+        .await;
+    }
+    let (sum1, count1) = consumer.lag_totals();
+    assert_eq!(count1 - count0, 20);
+    eprintln!(
+        "points lag, publish to commit, idle consumer: mean {:.2} ms over 20 events",
+        (sum1 - sum0) / 20.0 * 1000.0
+    );
 
     consumer.stop().await;
     // Stopped with nothing unacked: the queue is still empty.
@@ -784,4 +817,167 @@ async fn the_points_command_refuses_to_start_without_a_broker() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("FLASHSALE_AMQP_URL"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_mysql_is_down_events_wait_unacked_and_the_endpoint_answers_503() {
+    let started = Instant::now();
+    let mut mysql = OwnMariaDb::start().await;
+    let mut target = Target::fresh();
+    target.database_url = mysql.url(&unique("fstest"));
+    let app = spawn_on(target.clone()).await;
+    let db = flashsale::db::connect(&target.database_url).await.unwrap();
+    let broker = Broker::fresh().await;
+    let consumer = InProcess::start(&db, &broker.cfg);
+    let paid = |n: u64| order_event(EventType::OrderPaid, &format!("6-{n}"), 5, 250);
+    for n in 1..=50 {
+        broker.publish_event(&paid(n)).await;
+    }
+    wait_for(
+        "the first events applied",
+        Duration::from_secs(20),
+        || async { consumer.consumed("applied") == 50 },
+    )
+    .await;
+    let points = || {
+        app.client
+            .get(app.url("/api/v1/users/me/points"))
+            .bearer_auth(buyer_token(5))
+            .send()
+    };
+    let body: Value = points().await.unwrap().json().await.unwrap();
+    assert_eq!(body["balance"], 100);
+
+    mysql.kill();
+    for n in 51..=100 {
+        broker.publish_event(&paid(n)).await;
+    }
+    let res = points().await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
+    let err: Value = res.json().await.unwrap();
+    assert_eq!(code(&err), "unavailable");
+    // Nothing is dead-lettered or lost while MySQL is away: the deliveries
+    // wait unacked.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(consumer.dead_lettered(), 0);
+    assert_eq!(consumer.consumed("applied"), 50);
+
+    mysql.restart().await;
+    wait_for(
+        "every event applied after MySQL came back",
+        Duration::from_secs(40),
+        || async { entry_count(&db).await == 100 },
+    )
+    .await;
+    wait_for("every delivery acked", Duration::from_secs(10), || async {
+        consumer.consumed("applied") + consumer.consumed("duplicate") == 100
+            && broker.ready(&broker.cfg.points_queue).await == 0
+    })
+    .await;
+    assert_eq!(balances(&db).await, BTreeMap::from([(5, 200)]));
+    assert_eq!(consumer.dead_lettered(), 0);
+    let body: Value = points().await.unwrap().json().await.unwrap();
+    assert_eq!(body["balance"], 200);
+    assert_eq!(body["entries"].as_array().unwrap().len(), 50);
+
+    consumer.stop().await;
+    broker.delete().await;
+    app.finish().await;
+    eprintln!("took {:?}", started.elapsed());
+}
+
+/// The broker's ids of the connections named for process `pid`'s points
+/// consumer (`rabbitmqctl list_connections`).
+fn points_connections(pid: u32) -> Vec<String> {
+    let out = Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "--no-table-headers",
+            "-q",
+        ])
+        .output()
+        .expect("rabbitmqctl is installed");
+    let name = "flashsale points ";
+    let tag = format!("pid {pid}");
+    let names_pid = |l: &str| {
+        l.match_indices(&tag)
+            .any(|(i, _)| !l[i + tag.len()..].starts_with(|c: char| c.is_ascii_digit()))
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(name) && names_pid(l))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_whose_connection_the_broker_closes_reconnects_and_applies_everything_once() {
+    let started = Instant::now();
+    let target = Target::fresh();
+    let db = flashsale::db::connect(&target.database_url).await.unwrap();
+    let broker = Broker::fresh().await;
+    let child = points_process(&target, &broker);
+    let pid = child.id();
+    let mut child = ServeProcess::adopt(child);
+    let paid = |n: u64| order_event(EventType::OrderPaid, &format!("7-{n}"), n % 3 + 1, 300);
+    let mut pending = Vec::new();
+    for n in 1..=300 {
+        let e = paid(n);
+        let body = e.to_json();
+        pending.push(
+            broker
+                .publish_unconfirmed(&broker.cfg.amqp_exchange, e.kind.as_str(), body.as_bytes())
+                .await,
+        );
+    }
+    confirmed(pending).await;
+    let mut conns = Vec::new();
+    wait_for(
+        "the consumer's connection listed",
+        Duration::from_secs(20),
+        || {
+            conns = points_connections(pid);
+            std::future::ready(!conns.is_empty())
+        },
+    )
+    .await;
+    for c in &conns {
+        let ok = Command::new("rabbitmqctl")
+            .args(["close_connection", c, "fstest: forced close"])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(ok, "close_connection {c}");
+    }
+    for n in 301..=600 {
+        broker.publish_event(&paid(n)).await;
+    }
+    wait_for("every event applied", Duration::from_secs(40), || async {
+        entry_count(&db).await == 600
+    })
+    .await;
+    wait_for("the queue drained", Duration::from_secs(10), || async {
+        broker.ready(&broker.cfg.points_queue).await == 0
+    })
+    .await;
+    // A new connection of the same process.
+    let now = points_connections(pid);
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now, conns);
+    assert!(
+        child.terminate(Duration::from_secs(10)),
+        "a clean exit on SIGTERM"
+    );
+    assert_eq!(
+        balances(&db).await,
+        BTreeMap::from([(1, 600), (2, 600), (3, 600)])
+    );
+    assert_eq!(broker.ready(&broker.cfg.points_queue).await, 0);
+    broker.delete().await;
+    target.cleanup().await;
+    eprintln!("took {:?}", started.elapsed());
 }
