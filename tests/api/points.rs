@@ -228,6 +228,9 @@ struct InProcess {
 
 impl InProcess {
     fn start(db: &MySqlPool, cfg: &AmqpConfig) -> Self {
+        if std::env::var_os("RUST_LOG").is_some() {
+            flashsale::telemetry::init_logging();
+        }
         let metrics = Arc::new(Metrics::default());
         let stop = CancellationToken::new();
         let handle = tokio::spawn(
@@ -619,33 +622,47 @@ async fn unreadable_messages_go_to_the_dead_letter_queue_once_and_the_rest_flows
         .to_json()
         .replace(r#""type":"order.paid""#, r#""type":"order.exploded""#)
         .into_bytes();
-    let dead = vec![bad_json, v2, no_user, unknown_type];
+    let mut dead = vec![bad_json, v2, no_user, unknown_type];
     for body in &dead {
         broker.publish("order.paid", body).await;
     }
     broker.publish_event(&good(5)).await;
     broker.publish_event(&good(6)).await;
+    // 101 payments of the largest amount: the points of the 101st overflow
+    // buyer 12's balance (BIGINT), and MySQL refuses it as such whatever
+    // batch it is in. The other events of its batch are applied on their
+    // own, and it goes to the dead letters instead of blocking the queue.
+    let huge = |n: u64| order_event(EventType::OrderPaid, &format!("4-{n}"), 12, i64::MAX);
+    let huge: Vec<Event> = (100..=200).map(huge).collect();
+    for e in &huge {
+        broker.publish_event(e).await;
+    }
+    broker.publish_event(&good(9)).await;
+    dead.push(huge[100].to_json().into_bytes());
 
     let consumer = InProcess::start(&db, &broker.cfg);
     wait_for(
         "the good events applied",
         Duration::from_secs(20),
-        || async { consumer.consumed("applied") == 3 },
+        || async { consumer.consumed("applied") == 104 },
     )
     .await;
     wait_for(
         "the bad ones dead-lettered",
         Duration::from_secs(10),
-        || async { broker.ready(&broker.cfg.points_dead_queue()).await == 4 },
+        || async { broker.ready(&broker.cfg.points_dead_queue()).await == 5 },
     )
     .await;
     // Given time, nothing comes back to the consumer.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(consumer.dead_lettered(), 4);
-    assert_eq!(consumer.consumed("applied"), 3);
+    assert_eq!(consumer.dead_lettered(), 5);
+    assert_eq!(consumer.consumed("applied"), 104);
     assert_eq!(consumer.consumed("duplicate"), 0);
     assert_eq!(broker.ready(&broker.cfg.points_queue).await, 0);
-    assert_eq!(balances(&db).await, BTreeMap::from([(11, 1 + 5 + 6)]));
+    assert_eq!(
+        balances(&db).await,
+        BTreeMap::from([(11, 1 + 5 + 6 + 9), (12, 100 * (i64::MAX / 100))])
+    );
 
     // The dead-letter queue holds them as published, in order, with the
     // broker's account of why.
