@@ -220,16 +220,18 @@ pub struct EntryRow {
 }
 
 /// A buyer's balance (0 without entries) and newest entries (by the
-/// event's time, then by arrival), at most `limit`.
+/// event's time, then by arrival), at most `limit`, both from one snapshot
+/// (one read-only transaction), so the balance counts every entry listed.
 pub async fn statement(
     db: &MySqlPool,
     user: UserId,
     limit: u32,
 ) -> Result<(i64, Vec<EntryRow>), sqlx::Error> {
+    let mut tx = db.begin().await?;
     let balance: Option<i64> =
         sqlx::query_scalar("SELECT balance FROM points_balances WHERE user_id = ?")
             .bind(user.get())
-            .fetch_optional(db)
+            .fetch_optional(&mut *tx)
             .await?;
     let rows = sqlx::query(
         "SELECT event_id, order_id, points, reason, occurred_at FROM points_entries \
@@ -237,8 +239,9 @@ pub async fn statement(
     )
     .bind(user.get())
     .bind(limit)
-    .fetch_all(db)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     let entries = rows
         .into_iter()
         .map(|r| {
