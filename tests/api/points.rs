@@ -998,3 +998,56 @@ async fn a_consumer_whose_connection_the_broker_closes_reconnects_and_applies_ev
     target.cleanup().await;
     eprintln!("took {:?}", started.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_role_points_consumes_and_reports_its_metrics() {
+    let target = Target::fresh();
+    let db = flashsale::db::connect(&target.database_url).await.unwrap();
+    let broker = Broker::fresh().await;
+    for n in 1..=10u64 {
+        let e = order_event(EventType::OrderPaid, &format!("2-{n}"), 3, 1_000);
+        broker.publish_event(&e).await;
+    }
+    broker.publish("order.refunded", b"[]").await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut env = broker.env();
+    env.push(("FLASHSALE_LISTEN", listen.clone()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut child = ServeProcess::start(&target, "points", &env);
+    let client = reqwest::Client::new();
+    let metrics = || async {
+        match client.get(format!("http://{listen}/metrics")).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    };
+    let want = [
+        "flashsale_points_events_total{outcome=\"applied\"} 10",
+        "flashsale_points_dead_lettered_total 1",
+        "flashsale_points_lag_seconds_count 10",
+        "flashsale_points_queue_depth 0",
+    ];
+    let until = Instant::now() + Duration::from_secs(30);
+    let last = loop {
+        let page = metrics().await;
+        if want.iter().all(|w| page.contains(w)) {
+            break page;
+        }
+        assert!(Instant::now() < until, "{want:?} not all in:\n{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        last.contains("flashsale_role_up{role=\"points\"} 1"),
+        "{last}"
+    );
+    assert_eq!(balances(&db).await, BTreeMap::from([(3, 100)]));
+    assert!(
+        child.terminate(Duration::from_secs(10)),
+        "a clean exit on SIGTERM"
+    );
+    assert_eq!(broker.ready(&broker.cfg.points_queue).await, 0);
+    assert_eq!(broker.ready(&broker.cfg.points_dead_queue()).await, 1);
+    broker.delete().await;
+    target.cleanup().await;
+}
