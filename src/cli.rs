@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ServeConfig, StoreConfig};
+use crate::config::{AmqpConfig, ServeConfig, StoreConfig};
 use crate::domain::{SaleId, UserId};
 use crate::engine::Engine;
 use crate::sales::SaleRequest;
@@ -50,6 +50,10 @@ enum Command {
     /// Check that Redis, the flow backlog and MySQL agree (exit 0 clean,
     /// 1 findings, 2 could not run); `--repair` plans fixes, `--yes` applies them.
     Audit(AuditArgs),
+    /// Run the loyalty-points consumer alone: `order.paid` and
+    /// `order.refunded` events from the broker into the points ledger in
+    /// MySQL, until SIGTERM or Ctrl-C (needs FLASHSALE_AMQP_URL).
+    Points(PointsArgs),
     /// Run a whole sale on the local services: a rush of simulated buyers,
     /// payments, cancels, expiries, refunds, settlement and the audit.
     Demo(Box<crate::demo::DemoArgs>),
@@ -79,6 +83,19 @@ struct AuditArgs {
     /// The broker and the outbox's retention (the outbox checks).
     #[command(flatten)]
     amqp: crate::config::AmqpConfig,
+}
+
+#[derive(clap::Args, Debug)]
+struct PointsArgs {
+    /// MySQL/MariaDB URL; the database is created if missing and migrated.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "mysql://root@127.0.0.1:3306/flashsale"
+    )]
+    database_url: String,
+    #[command(flatten)]
+    amqp: AmqpConfig,
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,6 +240,7 @@ async fn execute(command: Command) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Audit(args) => audit(args).await,
+        Command::Points(args) => points(args).await,
         Command::Demo(args) => crate::demo::run(*args).await,
         Command::Sale(SaleCommand::Show { id, store }) => {
             let id: SaleId = id.parse().context("--id")?;
@@ -298,6 +316,32 @@ async fn execute(command: Command) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// The points consumer as a process of its own (also role `points` of
+/// `serve`).
+async fn points(args: PointsArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        args.amqp.url().is_some(),
+        "the points consumer needs a broker: set FLASHSALE_AMQP_URL (or --amqp-url), \
+         for example amqp://guest:guest@127.0.0.1:5672/%2f"
+    );
+    let db = crate::db::connect(&args.database_url)
+        .await
+        .context("cannot prepare the MySQL database (DATABASE_URL)")?;
+    let metrics = std::sync::Arc::new(crate::telemetry::Metrics::default());
+    let token = CancellationToken::new();
+    crate::startup::cancel_on_signal(token.clone());
+    tracing::info!(
+        queue = %args.amqp.points_queue,
+        exchange = %args.amqp.amqp_exchange,
+        "points consumer starting"
+    );
+    crate::points::PointsConsumer::new(db, args.amqp, metrics)
+        .run(token)
+        .await;
+    tracing::info!("points consumer stopped");
+    Ok(0)
 }
 
 async fn audit(args: AuditArgs) -> anyhow::Result<i32> {

@@ -11,6 +11,7 @@ pub mod limits;
 pub mod ops;
 mod orders;
 mod payments;
+mod points;
 mod sales;
 pub mod server;
 
@@ -99,7 +100,10 @@ pub fn router(state: AppState, limits: Limits) -> Router {
             limits.max_in_flight,
         ))
         .timeout(limits.request_timeout);
-    let mut buyers = Router::new().merge(sales::router()).merge(orders::router());
+    let mut buyers = Router::new()
+        .merge(sales::router())
+        .merge(orders::router())
+        .merge(points::router());
     if state.limits.limits_addresses() {
         buyers = buyers.layer(middleware::from_fn_with_state(
             state.clone(),

@@ -646,6 +646,26 @@ impl ServeProcess {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+
+    /// SIGTERM, then waits up to `within` for the exit (SIGKILL after
+    /// that); returns whether it exited with 0.
+    pub fn terminate(&mut self, within: Duration) -> bool {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let until = Instant::now() + within;
+        loop {
+            match self.0.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    self.kill();
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 impl Drop for ServeProcess {

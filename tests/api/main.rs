@@ -11,6 +11,7 @@ mod helpers;
 mod lifecycle;
 mod operations;
 mod outbox;
+mod points;
 mod quarantine;
 mod reconcile;
 mod redis_loss;
