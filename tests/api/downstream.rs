@@ -92,8 +92,6 @@ async fn two_thousand_orders_earn_and_return_points_exactly_once_through_relay_k
         ("FLASHSALE_AMQP_EXCHANGE", exchange.as_str()),
         ("FLASHSALE_RELAY_BATCH", "50"),
     ];
-    let mut relay = ServeProcess::start(&target, "relay", &relay_env);
-
     let sale = app
         .create_sale(SaleSpec {
             stock: ORDERS as i64,
@@ -102,6 +100,7 @@ async fn two_thousand_orders_earn_and_return_points_exactly_once_through_relay_k
         .await;
     let app_ref = &app;
     let sale_ref = &sale;
+    let finished = std::sync::atomic::AtomicBool::new(false);
     // Buyers reserve and pay; every fourth asks for a refund.
     let work = async {
         let done: Vec<(u64, String, i64)> = futures::stream::iter(1..=ORDERS)
@@ -121,25 +120,38 @@ async fn two_thousand_orders_earn_and_return_points_exactly_once_through_relay_k
             .buffer_unordered(32)
             .collect()
             .await;
+        finished.store(true, std::sync::atomic::Ordering::SeqCst);
         done
     };
-    // Meanwhile the relay dies ten times, each time with events in flight.
+    // The relay starts once events wait, and dies ten times, each time
+    // after it has published some and with more waiting.
     let kills = async {
-        let mut kills = 0;
-        while kills < 10 {
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            let unsent = scalar(&pool, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").await;
-            let sent = scalar(&pool, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NOT NULL").await;
-            if unsent == 0 || sent == 0 && kills > 0 {
-                continue; // nothing in flight, or the new relay has not started
-            }
-            relay.kill();
-            kills += 1;
-            relay = ServeProcess::start(&target, "relay", &relay_env);
+        let unsent_sql = "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL";
+        let sent_sql = "SELECT COUNT(*) FROM outbox WHERE sent_at IS NOT NULL";
+        while scalar(&pool, unsent_sql).await < 500 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        relay
+        let mut relay = ServeProcess::start(&target, "relay", &relay_env);
+        let mut kills = 0;
+        let mut sent_at_start = scalar(&pool, sent_sql).await;
+        while kills < 10 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let unsent = scalar(&pool, unsent_sql).await;
+            if unsent == 0 && finished.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            let sent = scalar(&pool, sent_sql).await;
+            if unsent > 0 && sent - sent_at_start >= 100 {
+                relay.kill();
+                kills += 1;
+                relay = ServeProcess::start(&target, "relay", &relay_env);
+                sent_at_start = sent;
+            }
+        }
+        (relay, kills)
     };
-    let (orders, relay) = tokio::join!(work, kills);
+    let (orders, (relay, kills)) = tokio::join!(work, kills);
+    assert_eq!(kills, 10, "the relay was killed ten times mid-stream");
     let refunded: HashSet<u64> = (1..=ORDERS).filter(|u| u % 4 == 0).collect();
 
     // Everything reaches the ledger.
@@ -168,7 +180,9 @@ async fn two_thousand_orders_earn_and_return_points_exactly_once_through_relay_k
     assert_eq!(entries.len() as i64, want, "one entry per event");
     let mut per_order: BTreeMap<(String, String), i64> = BTreeMap::new();
     for (_, order, points, reason) in &entries {
-        *per_order.entry((order.clone(), reason.clone())).or_default() += points;
+        *per_order
+            .entry((order.clone(), reason.clone()))
+            .or_default() += points;
     }
     let balances: BTreeMap<u64, i64> =
         sqlx::query_as::<_, (u64, i64)>("SELECT user_id, balance FROM points_balances")
@@ -182,11 +196,17 @@ async fn two_thousand_orders_earn_and_return_points_exactly_once_through_relay_k
         assert_eq!(per_order[&(id.clone(), "order.paid".into())], points);
         let back = refunded.contains(user);
         assert_eq!(
-            per_order.get(&(id.clone(), "order.refunded".into())).copied(),
+            per_order
+                .get(&(id.clone(), "order.refunded".into()))
+                .copied(),
             back.then_some(-points),
             "order {id}"
         );
-        assert_eq!(balances[user], if back { 0 } else { points }, "buyer {user}");
+        assert_eq!(
+            balances[user],
+            if back { 0 } else { points },
+            "buyer {user}"
+        );
     }
     let metrics = app.metrics().await;
     let duplicates = metrics
