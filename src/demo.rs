@@ -267,7 +267,7 @@ async fn buyer(
                 .await;
             if paid.is_ok_and(|r| r.status().is_success()) {
                 t.paid.fetch_add(1, Ordering::Relaxed);
-                if user % 10 == 0 {
+                if user.is_multiple_of(10) {
                     t.refunds_asked.fetch_add(1, Ordering::Relaxed);
                     let _ = client
                         .post(format!("{base}/api/v1/orders/{order}/refund"))

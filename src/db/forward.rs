@@ -130,7 +130,10 @@ pub(crate) fn judge(held: Option<&Held>, r: &FlowRecord) -> Verdict {
     if r.event == FlowEvent::LatePay && held.status != to {
         // It tells of a payment, never moves the order: the order's close
         // comes first, in its own record.
-        why.push(format!("a late payment of an order that is {}", held.status));
+        why.push(format!(
+            "a late payment of an order that is {}",
+            held.status
+        ));
     }
     if held.status != to {
         match OrderStatus::parse(&held.status) {

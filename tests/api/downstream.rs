@@ -129,7 +129,11 @@ async fn two_thousand_orders_earn_and_return_points_exactly_once_through_relay_k
         while kills < 10 {
             tokio::time::sleep(Duration::from_millis(400)).await;
             let unsent = scalar(&pool, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").await;
-            let sent = scalar(&pool, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NOT NULL").await;
+            let sent = scalar(
+                &pool,
+                "SELECT COUNT(*) FROM outbox WHERE sent_at IS NOT NULL",
+            )
+            .await;
             if unsent == 0 || sent == 0 && kills > 0 {
                 continue; // nothing in flight, or the new relay has not started
             }
@@ -168,7 +172,9 @@ async fn two_thousand_orders_earn_and_return_points_exactly_once_through_relay_k
     assert_eq!(entries.len() as i64, want, "one entry per event");
     let mut per_order: BTreeMap<(String, String), i64> = BTreeMap::new();
     for (_, order, points, reason) in &entries {
-        *per_order.entry((order.clone(), reason.clone())).or_default() += points;
+        *per_order
+            .entry((order.clone(), reason.clone()))
+            .or_default() += points;
     }
     let balances: BTreeMap<u64, i64> =
         sqlx::query_as::<_, (u64, i64)>("SELECT user_id, balance FROM points_balances")
@@ -182,11 +188,17 @@ async fn two_thousand_orders_earn_and_return_points_exactly_once_through_relay_k
         assert_eq!(per_order[&(id.clone(), "order.paid".into())], points);
         let back = refunded.contains(user);
         assert_eq!(
-            per_order.get(&(id.clone(), "order.refunded".into())).copied(),
+            per_order
+                .get(&(id.clone(), "order.refunded".into()))
+                .copied(),
             back.then_some(-points),
             "order {id}"
         );
-        assert_eq!(balances[user], if back { 0 } else { points }, "buyer {user}");
+        assert_eq!(
+            balances[user],
+            if back { 0 } else { points },
+            "buyer {user}"
+        );
     }
     let metrics = app.metrics().await;
     let duplicates = metrics

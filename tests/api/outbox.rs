@@ -149,13 +149,12 @@ async fn every_applied_change_leaves_one_event_and_a_late_payment_is_recorded() 
     ids.dedup();
     assert_eq!(ids.len(), rows.len(), "event ids are unique");
 
-    let late_rows: Vec<(u64, String, i64)> = sqlx::query_as(
-        "SELECT seq, payment_id, amount_cents FROM late_payments WHERE sale_id = ?",
-    )
-    .bind(sale.parse::<u64>().unwrap())
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let late_rows: Vec<(u64, String, i64)> =
+        sqlx::query_as("SELECT seq, payment_id, amount_cents FROM late_payments WHERE sale_id = ?")
+            .bind(sale.parse::<u64>().unwrap())
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     let seq3: u64 = id(3).rsplit('-').next().unwrap().parse().unwrap();
     assert_eq!(late_rows, vec![(seq3, "pay-late-3".to_owned(), amount(3))]);
 
@@ -200,7 +199,12 @@ async fn a_change_applied_again_yields_the_same_single_event() {
 
     // The paid order, as a pay record under flow ids MySQL never saw, twice.
     let sale_id = sale.parse().unwrap();
-    let order = app.engine.order(order_id.parse().unwrap()).await.unwrap().unwrap();
+    let order = app
+        .engine
+        .order(order_id.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     for ms in [1, 2] {
         let record = FlowRecord {
             id: FlowId {
