@@ -39,8 +39,11 @@ end
 local s = redis.call('HMGET', KEYS[1], 'db', 'fence', 'seq', 'layout', 'flows', 'settled',
   'start_ms', 'end_ms', 'total', 'price')
 if not s[1] and not s[4] and s[2] then
-  -- A fence-only hash a reserve call left (reserve.lua): this sale's.
+  -- A fence-only hash a reserve call left (reserve.lua): this sale's. The
+  -- rebuild may take it as soon as this returns: what this process saw
+  -- counts, as on any fenced sale below.
   redis.call('HSET', KEYS[1], 'db', token)
+  keep_hint(KEYS[1], seen)
   return {'fenced', s[2]}
 end
 if not s[1] and s[4] then

@@ -124,8 +124,13 @@ local sale = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'avail', 'limit'
   'seq', 'layout', 'fence', 'db')
 local token = ARGV[4]
 if sale[9] then
-  -- What this caller has seen still counts toward the rebuild.
-  if token ~= '' and sale[10] == token then
+  -- What this caller has seen still counts toward the rebuild: in this
+  -- database's sale, and in a fence-only hash a reserve call left for a
+  -- missing sale (no token and no layout yet: below), which the guard
+  -- adopts as this sale's and the rebuild reads the hint of. Dropping the
+  -- report there would let the rebuild count fewer orders than callers
+  -- were acknowledged.
+  if (token ~= '' and sale[10] == token) or (not sale[10] and not sale[8]) then
     keep_hint(KEYS[1], ARGV[3])
   end
   fenced(sale[9])

@@ -189,6 +189,12 @@ impl Engine {
         })
     }
 
+    /// The highest order seq of `sale` a reserve reply of this process
+    /// carried (0: none). It is noted before the reply reaches its buyer.
+    pub fn seen(&self, sale: SaleId) -> u64 {
+        self.combiner.seen(sale)
+    }
+
     /// Fences `sale` for `reason` unless it is fenced (`lua/fence.lua`);
     /// whether this call fenced it.
     pub async fn fence(&self, sale: SaleId, reason: &str) -> Result<bool, EngineError> {

@@ -15,12 +15,17 @@
 //!    what the surviving Redis still holds that MySQL lacks);
 //! 2. locks the sale's cursor row, so no other reconciler or rebuilder
 //!    touches the sale, and takes the fence (`rebuilding`), reading Redis's
-//!    orders, counter and the highest seq a caller reported (`lost_hint`);
+//!    orders, counter and the highest seq a caller reported (`lost_hint`:
+//!    every reserve call and guard pass that meets a fenced sale of this
+//!    database, or the fence-only hash a reserve call left for a missing
+//!    one, reports the highest seq its process handed out);
 //! 3. merges: MySQL's orders (with the keys they were made under) stand;
 //!    an order only Redis holds is kept; an order Redis gave out under an
 //!    id MySQL holds for another buyer is counted lost (`id_reused`); every
-//!    seq up to the highest anyone saw that neither side holds is counted
-//!    lost (`missing`) in `lost_orders`, and the counter moves past it;
+//!    seq up to the highest anyone saw (`lost_hint`, the highest this
+//!    process handed out, the counter, MySQL's top) that neither side holds
+//!    is counted lost (`missing`) in `lost_orders`, and the counter moves
+//!    past it;
 //! 4. writes orders, buyers' units, keys and the due-queue (pending orders
 //!    keep their deadlines, waiting refunds are retried), then the sale hash
 //!    with the fence lifted in one script; commits and trims the stream.
@@ -305,6 +310,11 @@ impl Reconciler {
         let mut hint = side.lost_hint;
         let mut written = false;
         let counter = loop {
+            // This process's own replies count without waiting for a report
+            // to reach Redis: one answered since the guard pass that began
+            // the rebuild, when no later reserve call or guard pass came
+            // before the fence is lifted, would be in no hint.
+            hint = hint.max(self.engine.seen(sale));
             let top = [
                 hint,
                 side.counter,

@@ -349,6 +349,52 @@ async fn a_reserve_against_a_redis_behind_what_it_has_seen_fences_before_reusing
     app.finish().await;
 }
 
+/// Keys lost while replies were still on their way: the reserve call that
+/// found the sale missing carried an older highest-seen than the replies
+/// noted after it, and left a fence-only hash (no token yet: the guard adds
+/// it). The next reserve call reports what its process has handed out since
+/// into that hash, so the rebuild counts every acknowledged order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reserve_on_a_fence_left_for_a_missing_sale_reports_what_it_has_seen() {
+    // No reconciler: nothing adopts or rebuilds the fence meanwhile.
+    let app = spawn_with(Target::fresh(), |c| c.roles = vec![Role::Http]).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 20,
+            ..SaleSpec::default()
+        })
+        .await;
+    for u in 1..=4u64 {
+        assert_eq!(app.reserve(&sale, u, None).await.0, 201);
+    }
+    app.engine
+        .drop_sale_keys(sale.parse().unwrap())
+        .await
+        .unwrap();
+    // What reserve.lua leaves for a missing sale, from a call that had
+    // seen order 1 only.
+    let mut c = app.engine.connection();
+    let k = app.sale_keys(&sale);
+    let _: () = c
+        .hset_multiple(
+            &k.sale,
+            &[("fence", "missing"), ("fenced_at", "1"), ("lost_hint", "1")],
+        )
+        .await
+        .unwrap();
+    let (s, o) = app.reserve(&sale, 5, None).await;
+    assert_eq!((s, code(&o)), (503, "unavailable"), "{o}");
+    let (fence, hint): (String, u64) = redis::cmd("HMGET")
+        .arg(&k.sale)
+        .arg("fence")
+        .arg("lost_hint")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!((fence.as_str(), hint), ("missing", 4));
+    app.finish().await;
+}
+
 /// The drill with the test's own redis-server: restarted from an AOF
 /// copied `N` acknowledged orders earlier. An HTTP-only process took the
 /// `N` orders (MySQL never heard of them) and lives on: its next reserve
