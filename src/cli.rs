@@ -94,6 +94,13 @@ struct PointsArgs {
         default_value = "mysql://root@127.0.0.1:3306/flashsale"
     )]
     database_url: String,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[arg(
+        long,
+        env = "FLASHSALE_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    metrics_listen: std::net::SocketAddr,
     #[command(flatten)]
     amqp: AmqpConfig,
 }
@@ -332,14 +339,25 @@ async fn points(args: PointsArgs) -> anyhow::Result<i32> {
     let metrics = std::sync::Arc::new(crate::telemetry::Metrics::default());
     let token = CancellationToken::new();
     crate::startup::cancel_on_signal(token.clone());
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_listen))?;
+    let ops = tokio::spawn(crate::points::serve_ops(
+        listener,
+        metrics.clone(),
+        token.clone(),
+    ));
     tracing::info!(
         queue = %args.amqp.points_queue,
         exchange = %args.amqp.amqp_exchange,
+        ops = %args.metrics_listen,
         "points consumer starting"
     );
     crate::points::PointsConsumer::new(db, args.amqp, metrics)
-        .run(token)
+        .run(token.clone())
         .await;
+    token.cancel();
+    let _ = ops.await;
     tracing::info!("points consumer stopped");
     Ok(0)
 }

@@ -324,3 +324,49 @@ impl PointsConsumer {
         Ok(())
     }
 }
+
+/// The operations routes of a `flashsale points` process (it has no API):
+/// `/healthz` while it runs, `/readyz` (503 once it is stopping), and
+/// `/metrics`, until `stop` is cancelled.
+pub async fn serve_ops(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::http::{header, StatusCode};
+    use axum::routing::get;
+    let ready = stop.clone();
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let stopping = ready.is_cancelled();
+                async move {
+                    if stopping {
+                        (StatusCode::SERVICE_UNAVAILABLE, r#"{"points": "stopping"}"#)
+                    } else {
+                        (StatusCode::OK, r#"{"points": "ok"}"#)
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+}

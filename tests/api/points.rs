@@ -285,16 +285,23 @@ impl Drop for InProcess {
     }
 }
 
-/// A `flashsale points` child process on the test's database and broker.
-fn points_process(target: &Target, broker: &Broker) -> std::process::Child {
+/// A `flashsale points` child process on the test's database and broker,
+/// its operations routes on `ops_port`.
+fn points_process_on(target: &Target, broker: &Broker, ops_port: u16) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_flashsale"))
         .arg("points")
         .env("DATABASE_URL", &target.database_url)
+        .env("FLASHSALE_METRICS_LISTEN", format!("127.0.0.1:{ops_port}"))
         .envs(broker.env())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .expect("the flashsale binary starts")
+}
+
+/// [`points_process_on`] a free port.
+fn points_process(target: &Target, broker: &Broker) -> std::process::Child {
+    points_process_on(target, broker, free_port())
 }
 
 /// Polls `check` every 20 ms until it holds; panics after `within`.
@@ -495,11 +502,30 @@ async fn a_crash_after_the_commit_before_the_ack_gets_a_redelivery_that_changes_
     .await;
 
     // The real consumer, as its own process, gets the redelivery.
-    let mut child = ServeProcess::adopt(points_process(&target, &broker));
+    let port = free_port();
+    let mut child = ServeProcess::adopt(points_process_on(&target, &broker, port));
     wait_for("the redelivery taken", Duration::from_secs(20), || async {
         broker.ready(&broker.cfg.points_queue).await == 0
     })
     .await;
+    // It says so on its own /metrics (a process without the API serves the
+    // operations routes on FLASHSALE_METRICS_LISTEN).
+    let ops = |path: &str| format!("http://127.0.0.1:{port}{path}");
+    let http = reqwest::Client::new();
+    let ready = http.get(ops("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let metrics = http
+        .get(ops("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("flashsale_points_events_total{outcome=\"duplicate\"} 1"),
+        "{metrics}"
+    );
     // SIGTERM: a clean stop. Had it kept the message unacked, closing its
     // connection would put it back.
     assert!(child_term(&mut child), "a clean exit on SIGTERM");
