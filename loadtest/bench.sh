@@ -7,6 +7,8 @@
 #   SECS=5 loadtest/bench.sh     # shorter load phases
 #   loadtest/bench.sh topologies # only the Redis topologies table (about 3
 #                                # minutes; or ONLY=topologies)
+#   loadtest/bench.sh events     # only the downstream events table (about a
+#                                # minute: relay rate, payment-to-points lag)
 #
 # The topologies table runs the HTTP reserve path on one node, Sentinel and
 # Cluster sets of its own (scripts/redis-topology.sh, on free loopback
@@ -21,8 +23,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECTION="${1:-${ONLY:-all}}"
 case "$SECTION" in
-    all | topologies) ;;
-    *) echo "usage: loadtest/bench.sh [all|topologies]  (or ONLY=topologies)" >&2; exit 2 ;;
+    all | topologies | events) ;;
+    *) echo "usage: loadtest/bench.sh [all|topologies|events]  (or ONLY=topologies|events)" >&2; exit 2 ;;
 esac
 SECS="${SECS:-10}"
 CONC=50
@@ -39,9 +41,11 @@ for tool in wrk nginx; do
 done
 if [ "$SECTION" = topologies ]; then
     cargo build --quiet --release --bin flashsale
+elXX
+    cargo build --quiet --release --example bench_events
 else
     cargo build --quiet --release --bin flashsale --example bench_mysql_hotrow \
-        --example bench_expiry --example bench_reconciler
+        --example bench_expiry --example bench_reconciler --example bench_events
 fi
 bin=target/release/flashsale
 work=$(mktemp -d)
@@ -89,6 +93,34 @@ if m is None:
 print(f"{rps:.0f} {p50:.2f} {p99:.2f}")
 PY
 }
+
+# ---------------------------------------------------------------------------
+# Downstream events (examples/bench_events.rs, real RabbitMQ): the relay's
+# rate with publisher confirms beside the reserve path's own rate and the
+# broker's rate for the same messages without MySQL, all in this run; then
+# the lag from a payment in Redis to its points entry in MySQL.
+bench_events() {
+    local out="$work/events.txt"
+    target/release/examples/bench_events --events "${EVENTS:-50000}" --secs "$SECS" > "$out" \
+        || { cat "$out" >&2; echo "bench: the events benchmark failed" >&2; return 1; }
+    local v
+    v() { sed -n "s/^$1=//p" "$out"; }
+    echo
+    echo "## Downstream events (outbox, relay, RabbitMQ, points consumer)"
+    echo
+    echo "command: loadtest/bench.sh events (examples/bench_events.rs); relay batch 500, persistent messages into one durable queue"
+    echo
+    echo "| measurement | figure | reference (same run) | ratio |"
+    echo "| --- | ---: | ---: | ---: |"
+    echo "| relay, events/s with publisher confirms ($(v relay_events) outbox rows the reconciler wrote) | $(v relay_events_per_sec) | reserve path alone (engine, 64 concurrent): $(v reserve_per_sec)/s | $(python3 -c "print(f'{$(v relay_events_per_sec) / $(v reserve_per_sec):.2f}')") |"
+    echo "| the same relay figure | $(v relay_events_per_sec) | the broker alone: the same number of persistent messages published with confirms per batch, no MySQL: $(v broker_raw_per_sec)/s | $(python3 -c "print(f'{$(v relay_events_per_sec) / $(v broker_raw_per_sec):.2f}')") |"
+    echo "| payment in Redis -> points entry in MySQL, $(v lag_rate) payments/s for ${SECS} s ($(v lag_payments) payments) | p50 $(v lag_p50_ms) ms, p99 $(v lag_p99_ms) ms, max $(v lag_max_ms) ms | | |"
+}
+
+if [ "$SECTION" = events ]; then
+    bench_events
+    exit 0
+fi
 
 "$bin" migrate >/dev/null
 "$bin" token --user 1 --count 20000 > "$work/tokens.txt"
@@ -299,12 +331,13 @@ for kind, wait, answers, gap in re.findall(
 PY
 }
 
+
+
 if [ "$SECTION" = topologies ]; then
     bench_topologies
     bench_failover
     exit 0
 fi
-
 
 FLASHSALE_ROLES=http "$bin" serve > "$work/server.log" 2>&1 &
 server=$!
@@ -424,3 +457,4 @@ load phases: ${SECS} s each, ${CONC} connections; command: loadtest/bench.sh
 TABLE
 bench_topologies
 bench_failover
+bench_events
