@@ -220,3 +220,77 @@ async fn two_thousand_orders_earn_and_return_points_exactly_once_through_relay_k
     app.finish().await;
     remove_broker_objects(&exchange, &[&queue, &dead]).await;
 }
+
+/// With the broker named but not answering, selling, paying and settling
+/// go on, `/readyz` stays 200, the events wait in the outbox, and the relay
+/// counts its failures; they leave once a broker answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_that_does_not_answer_holds_nothing_up() {
+    let exchange = unique("fstest_ex");
+    let queue = unique("fstest_points");
+    let dead_port = free_port(); // nothing listens there
+    let target = Target::fresh();
+    let app = spawn_with(target.clone(), |c| {
+        c.roles = vec![Role::Http, Role::Expiry, Role::Reconciler, Role::Relay];
+        c.amqp.amqp_url = Some(SecretString::from(format!(
+            "amqp://guest:guest@127.0.0.1:{dead_port}/%2f"
+        )));
+        c.amqp.amqp_exchange = exchange.clone();
+        c.amqp.points_queue = queue.clone();
+    })
+    .await;
+    let pool = MySqlPool::connect(&target.database_url).await.unwrap();
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let (s, o) = app.reserve(&sale, 1, None).await;
+    assert_eq!(s, 201, "{o}");
+    let id = o["order_id"].as_str().unwrap();
+    let (s, _) = app
+        .pay(id, "pay-1", o["amount_cents"].as_i64().unwrap())
+        .await;
+    assert_eq!(s, 200);
+    let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "{:?}", ready.text().await);
+    // The events are in the outbox, unsent, and the relay says why.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let unsent = scalar(&pool, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").await;
+        let m = app.metrics().await;
+        let failures = m
+            .lines()
+            .find_map(|l| l.strip_prefix("flashsale_relay_failures_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if unsent >= 2 && failures >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "{unsent} unsent, {failures} relay failures"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        app.metrics()
+            .await
+            .contains("flashsale_role_up{role=\"relay\"} 1"),
+        "the relay role keeps running (and retrying)"
+    );
+    // A relay that can reach the broker publishes what waited.
+    let relay = ServeProcess::start(
+        &target,
+        "relay",
+        &[
+            ("FLASHSALE_AMQP_URL", AMQP_URL),
+            ("FLASHSALE_AMQP_EXCHANGE", exchange.as_str()),
+        ],
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    while scalar(&pool, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").await > 0 {
+        assert!(Instant::now() < until, "the waiting events never left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(relay);
+    pool.close().await;
+    app.finish().await;
+    remove_broker_objects(&exchange, &[]).await;
+}
