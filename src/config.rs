@@ -317,7 +317,9 @@ pub struct AmqpConfig {
     #[arg(long, env = "FLASHSALE_AMQP_EXCHANGE", default_value = crate::events::DEFAULT_EXCHANGE)]
     pub amqp_exchange: String,
     /// The points consumer's durable queue; its dead letters go to
-    /// `<queue>.dead`.
+    /// `<queue>.dead`. The relay declares it too (so nothing published
+    /// before the consumer first runs is dropped); empty: the relay leaves
+    /// it alone (a deployment without the points consumer).
     #[arg(
         long,
         env = "FLASHSALE_POINTS_QUEUE",

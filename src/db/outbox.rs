@@ -243,13 +243,26 @@ pub async fn backlog(pool: &MySqlPool) -> sqlx::Result<(u64, f64)> {
 /// clock, the one `sent_at` is written by); returns how many. Callers loop
 /// while a full chunk comes back, so one statement never holds many locks.
 pub async fn purge_sent(pool: &MySqlPool, retention_secs: u64, limit: u64) -> sqlx::Result<u64> {
-    let done = sqlx::query(
-        "DELETE FROM outbox WHERE sent_at IS NOT NULL \
-         AND sent_at < NOW(3) - INTERVAL ? SECOND LIMIT ?",
+    // The ids first, by a plain (non-locking) read, then a delete by primary
+    // key: a range DELETE would lock the gap where the reconciler inserts
+    // new rows and hold its batch up behind the purge.
+    let ids: Vec<u64> = sqlx::query_scalar(
+        "SELECT id FROM outbox WHERE sent_at IS NOT NULL \
+         AND sent_at < NOW(3) - INTERVAL ? SECOND ORDER BY sent_at LIMIT ?",
     )
     .bind(retention_secs)
     .bind(limit)
-    .execute(pool)
+    .fetch_all(pool)
     .await?;
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let mut q = QueryBuilder::<MySql>::new("DELETE FROM outbox WHERE id IN (");
+    let mut list = q.separated(", ");
+    for id in &ids {
+        list.push_bind(*id);
+    }
+    q.push(") AND sent_at IS NOT NULL");
+    let done = q.build().execute(pool).await?;
     Ok(done.rows_affected())
 }

@@ -67,6 +67,11 @@ impl LedgerError {
         match self {
             Self::Invalid(_) => true,
             Self::Db(sqlx::Error::Database(e)) => e.code().is_some_and(|c| c.starts_with("22")),
+            // A value sqlx cannot encode (or a row it cannot read back) is
+            // the same on every retry.
+            Self::Db(
+                sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. },
+            ) => true,
             Self::Db(_) => false,
         }
     }
@@ -122,6 +127,13 @@ pub fn entry_of(event: &Event) -> Result<Option<Entry>, LedgerError> {
         Some(a) => return Err(invalid(&format!("has a negative amount_cents {a}"))),
         None => return Err(invalid("has no amount_cents")),
     };
+    // MySQL's DATETIME holds years 1000 to 9999; chrono reads more.
+    let year = chrono::Datelike::year(&event.occurred_at);
+    if !(1000..=9999).contains(&year) {
+        return Err(invalid(&format!(
+            "has an occurred_at MySQL cannot hold (year {year})"
+        )));
+    }
     Ok(Some(Entry {
         event_id: event.event_id.clone(),
         user,
@@ -279,6 +291,22 @@ mod tests {
             status: None,
             restocked: None,
         }
+    }
+
+    #[test]
+    fn a_time_mysql_cannot_hold_is_refused_for_good() {
+        for text in [
+            "-0001-01-01T00:00:00Z",
+            "+10000-01-01T00:00:00Z",
+            "0999-12-31T23:59:59Z",
+        ] {
+            let mut e = event(EventType::OrderPaid, Some(100));
+            e.occurred_at = text.parse().unwrap();
+            let err = entry_of(&e).unwrap_err();
+            assert!(err.is_permanent(), "{text}: {err}");
+        }
+        let encode = LedgerError::Db(sqlx::Error::Encode("out of range".into()));
+        assert!(encode.is_permanent());
     }
 
     #[test]

@@ -79,14 +79,17 @@ pub struct PassOutcome {
 }
 
 /// The relay's link to the broker: a connection and its confirm-mode
-/// channel, with the exchange declared.
+/// channel, with the exchange declared, and the points consumer's queue
+/// (API.md names it) declared and bound, so that no `order.paid` or
+/// `order.refunded` published before the consumer first starts is dropped
+/// for want of a queue.
 struct Link {
     conn: Connection,
     channel: Channel,
 }
 
 impl Link {
-    async fn open(url: &str, exchange: &str) -> Result<Self, RelayError> {
+    async fn open(url: &str, cfg: &AmqpConfig) -> Result<Self, RelayError> {
         let name = amqp::connection_name("relay");
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, amqp::connect(url, &name))
             .await
@@ -96,7 +99,10 @@ impl Link {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         // Publishing to a missing exchange would close the channel.
-        amqp::declare_exchange(&channel, exchange).await?;
+        amqp::declare_exchange(&channel, &cfg.amqp_exchange).await?;
+        if !cfg.points_queue.is_empty() {
+            amqp::declare_points_queue(&channel, cfg).await?;
+        }
         Ok(Self { conn, channel })
     }
 
@@ -235,7 +241,7 @@ impl Relay {
                 .cfg
                 .url()
                 .ok_or_else(|| RelayError::Broker("FLASHSALE_AMQP_URL is not set".into()))?;
-            *link = Some(Link::open(url, &self.cfg.amqp_exchange).await?);
+            *link = Some(Link::open(url, &self.cfg).await?);
             tracing::info!(exchange = %self.cfg.amqp_exchange, "relay connected to the broker");
         }
         let sales = outbox::unsent_sales(&self.db).await?;

@@ -90,6 +90,7 @@ async fn two_thousand_orders_earn_and_return_points_exactly_once_through_relay_k
     let relay_env = [
         ("FLASHSALE_AMQP_URL", AMQP_URL),
         ("FLASHSALE_AMQP_EXCHANGE", exchange.as_str()),
+        ("FLASHSALE_POINTS_QUEUE", queue.as_str()),
         ("FLASHSALE_RELAY_BATCH", "50"),
     ];
     let sale = app
@@ -282,6 +283,7 @@ async fn a_broker_that_does_not_answer_holds_nothing_up() {
         &[
             ("FLASHSALE_AMQP_URL", AMQP_URL),
             ("FLASHSALE_AMQP_EXCHANGE", exchange.as_str()),
+            ("FLASHSALE_POINTS_QUEUE", queue.as_str()),
         ],
     );
     let until = Instant::now() + Duration::from_secs(20);
@@ -292,5 +294,74 @@ async fn a_broker_that_does_not_answer_holds_nothing_up() {
     drop(relay);
     pool.close().await;
     app.finish().await;
-    remove_broker_objects(&exchange, &[]).await;
+    remove_broker_objects(&exchange, &[&queue, &format!("{queue}.dead")]).await;
+}
+
+/// Payments published before the points consumer ever ran are not lost:
+/// the relay declares the consumer's queue (API.md names it) before it
+/// publishes, so the queue keeps them until the consumer comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn points_earned_before_the_consumer_first_runs_wait_in_its_queue() {
+    let exchange = unique("fstest_ex");
+    let queue = unique("fstest_points");
+    let target = Target::fresh();
+    let app = spawn_with(target.clone(), |c| {
+        c.roles = vec![Role::Http, Role::Reconciler, Role::Relay];
+        c.amqp.amqp_url = Some(SecretString::from(AMQP_URL));
+        c.amqp.amqp_exchange = exchange.clone();
+        c.amqp.points_queue = queue.clone();
+    })
+    .await;
+    let pool = MySqlPool::connect(&target.database_url).await.unwrap();
+    let sale = app.create_sale(SaleSpec::default()).await;
+    for user in 1..=5 {
+        let (s, o) = app.reserve(&sale, user, None).await;
+        assert_eq!(s, 201, "{o}");
+        let (s, _) = app
+            .pay(
+                o["order_id"].as_str().unwrap(),
+                &format!("pay-{user}"),
+                o["amount_cents"].as_i64().unwrap(),
+            )
+            .await;
+        assert_eq!(s, 200);
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    while scalar(
+        &pool,
+        "SELECT COUNT(*) FROM outbox WHERE event_type = 'order.paid' AND sent_at IS NOT NULL",
+    )
+    .await
+        < 5
+    {
+        assert!(Instant::now() < until, "the payments were never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Only now does a points consumer start.
+    let mut cfg = target.config().amqp;
+    cfg.amqp_url = Some(SecretString::from(AMQP_URL));
+    cfg.amqp_exchange = exchange.clone();
+    cfg.points_queue = queue.clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let consumer = tokio::spawn(
+        flashsale::points::PointsConsumer::new(
+            pool.clone(),
+            cfg,
+            std::sync::Arc::new(flashsale::telemetry::Metrics::default()),
+        )
+        .run(stop.clone()),
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    while scalar(&pool, "SELECT COUNT(*) FROM points_entries").await < 5 {
+        assert!(
+            Instant::now() < until,
+            "the waiting payments never earned points"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    let _ = consumer.await;
+    pool.close().await;
+    app.finish().await;
+    remove_broker_objects(&exchange, &[&queue, &format!("{queue}.dead")]).await;
 }

@@ -173,7 +173,10 @@ impl TestBroker {
 
     /// Deletes the queues and the exchange, and closes the connection.
     pub async fn cleanup(self) {
-        for q in &self.queues {
+        // The relay declares the points queue of the test's exchange too.
+        let points = format!("{}.points", self.exchange);
+        let dead = format!("{points}.dead");
+        for q in self.queues.iter().chain([&points, &dead]) {
             let _ = self
                 .channel
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
@@ -344,6 +347,7 @@ fn amqp_cfg(target: &Target, exchange: &str, batch: usize) -> AmqpConfig {
     let mut c = target.config().amqp;
     c.amqp_url = Some(SecretString::from(AMQP_URL));
     c.amqp_exchange = exchange.to_owned();
+    c.points_queue = format!("{exchange}.points");
     c.relay_batch = batch;
     c.relay_idle_ms = 20;
     c
@@ -354,6 +358,7 @@ fn relay_env(exchange: &str, batch: usize) -> Vec<(&'static str, String)> {
     vec![
         ("FLASHSALE_AMQP_URL", AMQP_URL.to_owned()),
         ("FLASHSALE_AMQP_EXCHANGE", exchange.to_owned()),
+        ("FLASHSALE_POINTS_QUEUE", format!("{exchange}.points")),
         ("FLASHSALE_RELAY_BATCH", batch.to_string()),
         ("FLASHSALE_RELAY_IDLE_MS", "20".to_owned()),
     ]
