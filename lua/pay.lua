@@ -15,6 +15,7 @@
 --                                         either way the payment is recorded (a
 --                                         late_pay flow record: the gateway must refund it)
 --          {"order_not_pending", packed}  cancelled, or paid with another payment id
+--                                         (recorded as a late_pay record too)
 --          {"amount_mismatch", packed}    nothing changed
 --          {"not_found"}
 
@@ -27,7 +28,8 @@ if not o then
   return {'not_found'}
 end
 
--- A payment after the deadline: the money was taken and must go back. The
+-- A payment after the deadline (or for an order no longer pending): the
+-- money was taken and must go back. The
 -- record carries it to MySQL (late_payments) and downstream (payment.late);
 -- the order itself stays closed. Returns the packed order.
 local function late(closed)
@@ -40,7 +42,9 @@ if o.status ~= 'pending' then
   elseif o.status == 'closed' then
     return {'order_expired', late(o), '0'}
   end
-  return {'order_not_pending', packed}
+  -- Cancelled, or paid (refunded) under another payment id: this money was
+  -- taken for nothing too, and is recorded the same way.
+  return {'order_not_pending', late(o)}
 end
 
 local now = now_ms()

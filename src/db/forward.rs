@@ -59,6 +59,7 @@ fn status_after(event: FlowEvent) -> OrderStatus {
         FlowEvent::Close => OrderStatus::Closed,
         FlowEvent::RefundRequest => OrderStatus::RefundPending,
         FlowEvent::Refund => OrderStatus::Refunded,
+        // Not used by `judge` (a late payment leaves any status as it is).
         FlowEvent::LatePay => OrderStatus::Closed,
     }
 }
@@ -106,7 +107,9 @@ pub fn rewrite_refused(mysql: &Order, redis: &Order) -> Option<String> {
 pub(crate) fn judge(held: Option<&Held>, r: &FlowRecord) -> Verdict {
     let o = &r.order;
     let mut why = Vec::new();
-    if o.status != status_after(r.event) {
+    // A late payment carries its order as it stands (closed, cancelled,
+    // paid under another payment id): it never moves it.
+    if r.event != FlowEvent::LatePay && o.status != status_after(r.event) {
         why.push(format!(
             "a {} record carries status {}",
             r.event.as_str(),
@@ -128,10 +131,10 @@ pub(crate) fn judge(held: Option<&Held>, r: &FlowRecord) -> Verdict {
     };
     let to = o.status.as_str();
     if r.event == FlowEvent::LatePay && held.status != to {
-        // It tells of a payment, never moves the order: the order's close
-        // comes first, in its own record.
+        // It tells of a payment, never moves the order: the order's own
+        // change (its close) comes first, in its own record.
         why.push(format!(
-            "a late payment of an order that is {}",
+            "a late payment carries status {to} of an order that is {}",
             held.status
         ));
     }

@@ -81,6 +81,12 @@ async fn every_applied_change_leaves_one_event_and_a_late_payment_is_recorded() 
     // 1 pays, 2 cancels (stock comes back), 4 takes it: sold out again.
     assert_eq!(app.pay(&id(1), "pay-1", amount(1)).await.0, 200);
     assert_eq!(app.cancel(&id(2), 2).await.0, 200);
+    // Money taken for an order no longer pending is recorded too: a payment
+    // of the cancelled order, a second payment of the paid one.
+    let (s, v) = app.pay(&id(2), "pay-2", amount(2)).await;
+    assert_eq!((s, code(&v)), (409, "order_not_pending"));
+    let (s, v) = app.pay(&id(1), "pay-1-again", amount(1)).await;
+    assert_eq!((s, code(&v)), (409, "order_not_pending"));
     let (s, o4) = app.reserve(&sale, 4, None).await;
     assert_eq!(s, 201, "{o4}");
     // 3's deadline passes: its payment comes late (twice: the gateway retries).
@@ -108,13 +114,18 @@ async fn every_applied_change_leaves_one_event_and_a_late_payment_is_recorded() 
     };
     assert_eq!(
         kinds(1),
-        ["order.reserved", "order.paid", "order.refunded"]
-            .map(String::from)
-            .to_vec()
+        [
+            "order.reserved",
+            "order.paid",
+            "payment.late",
+            "order.refunded"
+        ]
+        .map(String::from)
+        .to_vec()
     );
     assert_eq!(
         kinds(2),
-        ["order.reserved", "order.cancelled"]
+        ["order.reserved", "order.cancelled", "payment.late"]
             .map(String::from)
             .to_vec()
     );
@@ -138,7 +149,23 @@ async fn every_applied_change_leaves_one_event_and_a_late_payment_is_recorded() 
     assert_eq!(paid.amount_cents, Some(amount(1)));
     assert_eq!(paid.payment_id.as_deref(), Some("pay-1"));
     assert_eq!(paid.schema_version, 1);
-    let late = &rows.iter().find(|r| r.1 == "payment.late").unwrap().2;
+    let late_of = |u: u64| {
+        rows.iter()
+            .find(|r| r.1 == "payment.late" && r.2.order_id.as_deref() == Some(id(u).as_str()))
+            .unwrap()
+            .2
+            .clone()
+    };
+    assert_eq!(late_of(2).payment_id.as_deref(), Some("pay-2"));
+    assert_eq!(late_of(2).status.as_deref(), Some("cancelled"));
+    assert_eq!(late_of(1).payment_id.as_deref(), Some("pay-1-again"));
+    let paid_body = &rows.iter().find(|r| r.1 == "order.paid").unwrap().2;
+    assert_eq!(
+        paid_body.payment_id.as_deref(),
+        Some("pay-1"),
+        "the order's own payment stays"
+    );
+    let late = late_of(3);
     assert_eq!(late.payment_id.as_deref(), Some("pay-late-3"));
     assert_eq!(late.amount_cents, Some(amount(3)));
     assert_eq!(late.status.as_deref(), Some("closed"));
@@ -150,13 +177,21 @@ async fn every_applied_change_leaves_one_event_and_a_late_payment_is_recorded() 
     assert_eq!(ids.len(), rows.len(), "event ids are unique");
 
     let late_rows: Vec<(u64, String, i64)> =
-        sqlx::query_as("SELECT seq, payment_id, amount_cents FROM late_payments WHERE sale_id = ?")
+        sqlx::query_as("SELECT seq, payment_id, amount_cents FROM late_payments WHERE sale_id = ? ORDER BY seq, payment_id")
             .bind(sale.parse::<u64>().unwrap())
             .fetch_all(&pool)
             .await
             .unwrap();
     let seq3: u64 = id(3).rsplit('-').next().unwrap().parse().unwrap();
-    assert_eq!(late_rows, vec![(seq3, "pay-late-3".to_owned(), amount(3))]);
+    let seq = |u: u64| -> u64 { id(u).rsplit('-').next().unwrap().parse().unwrap() };
+    assert_eq!(
+        late_rows,
+        vec![
+            (seq(1), "pay-1-again".to_owned(), amount(1)),
+            (seq(2), "pay-2".to_owned(), amount(2)),
+            (seq3, "pay-late-3".to_owned(), amount(3)),
+        ]
+    );
 
     // The audit sees every paid and refunded order's events and no stale
     // outbox (no broker named: waiting rows are information).
