@@ -44,15 +44,7 @@ pub async fn wait_for_queue(queue: &str) {
     loop {
         // A failed passive declare closes its channel: a new one each time.
         let ch = conn.create_channel().await.unwrap();
-        let passive = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        if ch
-            .queue_declare(queue.into(), passive, Default::default())
-            .await
-            .is_ok()
-        {
+        if queue_depth(&ch, queue).await.is_some() {
             break;
         }
         assert!(Instant::now() < until, "queue {queue} never declared");

@@ -106,18 +106,9 @@ impl TestBroker {
 
     /// Messages waiting in `queue`.
     pub async fn depth(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        queue_depth(&self.channel, queue)
             .await
-            .unwrap()
-            .message_count()
+            .expect("the queue exists")
     }
 
     /// Takes `n` messages from `queue` (auto-ack), in queue order; fails if

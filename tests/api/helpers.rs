@@ -787,3 +787,17 @@ fn fresh_dir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Messages ready in broker queue `queue` (not those delivered and
+/// unacked), by a passive declare on `ch`; `None` when the queue does not
+/// exist, and then the broker has closed `ch`.
+pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> Option<u32> {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), passive, Default::default())
+        .await
+        .ok()
+        .map(|q| q.message_count())
+}

@@ -16,7 +16,7 @@ use flashsale::points::PointsConsumer;
 use flashsale::telemetry::{Metrics, OutcomeLabels};
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
@@ -117,18 +117,9 @@ impl Broker {
 
     /// Messages ready in `queue` (not counting those delivered and unacked).
     async fn ready(&self, queue: &str) -> u32 {
-        self.ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        queue_depth(&self.ch, queue)
             .await
-            .unwrap()
-            .message_count()
+            .expect("the queue exists")
     }
 
     /// Deletes the queues and the exchange (what `Drop` does too).
