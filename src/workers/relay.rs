@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
@@ -51,6 +51,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// a half-open connection): then the connection is dropped and the batch
 /// published again.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Batches one sale sends in one turn of its claim at most, before the
+/// relay moves on to the next sale (and comes back at once).
+const TURN_BATCHES: usize = 16;
 
 /// Why a pass failed: the broker (the connection is dropped) or MySQL.
 #[derive(Debug, thiserror::Error)]
@@ -256,17 +259,29 @@ impl Relay {
             if stop.is_cancelled() {
                 break;
             }
-            let n = self.relay_sale(channel, sale).await?;
+            let (n, left) = self.relay_sale(channel, sale).await?;
             out.published += n;
-            out.more |= n >= self.cfg.relay_batch;
+            out.more |= left;
+        }
+        if !out.more {
+            // Caught up: what waits now is what came during the pass (a
+            // cheap count), and the gauges say so before the relay idles.
+            self.measure_backlog().await?;
         }
         Ok(out)
     }
 
-    /// Publishes the next batch of one sale under its claim; returns how
-    /// many rows were published and marked sent (0 when another relay holds
-    /// the sale or nothing waits).
-    async fn relay_sale(&self, channel: &Channel, sale: SaleId) -> Result<usize, RelayError> {
+    /// One turn of one sale under its claim: batches in id order, each
+    /// published while the one before it awaits its confirms (two on the
+    /// wire at most), each marked sent once confirmed, until a short batch
+    /// or [`TURN_BATCHES`]. Returns how many rows were published and marked
+    /// sent, and whether the turn ended with rows left (0 and false when
+    /// another relay holds the sale or nothing waits).
+    async fn relay_sale(
+        &self,
+        channel: &Channel,
+        sale: SaleId,
+    ) -> Result<(usize, bool), RelayError> {
         if !self.known_claims.lock().await.contains(&sale) {
             outbox::ensure_claim(&self.db, sale).await?;
             self.known_claims.lock().await.insert(sale);
@@ -277,41 +292,55 @@ impl Relay {
             // Another relay has this sale right now, or its claim row is
             // gone (SKIP LOCKED cannot tell): look again next time.
             self.known_claims.lock().await.remove(&sale);
-            return Ok(0);
+            return Ok((0, false));
         }
-        let rows = outbox::unsent_batch(&mut tx, sale, self.cfg.relay_batch).await?;
-        if rows.is_empty() {
-            tx.commit().await?;
-            return Ok(0);
+        let batch = self.cfg.relay_batch.max(1);
+        let mut pending = PendingConfirms::new(&self.metrics);
+        let mut on_the_wire: std::collections::VecDeque<(Vec<Unsent>, Vec<PublisherConfirm>)> =
+            Default::default();
+        let (mut after, mut published, mut more) = (0u64, 0usize, false);
+        // Dropping `tx` on an error releases the claim; what was not marked
+        // stays unsent and is published again.
+        for turn in 0..TURN_BATCHES {
+            let rows = outbox::unsent_batch(&mut tx, sale, after, batch).await?;
+            let Some(last) = rows.last() else {
+                break;
+            };
+            after = last.id;
+            let full = rows.len() >= batch;
+            let confirms =
+                tokio::time::timeout(CONFIRM_TIMEOUT, self.publish(channel, &rows, &mut pending))
+                    .await
+                    .map_err(|_| {
+                        RelayError::Broker(format!("publishing took over {CONFIRM_TIMEOUT:?}"))
+                    })??;
+            on_the_wire.push_back((rows, confirms));
+            if on_the_wire.len() >= 2 {
+                let (rows, confirms) = on_the_wire.pop_front().expect("two on the wire");
+                published += self.settle(rows, confirms).await?;
+            }
+            if !full {
+                break;
+            }
+            more = turn + 1 == TURN_BATCHES;
         }
-        // Dropping `tx` on an error rolls back: the rows stay unsent.
-        tokio::time::timeout(CONFIRM_TIMEOUT, self.publish_confirmed(channel, &rows))
-            .await
-            .map_err(|_| RelayError::Broker(format!("no confirms within {CONFIRM_TIMEOUT:?}")))??;
-        let ids: Vec<u64> = rows.iter().map(|r| r.id).collect();
-        outbox::mark_sent(&mut tx, sale, &ids).await?;
+        while let Some((rows, confirms)) = on_the_wire.pop_front() {
+            published += self.settle(rows, confirms).await?;
+        }
+        outbox::count_published(&mut tx, sale, published as u64).await?;
         tx.commit().await?;
-        for r in &rows {
-            self.metrics
-                .events
-                .published
-                .get_or_create(&EventTypeLabels {
-                    event_type: type_label(&r.event_type),
-                })
-                .inc();
-        }
-        Ok(rows.len())
+        Ok((published, more))
     }
 
-    /// Publishes `rows` in order, then awaits all their confirms together
-    /// (one round trip a batch, not a message). Any nack or error fails the
-    /// whole batch: it is published again, duplicates and all.
-    async fn publish_confirmed(
+    /// Publishes `rows` in order; returns their confirm futures (the
+    /// frames are with the connection's I/O loop, the broker's answers to
+    /// come).
+    async fn publish(
         &self,
         channel: &Channel,
         rows: &[Unsent],
-    ) -> Result<(), RelayError> {
-        let mut pending = PendingConfirms::new(&self.metrics);
+        pending: &mut PendingConfirms<'_>,
+    ) -> Result<Vec<PublisherConfirm>, RelayError> {
         let mut confirms = Vec::with_capacity(rows.len());
         let exchange = ShortString::from(self.cfg.amqp_exchange.as_str());
         for r in rows {
@@ -322,8 +351,6 @@ impl Relay {
                 .with_type(r.event_type.as_str().into())
                 .with_timestamp(r.occurred_at.timestamp().max(0) as u64)
                 .with_app_id("flashsale".into());
-            // Resolves once the frames are handed to the connection's I/O
-            // loop; the broker's answer is the confirm future it returns.
             let confirm = channel
                 .basic_publish(
                     exchange.clone(),
@@ -336,7 +363,21 @@ impl Relay {
             pending.add();
             confirms.push(confirm);
         }
-        let answers = futures::future::join_all(confirms).await;
+        Ok(confirms)
+    }
+
+    /// Awaits the confirms of one published batch (all together: one round
+    /// trip a batch, within [`CONFIRM_TIMEOUT`]) and marks its rows sent.
+    /// Any nack or error fails the batch: it is published again, duplicates
+    /// and all. Returns the rows marked.
+    async fn settle(
+        &self,
+        rows: Vec<Unsent>,
+        confirms: Vec<PublisherConfirm>,
+    ) -> Result<usize, RelayError> {
+        let answers = tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::join_all(confirms))
+            .await
+            .map_err(|_| RelayError::Broker(format!("no confirms within {CONFIRM_TIMEOUT:?}")))?;
         for (row, answer) in rows.iter().zip(answers) {
             match answer? {
                 Confirmation::Ack(_) => {}
@@ -353,7 +394,18 @@ impl Relay {
                 }
             }
         }
-        Ok(())
+        let ids: Vec<u64> = rows.iter().map(|r| r.id).collect();
+        outbox::mark_sent(&self.db, &ids).await?;
+        for r in &rows {
+            self.metrics
+                .events
+                .published
+                .get_or_create(&EventTypeLabels {
+                    event_type: type_label(&r.event_type),
+                })
+                .inc();
+        }
+        Ok(rows.len())
     }
 
     fn upkeep_due(&self) -> bool {
@@ -377,15 +429,21 @@ impl Relay {
         }
     }
 
-    /// Measures the backlog and purges sent rows past the retention, in
-    /// chunks of [`PURGE_CHUNK`]; returns the rows purged.
-    pub async fn upkeep(&self) -> sqlx::Result<u64> {
+    /// Sets the backlog gauges from MySQL.
+    async fn measure_backlog(&self) -> sqlx::Result<()> {
         let (count, age) = outbox::backlog(&self.db).await?;
         self.metrics
             .events
             .outbox_backlog
             .set(i64::try_from(count).unwrap_or(i64::MAX));
         self.metrics.events.outbox_oldest_age_seconds.set(age);
+        Ok(())
+    }
+
+    /// Measures the backlog and purges sent rows past the retention, in
+    /// chunks of [`PURGE_CHUNK`]; returns the rows purged.
+    pub async fn upkeep(&self) -> sqlx::Result<u64> {
+        self.measure_backlog().await?;
         let mut purged = 0;
         for _ in 0..PURGE_CHUNKS_PER_UPKEEP {
             let n =
