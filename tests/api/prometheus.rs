@@ -243,13 +243,21 @@ async fn prometheus_counts_the_sales_reservations_and_alerts_when_the_reconciler
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let created = prom
-        .query(
-            &client,
-            "sum(flashsale_reservations_total{outcome=\"created\"})",
-        )
-        .await;
-    assert_eq!(created.first().map(|s| s.1), Some(reserved as f64));
+    // The counter of the same scrape may lag the Redis read by one
+    // request (a scrape between the script's reply and the count): wait.
+    let created = "sum(flashsale_reservations_total{outcome=\"created\"})";
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = prom.query(&client, created).await;
+        if got.first().map(|s| s.1) == Some(reserved as f64) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "{created} = {got:?}, want {reserved}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     // With the reconciler scraped, its RoleMissing alert is quiet (before
     // the first scrape it may have fired: nothing reported the role yet).
     let until = Instant::now() + Duration::from_secs(30);
