@@ -325,6 +325,7 @@ ensure_services() {
             ensure_redis || rc=1
             ensure_mariadb || rc=1
             ensure_rabbitmq || rc=1
+            "$(dirname "${BASH_SOURCE[0]}")/prometheus.sh" ensure || rc=1
             ;;
         redis) ensure_redis || rc=1 ;;
         mariadb | mysql) ensure_mariadb || rc=1 ;;

@@ -78,6 +78,11 @@ struct AuditArgs {
     /// before it is a finding.
     #[arg(long, default_value_t = 60)]
     grace_secs: u64,
+    /// Also write the result for Prometheus to this file (node_exporter's
+    /// textfile collector; name it `*.prom`), replaced whole, also when the
+    /// audit cannot run.
+    #[arg(long, value_name = "PATH")]
+    textfile: Option<std::path::PathBuf>,
     #[command(flatten)]
     store: StoreConfig,
     /// The broker and the outbox's retention (the outbox checks).
@@ -431,6 +436,28 @@ async fn points(args: PointsArgs) -> anyhow::Result<i32> {
 }
 
 async fn audit(args: AuditArgs) -> anyhow::Result<i32> {
+    let textfile = args.textfile.clone();
+    let mut last = None;
+    let result = audit_once(args, &mut last).await;
+    if let Some(path) = textfile {
+        let done = last.as_ref().filter(|_| result.is_ok());
+        let written = crate::audit::textfile::write(&path, done)
+            .with_context(|| format!("cannot write the textfile {}", path.display()));
+        match written {
+            Err(e) if result.is_ok() => return Err(e),
+            Err(e) => eprintln!("{e:#}"),
+            Ok(()) => {}
+        }
+    }
+    result
+}
+
+/// Runs the audit (and the repair); `last` is the final report once there
+/// is one.
+async fn audit_once(
+    args: AuditArgs,
+    last: &mut Option<crate::audit::Report>,
+) -> anyhow::Result<i32> {
     use crate::audit::{self, AuditOptions};
     use std::io::IsTerminal;
     let opts = AuditOptions {
@@ -451,6 +478,7 @@ async fn audit(args: AuditArgs) -> anyhow::Result<i32> {
     let engine = engine(&args.store)?;
     engine.load_scripts().await.context("cannot reach Redis")?;
     let report = audit::run(&engine, &db, &opts).await?;
+    *last = Some(report.clone());
     let mut out = std::io::stdout().lock();
     if !args.repair || report.is_clean() {
         if args.json {
@@ -476,6 +504,7 @@ async fn audit(args: AuditArgs) -> anyhow::Result<i32> {
     }
     let applied = audit::apply(&engine, &db, &report).await?;
     let after = audit::run(&engine, &db, &opts).await?;
+    *last = Some(after.clone());
     if args.json {
         let doc = serde_json::json!({
             "before": audit::to_json(&report),

@@ -15,15 +15,17 @@
 //! phases: `scan/moment.rs` the counters at one moment, `scan/orders.rs`
 //! the order scan, `scan/still.rs` the checks that need a still sale and
 //! the queues), `retired.rs`, `repair.rs` (the plan and how each repair is
-//! applied; the Redis repairs are [`crate::engine::Repair`]) and
-//! `report.rs`. Its SQL is in `crate::db::audit` and `crate::db::inventory`;
-//! the stock counters are [`crate::units::Units`].
+//! applied; the Redis repairs are [`crate::engine::Repair`]), `report.rs`
+//! and `textfile.rs` (the result for Prometheus). Its SQL is in
+//! `crate::db::audit` and `crate::db::inventory`; the stock counters are
+//! [`crate::units::Units`].
 
 mod finding;
 mod repair;
 mod report;
 mod retired;
 mod scan;
+pub mod textfile;
 
 use std::time::Duration;
 

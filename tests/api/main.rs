@@ -12,6 +12,7 @@ mod lifecycle;
 mod operations;
 mod outbox;
 mod points;
+mod prometheus;
 mod quarantine;
 mod reconcile;
 mod redis_loss;
