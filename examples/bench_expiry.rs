@@ -72,6 +72,7 @@ async fn load_sale(e: &Engine, id: u64, stock: i64, window_ms: i64) -> anyhow::R
         payment_window_ms: window_ms,
         start_ms: now - SALE_AGE_MS,
         end_ms: now + 3_600_000,
+        paused: false,
     })
     .await?;
     Ok(id)

@@ -427,6 +427,7 @@ async fn load_sale(e: &Engine, id: u64) -> anyhow::Result<SaleId> {
         payment_window_ms: 600_000,
         start_ms: now - 60_000,
         end_ms: now + 3_600_000,
+        paused: false,
     })
     .await?;
     Ok(id)

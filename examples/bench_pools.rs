@@ -47,6 +47,7 @@ async fn sale(e: &Engine, id: u64, stock: i64) -> anyhow::Result<SaleId> {
         start_ms: now - 1000,
         end_ms: now + 3_600_000,
         token: "bench".into(),
+        paused: false,
     })
     .await?;
     Ok(id)

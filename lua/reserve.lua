@@ -53,7 +53,8 @@
 --          {"sold_out", avail}         not enough units: avail is what is
 --                                      left ("0": the sale is sold out)
 --          {"<error code>"}            not_found | sale_not_started | sale_ended
---                                      | limit_exceeded | backlog_full
+--                                      | sale_paused | limit_exceeded
+--                                      | backlog_full
 -- Flow records of new orders carry `k`, the key the order was made under
 -- (the idempotency key, or the retry key): MySQL keeps it, so a sale
 -- rebuilt from MySQL still finds an order by its key.
@@ -72,8 +73,8 @@ end
 
 -- The letters of a call's record: o made an order, d found an earlier one,
 -- the rest are refusals.
-local OUTCOME = {sale_not_started = 'n', sale_ended = 'e', limit_exceeded = 'l',
-  backlog_full = 'b', sold_out = 's'}
+local OUTCOME = {sale_not_started = 'n', sale_ended = 'e', sale_paused = 'p',
+  limit_exceeded = 'l', backlog_full = 'b', sold_out = 's'}
 local REFUSAL = {}
 for code, letter in pairs(OUTCOME) do
   REFUSAL[letter] = code
@@ -121,7 +122,7 @@ local function key_of(i)
 end
 
 local sale = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'avail', 'limit', 'price', 'window_ms',
-  'seq', 'layout', 'fence', 'db')
+  'seq', 'layout', 'fence', 'db', 'paused')
 local token = ARGV[4]
 if sale[9] then
   -- What this caller has seen still counts toward the rebuild: in this
@@ -185,6 +186,9 @@ end
 
 local now = now_ms()
 local too_early, too_late = now < tonumber(sale[1]), now >= tonumber(sale[2])
+-- An admin's pause (control.lua): no new order until resumed; a buyer's
+-- key that made an order before still finds it.
+local paused = sale[11] == '1'
 local avail, limit, price = tonumber(sale[3]), tonumber(sale[4]), tonumber(sale[5])
 local deadline = now + tonumber(sale[6])
 local seq = tonumber(sale[7] or '0')
@@ -221,6 +225,8 @@ for i = 1, n do
     replies[i] = {'sale_not_started'}
   elseif too_late then
     replies[i] = {'sale_ended'}
+  elseif paused then
+    replies[i] = {'sale_paused'}
   else
     if held[user] == nil then
       held[user] = tonumber(redis.call('HGET', KEYS[2], user) or '0')

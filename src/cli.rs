@@ -136,6 +136,32 @@ enum SaleCommand {
         #[command(flatten)]
         store: StoreConfig,
     },
+    /// Pause a sale: reservations are refused (409 sale_paused) on every
+    /// instance at once; payments, cancels, expiry and refunds go on.
+    Pause {
+        /// The sale's id.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        store: StoreConfig,
+    },
+    /// Resume a paused sale.
+    Resume {
+        /// The sale's id.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        store: StoreConfig,
+    },
+    /// End a sale now, for good (409 sale_ended from then on); its pending
+    /// orders may still be paid until their deadlines.
+    End {
+        /// The sale's id.
+        #[arg(long)]
+        id: String,
+        #[command(flatten)]
+        store: StoreConfig,
+    },
     /// Print a sale as Redis holds it.
     Show {
         /// The sale's id.
@@ -166,6 +192,39 @@ enum SaleCommand {
         #[command(flatten)]
         store: StoreConfig,
     },
+}
+
+/// `flashsale sale pause|resume|end`: the admin API's sale controls, run
+/// against the stores directly. Prints the sale's state afterwards; exit
+/// code 1 when the sale does not exist or has ended (for pause, resume).
+async fn control_sale(
+    id: &str,
+    store: &StoreConfig,
+    control: crate::engine::SaleControl,
+) -> anyhow::Result<i32> {
+    use crate::sales::{ControlError, Controlled};
+    let id: SaleId = id.parse().context("--id")?;
+    let db = crate::db::connect(&store.database_url).await?;
+    let engine = engine(store)?;
+    match crate::sales::control(&db, &engine, id, control).await {
+        Ok(Controlled::Live(s)) => {
+            println!("sale {id}: {}", s.state().label());
+            Ok(0)
+        }
+        Ok(Controlled::Retired) => {
+            println!("sale {id}: ended (retired)");
+            Ok(0)
+        }
+        Err(ControlError::NotFound) => {
+            eprintln!("no sale {id}");
+            Ok(1)
+        }
+        Err(ControlError::Ended) => {
+            eprintln!("sale {id} has ended: it cannot be paused or resumed");
+            Ok(1)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Runs the parsed command; returns the process exit code.
@@ -249,6 +308,15 @@ async fn execute(command: Command) -> anyhow::Result<i32> {
         Command::Audit(args) => audit(args).await,
         Command::Points(args) => points(args).await,
         Command::Demo(args) => crate::demo::run(*args).await,
+        Command::Sale(SaleCommand::Pause { id, store }) => {
+            control_sale(&id, &store, crate::engine::SaleControl::Pause).await
+        }
+        Command::Sale(SaleCommand::Resume { id, store }) => {
+            control_sale(&id, &store, crate::engine::SaleControl::Resume).await
+        }
+        Command::Sale(SaleCommand::End { id, store }) => {
+            control_sale(&id, &store, crate::engine::SaleControl::End).await
+        }
         Command::Sale(SaleCommand::Show { id, store }) => {
             let id: SaleId = id.parse().context("--id")?;
             match engine(&store)?.sale(id).await? {

@@ -12,7 +12,9 @@ use sqlx::MySqlPool;
 
 use crate::db::{self, SaleRow};
 use crate::domain::InvalidValue;
-use crate::engine::{Engine, EngineError, GuardVerdict, Loaded, SaleSnapshot, SaleTerms};
+use crate::engine::{
+    Engine, EngineError, GuardVerdict, Loaded, SaleControl, SaleSnapshot, SaleTerms,
+};
 
 /// The admin's request to put a sale on, as sent.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -127,6 +129,7 @@ fn terms(id: crate::domain::SaleId, token: String, s: &SaleRow) -> SaleTerms {
         start_ms: s.start_at.timestamp_millis(),
         end_ms: s.end_at.timestamp_millis(),
         token,
+        paused: false,
     }
 }
 
@@ -222,6 +225,113 @@ pub async fn load_missing(
         }
     }
     Ok(fenced)
+}
+
+/// Why an admin's control of a sale was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No such sale.
+    #[error("no such sale")]
+    NotFound,
+    /// Pause or resume of a sale that has ended (or retired).
+    #[error("the sale has ended")]
+    Ended,
+    /// MySQL failed; nothing changed.
+    #[error("mysql: {0}")]
+    Database(anyhow::Error),
+    /// Redis failed or the sale is fenced; MySQL's change was rolled back.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// What a control left: the sale as Redis holds it now, or, for a sale
+/// that has retired (ended for good), nothing more to show than MySQL's.
+#[derive(Debug)]
+pub enum Controlled {
+    /// The sale, live in Redis.
+    Live(Box<SaleSnapshot>),
+    /// The sale has retired: MySQL alone answers for it.
+    Retired,
+}
+
+/// Pauses, resumes or ends a sale (`POST /api/v1/sales/{id}/pause|resume|end`,
+/// `flashsale sale pause|resume|end`).
+///
+/// The sale's row in MySQL is locked first; Redis then carries the control
+/// out (`lua/control.lua`: reservations read it there, so it holds for
+/// every instance at once, and an end is now by Redis's clock, the clock
+/// of every sale window); MySQL records the same and commits. Two controls
+/// of one sale take turns, and both stores end in the same order. When
+/// Redis fails, MySQL is left as it was and the caller is told so; when
+/// MySQL fails after Redis changed, the caller is told so too, and the
+/// same control, sent again, brings MySQL level (each control is
+/// idempotent: pausing twice changes nothing the second time, and ending
+/// keeps the earlier end, so an ended sale stays ended).
+///
+/// Payments, cancels, expiry and refunds never look at either.
+pub async fn control(
+    db: &MySqlPool,
+    engine: &Engine,
+    id: crate::domain::SaleId,
+    control: SaleControl,
+) -> Result<Controlled, ControlError> {
+    let database = |e: sqlx::Error| ControlError::Database(e.into());
+    let mut tx = db.begin().await.map_err(database)?;
+    let row: Option<(String, bool)> = sqlx::query_as(
+        "SELECT redis_token, retired_at IS NOT NULL FROM sales WHERE id = ? FOR UPDATE",
+    )
+    .bind(id.get())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(database)?;
+    let Some((token, retired)) = row else {
+        return Err(ControlError::NotFound);
+    };
+    if retired {
+        return match control {
+            SaleControl::End => Ok(Controlled::Retired),
+            _ => Err(ControlError::Ended),
+        };
+    }
+    let end_ms = match engine.control_sale(id, &token, control).await? {
+        crate::engine::Controlled::Done { end_ms } => end_ms,
+        crate::engine::Controlled::Ended => return Err(ControlError::Ended),
+        // MySQL lists the sale as live: Redis lost it, and the guard fences
+        // it until it is rebuilt from MySQL.
+        crate::engine::Controlled::NotFound => {
+            return Err(EngineError::Fenced("missing".into()).into())
+        }
+    };
+    let recorded = match control {
+        SaleControl::Pause => sqlx::query(
+            "UPDATE sales SET paused_at = COALESCE(paused_at, UTC_TIMESTAMP(3)) WHERE id = ?",
+        )
+        .bind(id.get()),
+        SaleControl::Resume => {
+            sqlx::query("UPDATE sales SET paused_at = NULL WHERE id = ?").bind(id.get())
+        }
+        SaleControl::End => {
+            let end = DateTime::<Utc>::from_timestamp_millis(end_ms).ok_or_else(|| {
+                EngineError::Protocol(format!("sale {id}: end {end_ms} out of range"))
+            })?;
+            sqlx::query(
+                "UPDATE sales SET ended_early_at = IF(end_at > ?, ?, ended_early_at), \
+                 end_at = LEAST(end_at, ?), paused_at = NULL WHERE id = ?",
+            )
+            .bind(end)
+            .bind(end)
+            .bind(end)
+            .bind(id.get())
+        }
+    };
+    recorded.execute(&mut *tx).await.map_err(database)?;
+    tx.commit().await.map_err(database)?;
+    tracing::info!(sale = %id, control = control.as_str(), "sale control carried out");
+    match engine.sale(id).await? {
+        Some(snapshot) if !snapshot.retired => Ok(Controlled::Live(Box::new(snapshot))),
+        Some(_) => Ok(Controlled::Retired),
+        None => Err(EngineError::Fenced("missing".into()).into()),
+    }
 }
 
 #[cfg(test)]

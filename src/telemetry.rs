@@ -173,13 +173,87 @@ pub struct Metrics {
     pub loss: LossMetrics,
     /// The outbox, the relay and the points consumer.
     pub events: EventMetrics,
+    /// The live sales' stock and state, read from Redis at scrape time.
+    pub sales: SaleMetrics,
 }
 
 /// Labels of a per-sale series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SaleLabels {
     /// The sale id.
-    pub sale: u64,
+    pub sale_id: u64,
+}
+
+/// Labels of a sale's units by where they stand.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SaleUnitsLabels {
+    /// The sale id.
+    pub sale_id: u64,
+    /// `pending`, `paid`, `cancelled`, `closed`, `refunded`, `restocked`.
+    pub status: &'static str,
+}
+
+/// Labels of a sale's state series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SaleStateLabels {
+    /// The sale id.
+    pub sale_id: u64,
+    /// `upcoming`, `open`, `paused`, `sold_out` or `ended`.
+    pub state: &'static str,
+}
+
+/// The live sales as Redis holds them, read when `/metrics` is scraped
+/// (every instance serving HTTP reports the same values: aggregate them
+/// with `max by (sale_id)`). A sale that leaves the live list, or that
+/// Redis cannot answer for (fenced, or Redis down), has no series.
+#[derive(Default)]
+pub struct SaleMetrics {
+    /// Units put on sale.
+    pub stock_total: Family<SaleLabels, Gauge>,
+    /// Units still on sale.
+    pub stock_available: Family<SaleLabels, Gauge>,
+    /// Units by where they stand.
+    pub units: Family<SaleUnitsLabels, Gauge>,
+    /// 1 for the sale's state now, 0 for the others.
+    pub state: Family<SaleStateLabels, Gauge>,
+    /// Held while the families are cleared, filled and rendered, so that
+    /// two scrapes at once never show a half-filled set.
+    pub(crate) refresh: Mutex<()>,
+}
+
+/// Every state a sale's `state` series reports.
+pub const SALE_STATES: [&str; 5] = ["upcoming", "open", "paused", "sold_out", "ended"];
+
+impl SaleMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "sale_stock_total",
+            "Units put on sale, per live sale (read from Redis at scrape time)",
+            self.stock_total.clone(),
+        );
+        registry.register(
+            "sale_stock_available",
+            "Units still on sale, per live sale (read from Redis at scrape time)",
+            self.stock_available.clone(),
+        );
+        registry.register(
+            "sale_units",
+            "Units of a live sale by where they stand: pending, paid, cancelled, closed, refunded, restocked",
+            self.units.clone(),
+        );
+        registry.register(
+            "sale_state",
+            "1 for a live sale's state now (upcoming, open, paused, sold_out, ended), 0 for the others",
+            self.state.clone(),
+        );
+    }
+
+    fn clear(&self) {
+        self.stock_total.clear();
+        self.stock_available.clear();
+        self.units.clear();
+        self.state.clear();
+    }
 }
 
 /// Labels of a fence counter.
@@ -533,8 +607,11 @@ impl Default for Metrics {
         loss.register(&mut registry);
         let events = EventMetrics::default();
         events.register(&mut registry);
+        let sales = SaleMetrics::default();
+        sales.register(&mut registry);
         Self {
             registry: Mutex::new(registry),
+            sales,
             live,
             loss,
             events,
@@ -574,6 +651,42 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+
+    /// Renders every metric with the live sales' series replaced by
+    /// `sales` (their snapshots as Redis holds them now, with each one's
+    /// units by where they stand).
+    pub fn render_with_sales(&self, sales: &[crate::engine::SaleSnapshot]) -> String {
+        let _one_at_a_time = self.sales.refresh.lock().unwrap_or_else(|p| p.into_inner());
+        self.sales.clear();
+        for s in sales {
+            let sale_id = s.id.get();
+            let labels = SaleLabels { sale_id };
+            self.sales
+                .stock_total
+                .get_or_create(&labels)
+                .set(s.stock_total);
+            self.sales
+                .stock_available
+                .get_or_create(&labels)
+                .set(s.stock_available);
+            for (status, n) in s.units.fields() {
+                if status != "total" && status != "available" {
+                    self.sales
+                        .units
+                        .get_or_create(&SaleUnitsLabels { sale_id, status })
+                        .set(n);
+                }
+            }
+            let now = s.state().label();
+            for state in SALE_STATES {
+                self.sales
+                    .state
+                    .get_or_create(&SaleStateLabels { sale_id, state })
+                    .set(i64::from(state == now));
+            }
+        }
+        self.render()
     }
 
     /// Registers the counters of acknowledged writes (Redis WAIT).

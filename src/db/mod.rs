@@ -169,6 +169,7 @@ struct TermsRow {
     start_at: DateTime<Utc>,
     end_at: DateTime<Utc>,
     redis_token: String,
+    paused: bool,
 }
 
 /// The terms (and token) of one sale, or `None` when MySQL has no such
@@ -179,7 +180,8 @@ pub async fn sale_terms<'e>(
 ) -> anyhow::Result<Option<SaleTerms>> {
     let row: Option<TermsRow> = sqlx::query_as(
         "SELECT id, sku, title, price_cents, stock_total, per_user_limit, payment_window_secs, \
-         start_at, end_at, redis_token FROM sales WHERE id = ? AND retired_at IS NULL",
+         start_at, end_at, redis_token, paused_at IS NOT NULL AS paused FROM sales \
+         WHERE id = ? AND retired_at IS NULL",
     )
     .bind(id.get())
     .fetch_optional(ex)
@@ -196,6 +198,7 @@ pub async fn sale_terms<'e>(
             start_ms: r.start_at.timestamp_millis(),
             end_ms: r.end_at.timestamp_millis(),
             token: r.redis_token,
+            paused: r.paused,
         })
     })
     .transpose()

@@ -13,6 +13,8 @@ pub enum Refusal {
     NotStarted,
     /// At or after the sale's end.
     Ended,
+    /// An admin paused the sale.
+    Paused,
     /// Not enough units left.
     SoldOut,
     /// The buyer would hold more than the per-user limit.
@@ -217,6 +219,7 @@ impl Engine {
             },
             Outcome::Refused(Refused::NotStarted) => refused(Refusal::NotStarted),
             Outcome::Refused(Refused::Ended) => refused(Refusal::Ended),
+            Outcome::Refused(Refused::Paused) => refused(Refusal::Paused),
             Outcome::Refused(Refused::LimitExceeded) => refused(Refusal::LimitExceeded),
             Outcome::Refused(Refused::BacklogFull) => refused(Refusal::BacklogFull),
         }

@@ -32,7 +32,7 @@ pub use lifecycle::{Cancellation, ExpiryBatch, Payment, Refund, Refusal, Reserva
 pub use order::{Order, OrderStatus};
 pub use rebuild::{GuardInput, GuardVerdict, RebuiltSale, RedisSide, Unfenced, FENCE_AT_LEAST};
 pub use retire::Retirement;
-pub use sale::{Loaded, SaleSnapshot, SaleState, SaleTerms};
+pub use sale::{Controlled, Loaded, SaleControl, SaleSnapshot, SaleState, SaleTerms};
 use scripts::Scripts;
 pub use topology::{RedisConn, ReplicationStats, Topology};
 

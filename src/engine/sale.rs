@@ -43,6 +43,10 @@ pub struct SaleSnapshot {
     /// The sale's token (the hash's `db`: `sales.redis_token`), as a number
     /// (0: none).
     pub token: u64,
+    /// An admin paused it: reservations are refused (`sale_paused`).
+    pub paused: bool,
+    /// Every unit counter (a counter the hash lacks reads 0).
+    pub units: Units,
 }
 
 /// Where a sale stands, judged by Redis's clock.
@@ -57,15 +61,33 @@ pub enum SaleState {
     SoldOut,
     /// At or after the end.
     Ended,
+    /// Paused by an admin before its end: no reservations until resumed.
+    Paused,
+}
+
+impl SaleState {
+    /// The state as the API and the metrics spell it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Upcoming => "upcoming",
+            Self::Open => "open",
+            Self::SoldOut => "sold_out",
+            Self::Ended => "ended",
+            Self::Paused => "paused",
+        }
+    }
 }
 
 impl SaleSnapshot {
-    /// The sale's state at the snapshot's time.
+    /// The sale's state at the snapshot's time (an ended sale is ended,
+    /// paused or not).
     pub fn state(&self) -> SaleState {
-        if self.now_ms < self.start_ms {
-            SaleState::Upcoming
-        } else if self.now_ms >= self.end_ms {
+        if self.now_ms >= self.end_ms {
             SaleState::Ended
+        } else if self.paused {
+            SaleState::Paused
+        } else if self.now_ms < self.start_ms {
+            SaleState::Upcoming
         } else if self.stock_available <= 0 {
             SaleState::SoldOut
         } else {
@@ -98,6 +120,46 @@ pub struct SaleTerms {
     /// The sale's identity (`sales.redis_token`): Redis keys of the same
     /// name that carry another token are never adopted.
     pub token: String,
+    /// Paused by an admin (MySQL's `sales.paused_at`): a rebuilt sale
+    /// stays paused.
+    pub paused: bool,
+}
+
+/// An admin's control of a sale (`POST /api/v1/sales/{id}/pause|resume|end`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaleControl {
+    /// Stop taking reservations until resumed.
+    Pause,
+    /// Take reservations again.
+    Resume,
+    /// End the sale now, for good.
+    End,
+}
+
+impl SaleControl {
+    /// The control as the API path and the CLI spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::End => "end",
+        }
+    }
+}
+
+/// What a control did in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Controlled {
+    /// Done (or it was so already); the sale's end after it (ms since
+    /// the epoch, by Redis's clock).
+    Done {
+        /// The sale's end.
+        end_ms: i64,
+    },
+    /// Pause or resume of a sale that has ended: nothing changed.
+    Ended,
+    /// Redis does not hold the sale.
+    NotFound,
 }
 
 /// What loading a new sale into Redis did.
@@ -133,6 +195,9 @@ impl SaleTerms {
             ("end_ms", self.end_ms.to_string()),
             ("seq", "0".into()),
         ]);
+        if self.paused {
+            f.push(("paused", "1".into()));
+        }
         f
     }
 }
@@ -161,6 +226,26 @@ impl Engine {
             Loaded::Loaded
         } else {
             Loaded::AlreadyThere
+        })
+    }
+
+    /// Pauses, resumes or ends `sale` in Redis (`lua/control.lua`; an end
+    /// is now by Redis's clock). With acknowledged writes it answers once
+    /// the replicas have it.
+    pub async fn control_sale(
+        &self,
+        sale: SaleId,
+        token: &str,
+        control: SaleControl,
+    ) -> Result<Controlled, EngineError> {
+        let keys = self.keys.sale(sale);
+        let mut inv = self.scripts.control.key(&keys.sale);
+        inv.arg(token).arg(control.as_str());
+        use super::scripts::control::Reply;
+        Ok(match self.write::<Reply>(&keys.sale, &inv).await? {
+            Reply::Done(end_ms) => Controlled::Done { end_ms },
+            Reply::Ended => Controlled::Ended,
+            Reply::NotFound => Controlled::NotFound,
         })
     }
 
@@ -216,6 +301,8 @@ impl Engine {
                 .get("db")
                 .and_then(|t| u64::from_str_radix(t, 16).ok())
                 .unwrap_or(0),
+            paused: map.get("paused").is_some_and(|p| *p == "1"),
+            units: Units::from_fn(|c| map.get(c.redis).and_then(|v| v.parse().ok()).unwrap_or(0)),
         }))
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 // One module per script whose reply has a shape of its own: its reply
 // type decodes itself and refuses anything outside the script's contract.
 pub(crate) mod cancel;
+pub(crate) mod control;
 pub(crate) mod expire;
 pub(crate) mod guard;
 pub(crate) mod pay;
@@ -44,6 +45,7 @@ pub(crate) struct Scripts {
     pub fence: Arc<Script>,
     pub rebuild_clear: Arc<Script>,
     pub rebuild_put: Arc<Script>,
+    pub control: Arc<Script>,
 }
 
 fn plain(src: &str) -> Arc<Script> {
@@ -77,6 +79,7 @@ impl Default for Scripts {
             fence: order_script(include_str!("../../lua/fence.lua")),
             rebuild_clear: plain(include_str!("../../lua/rebuild_clear.lua")),
             rebuild_put: plain(include_str!("../../lua/rebuild_put.lua")),
+            control: order_script(include_str!("../../lua/control.lua")),
         }
     }
 }

@@ -31,6 +31,9 @@ pub enum ApiError {
     /// Reserve at or after the sale's end.
     #[error("the sale has ended")]
     SaleEnded,
+    /// Reserve while an admin has the sale paused.
+    #[error("the sale is paused")]
+    SalePaused,
     /// Not enough stock left.
     #[error("sold out")]
     SoldOut,
@@ -88,6 +91,7 @@ impl ApiError {
             Self::NotFound => "not_found",
             Self::SaleNotStarted => "sale_not_started",
             Self::SaleEnded => "sale_ended",
+            Self::SalePaused => "sale_paused",
             Self::SoldOut => "sold_out",
             Self::LimitExceeded => "limit_exceeded",
             Self::OrderNotPending(_) => "order_not_pending",
@@ -111,6 +115,7 @@ impl ApiError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::SaleNotStarted
             | Self::SaleEnded
+            | Self::SalePaused
             | Self::SoldOut
             | Self::LimitExceeded
             | Self::OrderNotPending(_)
@@ -242,6 +247,7 @@ impl From<Refusal> for ApiError {
             Refusal::NotFound => Self::NotFound,
             Refusal::NotStarted => Self::SaleNotStarted,
             Refusal::Ended => Self::SaleEnded,
+            Refusal::Paused => Self::SalePaused,
             Refusal::SoldOut => Self::SoldOut,
             Refusal::LimitExceeded => Self::LimitExceeded,
             Refusal::BacklogFull => {

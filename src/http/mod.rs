@@ -5,6 +5,7 @@
 //! Handlers translate between the contract (`shared/API.md`) and the engine;
 //! they hold no business rules of their own beyond who may see what.
 
+mod admin;
 pub mod auth;
 pub mod error;
 pub mod limits;
@@ -115,8 +116,12 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .merge(payments::router())
         .layer(shed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT));
+    // Sale controls are neither shed nor limited by address: an operator
+    // must be able to pause a flooded sale.
+    let admin = admin::router().layer(DefaultBodyLimit::max(BODY_LIMIT));
     Router::new()
         .merge(api)
+        .merge(admin)
         .merge(ops::routes())
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)

@@ -178,13 +178,33 @@ async fn probe(state: &AppState) -> Readiness {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let sales = live_snapshots(&state).await;
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.metrics.render_with_sales(&sales),
     )
+}
+
+/// The live sales as Redis holds them now, for the per-sale series. A
+/// scrape never waits long on Redis: what has not answered within a second
+/// (Redis down, a fenced sale) is left out, and the rest is reported.
+async fn live_snapshots(state: &AppState) -> Vec<crate::engine::SaleSnapshot> {
+    let reads = state.live.ids().into_iter().map(|id| async move {
+        tokio::time::timeout(Duration::from_secs(1), state.engine.sale(id))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+    });
+    futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.retired)
+        .collect()
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -360,7 +360,9 @@ impl Reconciler {
             self.metrics
                 .loss
                 .orders_lost
-                .get_or_create(&SaleLabels { sale: sale.get() })
+                .get_or_create(&SaleLabels {
+                    sale_id: sale.get(),
+                })
                 .inc_by(lost_now);
             tracing::error!(sale = %sale, lost = lost_now,
                 "acknowledged orders were lost with Redis (they reached neither MySQL nor the surviving Redis); \

@@ -20,4 +20,5 @@ mod redis_outage;
 mod refund;
 mod reserve;
 mod retire;
+mod sale_controls;
 mod topology;

@@ -477,7 +477,7 @@ pub(crate) async fn after_a_known_loss(
         "exactly the orders lost"
     );
     assert!(rec.metrics().await.contains(&format!(
-        "flashsale_orders_lost_total{{sale=\"{sale}\"}} {lost}"
+        "flashsale_orders_lost_total{{sale_id=\"{sale}\"}} {lost}"
     )));
     let (s, o) = front.reserve(sale, 50, None).await;
     assert_eq!(s, 201, "{o}");

@@ -16,7 +16,8 @@ pub(crate) enum Outcome {
     /// resent call's record, which keeps no count).
     SoldOut { left: i64 },
     /// One of the script's refusals, as it spells it (`not_found`,
-    /// `sale_not_started`, `sale_ended`, `limit_exceeded`, `backlog_full`).
+    /// `sale_not_started`, `sale_ended`, `sale_paused`, `limit_exceeded`,
+    /// `backlog_full`).
     Refused(Refusal),
 }
 
@@ -26,6 +27,7 @@ pub(crate) enum Refusal {
     NotFound,
     NotStarted,
     Ended,
+    Paused,
     LimitExceeded,
     BacklogFull,
 }
@@ -60,6 +62,7 @@ impl FromRedisValue for Outcome {
                 "not_found" => Refusal::NotFound,
                 "sale_not_started" => Refusal::NotStarted,
                 "sale_ended" => Refusal::Ended,
+                "sale_paused" => Refusal::Paused,
                 "limit_exceeded" => Refusal::LimitExceeded,
                 "backlog_full" => Refusal::BacklogFull,
                 _ => return Err(unknown("reserve", &f)),
