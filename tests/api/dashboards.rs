@@ -4,7 +4,7 @@
 //! exports (or recording rules the rules define), every query parses in a
 //! real Prometheus, and every alert has its section in `docs/RUNBOOK.md`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -69,7 +69,9 @@ async fn the_dashboard_and_the_rules_name_only_exported_metrics() {
     })
     .await;
     run_a_short_sale(&app).await;
-    let mut exported = exported_names(&app.metrics().await);
+    let page = app.metrics().await;
+    let labels = sample_labels(&page);
+    let mut exported = exported_names(&page);
     // `flashsale points` registers the same `telemetry::Metrics` as
     // `serve`, so the page above holds its names too.
     exported.extend(audit_textfile_names(&app.target));
@@ -87,6 +89,7 @@ async fn the_dashboard_and_the_rules_name_only_exported_metrics() {
     problems.extend(dashboard.problems());
     for (place, expr) in dashboard.queries() {
         problems.extend(unknown_names(&place, &expr, &exported, &rules));
+        problems.extend(unknown_labels(&place, &expr, &labels));
     }
     match &rules.files {
         None => println!(
@@ -95,6 +98,7 @@ async fn the_dashboard_and_the_rules_name_only_exported_metrics() {
         Some(files) => {
             for rule in files.iter().flat_map(|f| &f.rules) {
                 problems.extend(unknown_names(&rule.place(), &rule.expr, &exported, &rules));
+                problems.extend(unknown_labels(&rule.place(), &rule.expr, &labels));
             }
         }
     }
@@ -176,6 +180,66 @@ async fn every_query_parses_in_prometheus() {
         }
     }
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
+/// The checks above find what they are for (and pass what they must).
+#[test]
+fn the_checks_catch_a_wrong_name_or_label() {
+    let page = "# TYPE flashsale_orders counter\n\
+        flashsale_orders_total{event=\"paid\"} 1\n\
+        # TYPE flashsale_http_request_duration_seconds histogram\n\
+        flashsale_http_request_duration_seconds_bucket{route=\"/a/{b},c\\\"d\",le=\"0.1\"} 1\n\
+        # TYPE flashsale_sale_units gauge\n\
+        flashsale_sale_units{sale_id=\"1\",status=\"paid\"} 1\n";
+    let exported = exported_names(page);
+    let labels = sample_labels(page);
+    assert_eq!(
+        labels["flashsale_http_request_duration_seconds_bucket"],
+        ["instance", "job", "le", "route"].map(String::from).into()
+    );
+    let rules = Rules { files: Some(vec![RuleFile {
+        name: "r.yml".into(),
+        rules: parse_rules("r.yml", "groups:\n  - name: g\n    rules:\n      - record: flashsale:x:rate1m\n        expr: |\n          sum by (event) (\n            rate(flashsale_orders_total[1m]))\n      - alert: A\n        expr: 'up{job=\"flashsale_nothing\"} == 0' # a comment\n        annotations:\n          runbook_url: docs/RUNBOOK.md#a\n"),
+    }]) };
+    let parsed = &rules.files.as_ref().unwrap()[0].rules;
+    assert_eq!(
+        parsed[0].expr,
+        "sum by (event) (\nrate(flashsale_orders_total[1m]))"
+    );
+    assert_eq!(parsed[1].expr, "up{job=\"flashsale_nothing\"} == 0");
+    assert_eq!(parsed[1].runbook_url.as_deref(), Some("docs/RUNBOOK.md#a"));
+    let check = |expr: &str| {
+        let mut p = unknown_names("q", expr, &exported, &rules);
+        p.extend(unknown_labels("q", expr, &labels));
+        p.len()
+    };
+    for good in [
+        "sum by (event) (rate(flashsale_orders_total[5m]))",
+        "histogram_quantile(0.99, sum by (le, route) (rate(flashsale_http_request_duration_seconds_bucket[1m])))",
+        "max by (sale_id, status) (flashsale_sale_units{status=~\"paid|pending\"}) # flashsale_gone",
+        "flashsale:x:rate1m + on () group_left up{job=\"flashsale_gone\"}",
+        "sum by (nothing) (flashsale:x:rate1m)",
+    ] {
+        assert_eq!(check(good), 0, "{good}");
+    }
+    for (bad, n) in [
+        ("rate(flashsale_orders[5m])", 1),
+        ("flashsale_http_request_duration_seconds", 1),
+        ("flashsale:y:rate1m", 1),
+        ("flashsale_sale_units{state=\"paid\"}", 1),
+        ("sum by (sale) (flashsale_sale_units)", 1),
+        ("sum(flashsale_orders_total) by (event, status)", 1),
+    ] {
+        assert_eq!(check(bad), n, "{bad}");
+    }
+    let anchors =
+        heading_anchors("# Run-book\n## Redis loss: a sale, fenced\n```sh\n# not a heading\n```\n");
+    assert_eq!(
+        anchors,
+        ["redis-loss-a-sale-fenced", "run-book"]
+            .map(String::from)
+            .into()
+    );
 }
 
 /// Reservations, a payment, a cancel, an expiry and a refund on a sale of
@@ -314,11 +378,20 @@ fn unknown_names(
     problems
 }
 
-/// The `flashsale_*` metric and `flashsale:*` recording rule names in a
-/// PromQL expression, outside string literals and comments.
-fn metric_names(expr: &str) -> Vec<String> {
+/// A PromQL token, as far as the checks here need one.
+#[derive(Debug, PartialEq)]
+enum Token {
+    /// A name, a keyword, a number or a duration.
+    Word(String),
+    /// A string literal (its text is never a metric or label name).
+    Text,
+    Punct(char),
+}
+
+/// The tokens of a PromQL expression, comments dropped.
+fn tokens(expr: &str) -> Vec<Token> {
     let chars: Vec<char> = expr.chars().collect();
-    let mut names = Vec::new();
+    let mut out = Vec::new();
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
@@ -328,6 +401,7 @@ fn metric_names(expr: &str) -> Vec<String> {
                 i += if chars[i] == '\\' && c != '`' { 2 } else { 1 };
             }
             i += 1;
+            out.push(Token::Text);
         } else if c == '#' {
             while i < chars.len() && chars[i] != '\n' {
                 i += 1;
@@ -339,15 +413,130 @@ fn metric_names(expr: &str) -> Vec<String> {
             {
                 i += 1;
             }
-            let word: String = chars[start..i].iter().collect();
-            if word.starts_with("flashsale_") || word.starts_with("flashsale:") {
-                names.push(word);
-            }
+            out.push(Token::Word(chars[start..i].iter().collect()));
         } else {
+            if !c.is_whitespace() {
+                out.push(Token::Punct(c));
+            }
             i += 1;
         }
     }
-    names
+    out
+}
+
+/// The `flashsale_*` metric and `flashsale:*` recording rule names in a
+/// PromQL expression, outside string literals and comments.
+fn metric_names(expr: &str) -> Vec<String> {
+    tokens(expr)
+        .into_iter()
+        .filter_map(|t| match t {
+            Token::Word(w) if w.starts_with("flashsale_") || w.starts_with("flashsale:") => Some(w),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The label names each series of a `/metrics` page carries, by series
+/// name, plus the two Prometheus adds to every scraped series.
+fn sample_labels(page: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in page
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let end = line.find(['{', ' ']).unwrap_or(line.len());
+        let labels = out.entry(line[..end].to_owned()).or_default();
+        labels.extend(["instance".to_owned(), "job".to_owned()]);
+        let Some(mut rest) = line[end..].strip_prefix('{') else {
+            continue;
+        };
+        // name="value",... where a value may hold `,`, `}` and `\"`.
+        while let Some((name, after)) = rest.split_once("=\"") {
+            labels.insert(name.trim_start_matches(',').trim().to_owned());
+            let mut escaped = false;
+            let close = after.char_indices().find(|&(_, c)| {
+                let end = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                end
+            });
+            let Some((at, _)) = close else { break };
+            rest = &after[at + 1..];
+            if rest.starts_with('}') {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Label names that `expr` matches on or groups by and that none of its
+/// metrics carries in the scrape. Metrics with no series in the scrape (a
+/// family nothing has counted yet) are not judged, nor are groupings in an
+/// expression that reads a recording rule, `ALERTS` or such a metric.
+fn unknown_labels(
+    place: &str,
+    expr: &str,
+    labels: &BTreeMap<String, BTreeSet<String>>,
+) -> Vec<String> {
+    let toks = tokens(expr);
+    let mut problems = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut all_known = true;
+    let word = |i: usize| match toks.get(i) {
+        Some(Token::Word(w)) => Some(w.as_str()),
+        _ => None,
+    };
+    for (i, t) in toks.iter().enumerate() {
+        let Token::Word(w) = t else { continue };
+        if w.contains(':') || w == "ALERTS" {
+            all_known = false;
+        }
+        if !w.starts_with("flashsale_") || w.contains(':') {
+            continue;
+        }
+        let Some(carried) = labels.get(w) else {
+            all_known = false;
+            continue;
+        };
+        seen.extend(carried.iter().cloned());
+        if toks.get(i + 1) != Some(&Token::Punct('{')) {
+            continue;
+        }
+        // Inside the braces: every name followed by `=` or `!` is a label.
+        let mut j = i + 2;
+        while j < toks.len() && toks[j] != Token::Punct('}') {
+            let op = matches!(toks.get(j + 1), Some(Token::Punct('=' | '!')));
+            if let (Some(label), true) = (word(j), op) {
+                if !carried.contains(label) {
+                    problems.push(format!("{place}: {w} has no label {label:?}\n    {expr}"));
+                }
+            }
+            j += 1;
+        }
+    }
+    if !all_known {
+        return problems;
+    }
+    for (i, t) in toks.iter().enumerate() {
+        let Token::Word(w) = t else { continue };
+        let grouping = matches!(
+            w.as_str(),
+            "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
+        );
+        if !grouping || toks.get(i + 1) != Some(&Token::Punct('(')) {
+            continue;
+        }
+        let mut j = i + 2;
+        while j < toks.len() && toks[j] != Token::Punct(')') {
+            if let Some(label) = word(j).filter(|l| !seen.contains(*l)) {
+                problems.push(format!(
+                    "{place}: `{w} ({label})`, a label none of its metrics has\n    {expr}"
+                ));
+            }
+            j += 1;
+        }
+    }
+    problems
 }
 
 /// A dashboard query as Prometheus takes it: Grafana's variables replaced.
@@ -605,15 +794,37 @@ fn parse_rules(file: &str, text: &str) -> Vec<Rule> {
     rules
 }
 
-/// A YAML inline scalar's text: quotes taken off, a plain one's comment
+/// A YAML inline scalar's text: quotes taken off, a comment after it
 /// dropped.
 fn unquote(v: &str) -> String {
-    if let Some(inner) = v.strip_prefix('\'').and_then(|s| s.strip_suffix('\'')) {
-        inner.replace("''", "'")
-    } else if let Some(inner) = v.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
-        inner.replace("\\\"", "\"").replace("\\\\", "\\")
-    } else {
-        v.split(" #").next().unwrap_or_default().trim().to_owned()
+    let mut chars = v.char_indices().peekable();
+    match chars.next() {
+        Some((_, '\'')) => {
+            let mut out = String::new();
+            while let Some((_, c)) = chars.next() {
+                match (c, chars.peek()) {
+                    ('\'', Some((_, '\''))) => {
+                        out.push('\'');
+                        chars.next();
+                    }
+                    ('\'', _) => break,
+                    _ => out.push(c),
+                }
+            }
+            out
+        }
+        Some((_, '"')) => {
+            let mut out = String::new();
+            while let Some((_, c)) = chars.next() {
+                match c {
+                    '\\' => out.extend(chars.next().map(|(_, c)| c)),
+                    '"' => break,
+                    _ => out.push(c),
+                }
+            }
+            out
+        }
+        _ => v.split(" #").next().unwrap_or_default().trim().to_owned(),
     }
 }
 
