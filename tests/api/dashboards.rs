@@ -4,7 +4,7 @@
 //! exports (or recording rules the rules define), every query parses in a
 //! real Prometheus, and every alert has its section in `docs/RUNBOOK.md`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,6 +13,12 @@ use flashsale::config::Role;
 use serde_json::Value;
 
 use crate::helpers::*;
+
+mod promql;
+mod rules;
+
+use promql::{exported_names, sample_labels, unknown_labels, unknown_names};
+use rules::Rules;
 
 /// The alerts the rules must define, each with a `## <name>` section in the
 /// runbook (the names are shared with deploy/prometheus/rules/alerts.yml).
@@ -182,66 +188,6 @@ async fn every_query_parses_in_prometheus() {
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }
 
-/// The checks above find what they are for (and pass what they must).
-#[test]
-fn the_checks_catch_a_wrong_name_or_label() {
-    let page = "# TYPE flashsale_orders counter\n\
-        flashsale_orders_total{event=\"paid\"} 1\n\
-        # TYPE flashsale_http_request_duration_seconds histogram\n\
-        flashsale_http_request_duration_seconds_bucket{route=\"/a/{b},c\\\"d\",le=\"0.1\"} 1\n\
-        # TYPE flashsale_sale_units gauge\n\
-        flashsale_sale_units{sale_id=\"1\",status=\"paid\"} 1\n";
-    let exported = exported_names(page);
-    let labels = sample_labels(page);
-    assert_eq!(
-        labels["flashsale_http_request_duration_seconds_bucket"],
-        ["instance", "job", "le", "route"].map(String::from).into()
-    );
-    let rules = Rules { files: Some(vec![RuleFile {
-        name: "r.yml".into(),
-        rules: parse_rules("r.yml", "groups:\n  - name: g\n    rules:\n      - record: flashsale:x:rate1m\n        expr: |\n          sum by (event) (\n            rate(flashsale_orders_total[1m]))\n      - alert: A\n        expr: 'up{job=\"flashsale_nothing\"} == 0' # a comment\n        annotations:\n          runbook_url: docs/RUNBOOK.md#a\n"),
-    }]) };
-    let parsed = &rules.files.as_ref().unwrap()[0].rules;
-    assert_eq!(
-        parsed[0].expr,
-        "sum by (event) (\nrate(flashsale_orders_total[1m]))"
-    );
-    assert_eq!(parsed[1].expr, "up{job=\"flashsale_nothing\"} == 0");
-    assert_eq!(parsed[1].runbook_url.as_deref(), Some("docs/RUNBOOK.md#a"));
-    let check = |expr: &str| {
-        let mut p = unknown_names("q", expr, &exported, &rules);
-        p.extend(unknown_labels("q", expr, &labels));
-        p.len()
-    };
-    for good in [
-        "sum by (event) (rate(flashsale_orders_total[5m]))",
-        "histogram_quantile(0.99, sum by (le, route) (rate(flashsale_http_request_duration_seconds_bucket[1m])))",
-        "max by (sale_id, status) (flashsale_sale_units{status=~\"paid|pending\"}) # flashsale_gone",
-        "flashsale:x:rate1m + on () group_left up{job=\"flashsale_gone\"}",
-        "sum by (nothing) (flashsale:x:rate1m)",
-    ] {
-        assert_eq!(check(good), 0, "{good}");
-    }
-    for (bad, n) in [
-        ("rate(flashsale_orders[5m])", 1),
-        ("flashsale_http_request_duration_seconds", 1),
-        ("flashsale:y:rate1m", 1),
-        ("flashsale_sale_units{state=\"paid\"}", 1),
-        ("sum by (sale) (flashsale_sale_units)", 1),
-        ("sum(flashsale_orders_total) by (event, status)", 1),
-    ] {
-        assert_eq!(check(bad), n, "{bad}");
-    }
-    let anchors =
-        heading_anchors("# Run-book\n## Redis loss: a sale, fenced\n```sh\n# not a heading\n```\n");
-    assert_eq!(
-        anchors,
-        ["redis-loss-a-sale-fenced", "run-book"]
-            .map(String::from)
-            .into()
-    );
-}
-
 /// Reservations, a payment, a cancel, an expiry and a refund on a sale of
 /// the app's own, so that every family that waits for an event has one.
 async fn run_a_short_sale(app: &TestApp) {
@@ -282,42 +228,6 @@ async fn run_a_short_sale(app: &TestApp) {
     }
 }
 
-/// The series names a `/metrics` page (or a textfile) exports, from its
-/// `# TYPE` lines: a counter `x` is `x_total`, a histogram `x` is
-/// `x_bucket`, `x_sum` and `x_count`.
-fn exported_names(page: &str) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for line in page.lines() {
-        let Some(rest) = line.strip_prefix("# TYPE ") else {
-            continue;
-        };
-        let mut words = rest.split_whitespace();
-        let (Some(name), Some(kind)) = (words.next(), words.next()) else {
-            continue;
-        };
-        match kind {
-            "counter" => {
-                let base = name.strip_suffix("_total").unwrap_or(name);
-                names.insert(format!("{base}_total"));
-            }
-            "histogram" | "gaugehistogram" => {
-                for suffix in ["_bucket", "_sum", "_count"] {
-                    names.insert(format!("{name}{suffix}"));
-                }
-            }
-            "summary" => {
-                for suffix in ["", "_sum", "_count"] {
-                    names.insert(format!("{name}{suffix}"));
-                }
-            }
-            _ => {
-                names.insert(name.to_owned());
-            }
-        }
-    }
-    names
-}
-
 /// The audit textfile's names: from `flashsale audit --textfile` when this
 /// build has the flag, else the agreed list.
 fn audit_textfile_names(target: &Target) -> BTreeSet<String> {
@@ -351,192 +261,6 @@ fn audit_textfile_names(target: &Target) -> BTreeSet<String> {
     });
     let _ = std::fs::remove_file(&file);
     exported_names(&text)
-}
-
-/// Metric names that `expr` (at `place`) uses and nothing exports, or
-/// recording rules it uses that no rule file defines.
-fn unknown_names(
-    place: &str,
-    expr: &str,
-    exported: &BTreeSet<String>,
-    rules: &Rules,
-) -> Vec<String> {
-    let mut problems = Vec::new();
-    for name in metric_names(expr) {
-        if name.contains(':') {
-            if !rules.recorded().contains(&name) {
-                problems.push(format!(
-                    "{place}: recording rule {name} is defined in no deploy/prometheus/rules/*.yml\n    {expr}"
-                ));
-            }
-        } else if !exported.contains(&name) {
-            problems.push(format!(
-                "{place}: {name} is not exported by flashsale\n    {expr}"
-            ));
-        }
-    }
-    problems
-}
-
-/// A PromQL token, as far as the checks here need one.
-#[derive(Debug, PartialEq)]
-enum Token {
-    /// A name, a keyword, a number or a duration.
-    Word(String),
-    /// A string literal (its text is never a metric or label name).
-    Text,
-    Punct(char),
-}
-
-/// The tokens of a PromQL expression, comments dropped.
-fn tokens(expr: &str) -> Vec<Token> {
-    let chars: Vec<char> = expr.chars().collect();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < chars.len() {
-        let c = chars[i];
-        if matches!(c, '"' | '\'' | '`') {
-            i += 1;
-            while i < chars.len() && chars[i] != c {
-                i += if chars[i] == '\\' && c != '`' { 2 } else { 1 };
-            }
-            i += 1;
-            out.push(Token::Text);
-        } else if c == '#' {
-            while i < chars.len() && chars[i] != '\n' {
-                i += 1;
-            }
-        } else if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
-            let start = i;
-            while i < chars.len()
-                && (chars[i].is_ascii_alphanumeric() || matches!(chars[i], '_' | ':'))
-            {
-                i += 1;
-            }
-            out.push(Token::Word(chars[start..i].iter().collect()));
-        } else {
-            if !c.is_whitespace() {
-                out.push(Token::Punct(c));
-            }
-            i += 1;
-        }
-    }
-    out
-}
-
-/// The `flashsale_*` metric and `flashsale:*` recording rule names in a
-/// PromQL expression, outside string literals and comments.
-fn metric_names(expr: &str) -> Vec<String> {
-    tokens(expr)
-        .into_iter()
-        .filter_map(|t| match t {
-            Token::Word(w) if w.starts_with("flashsale_") || w.starts_with("flashsale:") => Some(w),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The label names each series of a `/metrics` page carries, by series
-/// name, plus the two Prometheus adds to every scraped series.
-fn sample_labels(page: &str) -> BTreeMap<String, BTreeSet<String>> {
-    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for line in page
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-    {
-        let end = line.find(['{', ' ']).unwrap_or(line.len());
-        let labels = out.entry(line[..end].to_owned()).or_default();
-        labels.extend(["instance".to_owned(), "job".to_owned()]);
-        let Some(mut rest) = line[end..].strip_prefix('{') else {
-            continue;
-        };
-        // name="value",... where a value may hold `,`, `}` and `\"`.
-        while let Some((name, after)) = rest.split_once("=\"") {
-            labels.insert(name.trim_start_matches(',').trim().to_owned());
-            let mut escaped = false;
-            let close = after.char_indices().find(|&(_, c)| {
-                let end = c == '"' && !escaped;
-                escaped = c == '\\' && !escaped;
-                end
-            });
-            let Some((at, _)) = close else { break };
-            rest = &after[at + 1..];
-            if rest.starts_with('}') {
-                break;
-            }
-        }
-    }
-    out
-}
-
-/// Label names that `expr` matches on or groups by and that none of its
-/// metrics carries in the scrape. Metrics with no series in the scrape (a
-/// family nothing has counted yet) are not judged, nor are groupings in an
-/// expression that reads a recording rule, `ALERTS` or such a metric.
-fn unknown_labels(
-    place: &str,
-    expr: &str,
-    labels: &BTreeMap<String, BTreeSet<String>>,
-) -> Vec<String> {
-    let toks = tokens(expr);
-    let mut problems = Vec::new();
-    let mut seen = BTreeSet::new();
-    let mut all_known = true;
-    let word = |i: usize| match toks.get(i) {
-        Some(Token::Word(w)) => Some(w.as_str()),
-        _ => None,
-    };
-    for (i, t) in toks.iter().enumerate() {
-        let Token::Word(w) = t else { continue };
-        if w.contains(':') || w == "ALERTS" {
-            all_known = false;
-        }
-        if !w.starts_with("flashsale_") || w.contains(':') {
-            continue;
-        }
-        let Some(carried) = labels.get(w) else {
-            all_known = false;
-            continue;
-        };
-        seen.extend(carried.iter().cloned());
-        if toks.get(i + 1) != Some(&Token::Punct('{')) {
-            continue;
-        }
-        // Inside the braces: every name followed by `=` or `!` is a label.
-        let mut j = i + 2;
-        while j < toks.len() && toks[j] != Token::Punct('}') {
-            let op = matches!(toks.get(j + 1), Some(Token::Punct('=' | '!')));
-            if let (Some(label), true) = (word(j), op) {
-                if !carried.contains(label) {
-                    problems.push(format!("{place}: {w} has no label {label:?}\n    {expr}"));
-                }
-            }
-            j += 1;
-        }
-    }
-    if !all_known {
-        return problems;
-    }
-    for (i, t) in toks.iter().enumerate() {
-        let Token::Word(w) = t else { continue };
-        let grouping = matches!(
-            w.as_str(),
-            "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
-        );
-        if !grouping || toks.get(i + 1) != Some(&Token::Punct('(')) {
-            continue;
-        }
-        let mut j = i + 2;
-        while j < toks.len() && toks[j] != Token::Punct(')') {
-            if let Some(label) = word(j).filter(|l| !seen.contains(*l)) {
-                problems.push(format!(
-                    "{place}: `{w} ({label})`, a label none of its metrics has\n    {expr}"
-                ));
-            }
-            j += 1;
-        }
-    }
-    problems
 }
 
 /// A dashboard query as Prometheus takes it: Grafana's variables replaced.
@@ -663,171 +387,6 @@ impl Dashboard {
     }
 }
 
-/// One rule of a rule file: an alert or a recording rule.
-struct Rule {
-    file: String,
-    alert: Option<String>,
-    record: Option<String>,
-    expr: String,
-    runbook_url: Option<String>,
-}
-
-impl Rule {
-    fn place(&self) -> String {
-        let name = self.alert.as_ref().or(self.record.as_ref());
-        format!(
-            "deploy/prometheus/rules/{} rule {}",
-            self.file,
-            name.map_or("?", |s| s)
-        )
-    }
-}
-
-struct RuleFile {
-    name: String,
-    rules: Vec<Rule>,
-}
-
-/// deploy/prometheus/rules/*.yml, when the directory exists.
-struct Rules {
-    files: Option<Vec<RuleFile>>,
-}
-
-impl Rules {
-    fn load() -> Self {
-        let dir = repo("deploy/prometheus/rules");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Self { files: None };
-        };
-        let mut files: Vec<RuleFile> = entries
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "yml" || x == "yaml"))
-            .map(|p| {
-                let name = p.file_name().unwrap().to_string_lossy().into_owned();
-                let text = std::fs::read_to_string(&p).unwrap();
-                RuleFile {
-                    rules: parse_rules(&name, &text),
-                    name,
-                }
-            })
-            .collect();
-        files.sort_by(|a, b| a.name.cmp(&b.name));
-        Self { files: Some(files) }
-    }
-
-    /// The recording rules' names.
-    fn recorded(&self) -> BTreeSet<String> {
-        self.files
-            .iter()
-            .flatten()
-            .flat_map(|f| &f.rules)
-            .filter_map(|r| r.record.clone())
-            .collect()
-    }
-}
-
-/// The rules of a Prometheus rule file. Reads the part of YAML such files
-/// use (`- alert:`/`- record:` items, `expr:` inline, quoted or as a block
-/// scalar, `runbook_url:` among the annotations); the suite carries no YAML
-/// parser, and `promtool check rules` (scripts/prometheus.sh) checks the
-/// rest of the syntax.
-fn parse_rules(file: &str, text: &str) -> Vec<Rule> {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut rules: Vec<Rule> = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        let line = lines[i];
-        i += 1;
-        let trimmed = line.trim_start();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        let body = trimmed.strip_prefix("- ").map_or(trimmed, str::trim_start);
-        let key_indent = line.len() - body.len();
-        let Some((key, value)) = body.split_once(':') else {
-            continue;
-        };
-        if !matches!(key, "alert" | "record" | "expr" | "runbook_url") {
-            continue;
-        }
-        // A scalar's value goes on over the lines indented deeper than its key.
-        let mut more = Vec::new();
-        while i < lines.len() {
-            let next = lines[i];
-            let t = next.trim_start();
-            if !t.is_empty() && next.len() - t.len() <= key_indent {
-                break;
-            }
-            more.push(next.trim());
-            i += 1;
-        }
-        let value = value.trim();
-        let value = if value.starts_with('|') || value.starts_with('>') {
-            more.join("\n")
-        } else {
-            let mut v = unquote(value);
-            for m in more.iter().filter(|m| !m.is_empty()) {
-                v = format!("{v} {}", unquote(m));
-            }
-            v
-        };
-        match key {
-            "alert" | "record" => rules.push(Rule {
-                file: file.to_owned(),
-                alert: (key == "alert").then(|| value.clone()),
-                record: (key == "record").then_some(value),
-                expr: String::new(),
-                runbook_url: None,
-            }),
-            "expr" => {
-                if let Some(r) = rules.last_mut() {
-                    r.expr = value;
-                }
-            }
-            _ => {
-                if let Some(r) = rules.last_mut() {
-                    r.runbook_url = Some(value);
-                }
-            }
-        }
-    }
-    rules
-}
-
-/// A YAML inline scalar's text: quotes taken off, a comment after it
-/// dropped.
-fn unquote(v: &str) -> String {
-    let mut chars = v.char_indices().peekable();
-    match chars.next() {
-        Some((_, '\'')) => {
-            let mut out = String::new();
-            while let Some((_, c)) = chars.next() {
-                match (c, chars.peek()) {
-                    ('\'', Some((_, '\''))) => {
-                        out.push('\'');
-                        chars.next();
-                    }
-                    ('\'', _) => break,
-                    _ => out.push(c),
-                }
-            }
-            out
-        }
-        Some((_, '"')) => {
-            let mut out = String::new();
-            while let Some((_, c)) = chars.next() {
-                match c {
-                    '\\' => out.extend(chars.next().map(|(_, c)| c)),
-                    '"' => break,
-                    _ => out.push(c),
-                }
-            }
-            out
-        }
-        _ => v.split(" #").next().unwrap_or_default().trim().to_owned(),
-    }
-}
-
 /// GitHub's anchors of a Markdown page's headings (outside code blocks):
 /// lower case, spaces to `-`, punctuation but `-` and `_` dropped.
 fn heading_anchors(markdown: &str) -> BTreeSet<String> {
@@ -859,6 +418,19 @@ fn heading_anchors(markdown: &str) -> BTreeSet<String> {
         anchors.insert(anchor);
     }
     anchors
+}
+
+/// Anchors as GitHub makes them; a `#` line in a code block is no heading.
+#[test]
+fn headings_get_github_anchors() {
+    let anchors =
+        heading_anchors("# Run-book\n## Redis loss: a sale, fenced\n```sh\n# not a heading\n```\n");
+    assert_eq!(
+        anchors,
+        ["redis-loss-a-sale-fenced", "run-book"]
+            .map(String::from)
+            .into()
+    );
 }
 
 /// A Prometheus server of the test's own (no targets), to parse queries.
