@@ -41,7 +41,7 @@ for tool in wrk nginx; do
 done
 if [ "$SECTION" = topologies ]; then
     cargo build --quiet --release --bin flashsale
-elXX
+elif [ "$SECTION" = events ]; then
     cargo build --quiet --release --example bench_events
 else
     cargo build --quiet --release --bin flashsale --example bench_mysql_hotrow \

@@ -156,6 +156,8 @@ pub struct Metrics {
     pub refund_wait: Histogram,
     /// Whether each store answered the last readiness probe (1) or not (0).
     pub dependency_up: Family<DependencyLabels, Gauge>,
+    /// Whether `/readyz` answers 200 (1) or 503 (0), as of the last probe.
+    pub ready: Gauge,
     /// Whether each role of this process runs (1) or has stopped (0).
     pub role_up: Family<RoleLabels, Gauge>,
     /// Restarts of each role after it panicked or ended by itself.
@@ -601,6 +603,12 @@ impl Default for Metrics {
             "Reserve requests answered 5xx with a retry key",
             reserve_unsure.clone(),
         );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when /readyz answers 200 (Redis answers, every role runs, not shutting down), 0 when 503, as of the last probe (a scrape probes when the last one is older than a second)",
+            ready.clone(),
+        );
         let live = LiveMetrics::default();
         live.register(&mut registry);
         let loss = LossMetrics::default();
@@ -616,6 +624,7 @@ impl Default for Metrics {
             loss,
             events,
             dependency_up,
+            ready,
             role_up,
             role_restarts,
             rate_limited,

@@ -135,6 +135,8 @@ finding_kinds! {
     SaleFenced = "sale_fenced",
     /// Redis is behind MySQL (the guard fences and rebuilds it).
     RedisBehind = "redis_behind",
+    /// An admin's control (pause, end) is in one store and not the other.
+    SaleControlMismatch = "sale_control_mismatch",
     // The counters, at one moment.
     /// Redis's counters do not add up to the total.
     RedisConservation = "redis_conservation",
@@ -253,6 +255,7 @@ impl FindingKind {
             | SaleForeign
             | SaleFenced
             | RedisBehind
+            | SaleControlMismatch
             | OrderSeqBehind
             | OrderUnreadable
             | PaidAndClosed

@@ -115,20 +115,11 @@ async fn healthz() -> Json<serde_json::Value> {
 /// selling goes on while the reconciler waits.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let health = &state.health;
-    let stores = {
-        let mut last = health.last.lock().await;
-        match *last {
-            Some((at, r)) if at.elapsed() < READY_FRESH => r,
-            _ => {
-                let r = probe(&state).await;
-                *last = Some((Instant::now(), r));
-                r
-            }
-        }
-    };
+    let stores = fresh_readiness(&state).await;
     let roles = health.roles();
     let shutting_down = health.shutting_down.load(Ordering::Acquire);
     let ready = stores.redis && !shutting_down && roles.iter().all(|(_, up)| *up);
+    state.metrics.ready.set(i64::from(ready));
     let word = |ok: bool| if ok { "ok" } else { "down" };
     let roles: serde_json::Map<String, serde_json::Value> = roles
         .into_iter()
@@ -147,6 +138,22 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             "shutting_down": shutting_down,
         })),
     )
+}
+
+/// The stores as a probe found them within [`READY_FRESH`], probing now
+/// when the last probe is older (`/readyz` and `/metrics` share it, so a
+/// scrape keeps the health gauges current without a probe of its own each
+/// time).
+async fn fresh_readiness(state: &AppState) -> Readiness {
+    let mut last = state.health.last.lock().await;
+    match *last {
+        Some((at, r)) if at.elapsed() < READY_FRESH => r,
+        _ => {
+            let r = probe(state).await;
+            *last = Some((Instant::now(), r));
+            r
+        }
+    }
 }
 
 /// Pings both stores, each within a bound, and records what it found.
@@ -178,7 +185,14 @@ async fn probe(state: &AppState) -> Readiness {
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let sales = live_snapshots(&state).await;
+    // The health gauges are as fresh as the scrape: what `/readyz` would
+    // answer now (`flashsale_ready`), each store, each role.
+    let (stores, sales) = tokio::join!(fresh_readiness(&state), live_snapshots(&state));
+    let health = &state.health;
+    let ready = stores.redis
+        && !health.shutting_down.load(Ordering::Acquire)
+        && health.roles().iter().all(|(_, up)| *up);
+    state.metrics.ready.set(i64::from(ready));
     (
         [(
             header::CONTENT_TYPE,

@@ -31,6 +31,44 @@ async fn probes_metrics_and_openapi_answer() {
     app.finish().await;
 }
 
+/// A scrape alone (no `/readyz` call) keeps the health gauges current, and
+/// reports each live sale's stock, units and state as Redis holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_reports_health_and_each_live_sale() {
+    let app = spawn_app().await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 10,
+            per_user_limit: 3,
+            ..SaleSpec::default()
+        })
+        .await;
+    let mut orders = Vec::new();
+    for user in 1..=3u64 {
+        let (s, o) = app.reserve(&sale, user, None).await;
+        assert_eq!(s, 201);
+        orders.push(o["order_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(app.pay(&orders[0], "pay-1", 1999).await.0, 200);
+    assert_eq!(app.cancel(&orders[1], 2).await.0, 200);
+    let metrics = app.metrics().await;
+    for line in [
+        "flashsale_ready 1".to_owned(),
+        "flashsale_dependency_up{dependency=\"redis\"} 1".to_owned(),
+        "flashsale_dependency_up{dependency=\"mysql\"} 1".to_owned(),
+        format!("flashsale_sale_stock_total{{sale_id=\"{sale}\"}} 10"),
+        format!("flashsale_sale_stock_available{{sale_id=\"{sale}\"}} 8"),
+        format!("flashsale_sale_units{{sale_id=\"{sale}\",status=\"pending\"}} 1"),
+        format!("flashsale_sale_units{{sale_id=\"{sale}\",status=\"paid\"}} 1"),
+        format!("flashsale_sale_units{{sale_id=\"{sale}\",status=\"cancelled\"}} 1"),
+        format!("flashsale_sale_state{{sale_id=\"{sale}\",state=\"open\"}} 1"),
+        format!("flashsale_sale_state{{sale_id=\"{sale}\",state=\"paused\"}} 0"),
+    ] {
+        assert!(metrics.contains(&line), "no {line:?} in\n{metrics}");
+    }
+    app.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_creates_a_sale_and_issues_tokens_the_api_accepts() {
     let app = spawn_app().await;

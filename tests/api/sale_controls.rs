@@ -355,3 +355,28 @@ async fn a_paused_sale_that_redis_loses_comes_back_paused() {
     assert_eq!(s, 201);
     app.finish().await;
 }
+
+/// A control in one store only (MySQL failed after Redis changed) is a
+/// finding until the control is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_audit_finds_a_control_in_one_store_only_and_sending_it_again_levels_them() {
+    let app = spawn_with(Target::fresh(), all_roles).await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let (s, _) = app.reserve(&sale, 1, None).await;
+    assert_eq!(s, 201);
+    wait_backlog_empty(&app, &sale).await;
+    // Paused in Redis alone, as a pause whose MySQL commit failed leaves it.
+    let mut c = app.engine.connection();
+    let _: () = c
+        .hset(app.sale_keys(&sale).sale, "paused", "1")
+        .await
+        .unwrap();
+    let (code_, out) = audit(&app.target, &["--sale", &sale]).await;
+    assert_eq!(code_, 1, "{out}");
+    assert!(out.contains("sale_control_mismatch"), "{out}");
+    let (s, _) = app.admin(&sale, "pause").await;
+    assert_eq!(s, 200);
+    let (code_, out) = audit(&app.target, &["--sale", &sale]).await;
+    assert_eq!(code_, 0, "{out}");
+    app.finish().await;
+}

@@ -88,7 +88,8 @@ pub(super) async fn read(cx: &mut Ctx<'_>) -> anyhow::Result<Option<Moment>> {
         .unwrap_or(0);
     let last_flow: Option<FlowId> = snap.last_flow.parse().ok();
     let mut fence = snap.fields.get("fence").cloned();
-    if let Some(terms) = crate::db::sale_terms(&mut *tx, sale).await? {
+    let terms = crate::db::sale_terms(&mut *tx, sale).await?;
+    if let Some(terms) = &terms {
         if snap.fields.get("db") != Some(&terms.token) {
             fence = Some("foreign".into());
         }
@@ -152,6 +153,9 @@ pub(super) async fn read(cx: &mut Ctx<'_>) -> anyhow::Result<Option<Moment>> {
     cx.report.backlog = backlog;
     cx.report.oldest_backlog_ms = oldest.map_or(0, |o| (snap.now_ms - o.ms as i64).max(0));
     check_counters(cx, &redis, &inv, &mysql_sums, &plus);
+    if let Some(terms) = terms {
+        check_controls(cx, controls_in(&snap.fields), terms).await?;
+    }
     Ok(Some(Moment {
         snap,
         cursor,
@@ -159,6 +163,55 @@ pub(super) async fn read(cx: &mut Ctx<'_>) -> anyhow::Result<Option<Moment>> {
         redis,
         backlog,
     }))
+}
+
+/// A sale's controls as Redis holds them: paused, and its end.
+fn controls_in(fields: &std::collections::HashMap<String, String>) -> (bool, Option<i64>) {
+    (
+        fields.get("paused").is_some_and(|p| p == "1"),
+        fields.get("end_ms").and_then(|e| e.parse().ok()),
+    )
+}
+
+/// An admin's pause or end in both stores (`sales::control` changes Redis,
+/// then MySQL, under MySQL's row lock: a MySQL failure in between leaves
+/// them apart until the control is sent again). A difference is read again
+/// a moment later before it counts: a control in flight changes one store
+/// before the other.
+async fn check_controls(
+    cx: &mut Ctx<'_>,
+    mut redis: (bool, Option<i64>),
+    mut terms: crate::engine::SaleTerms,
+) -> anyhow::Result<()> {
+    let same =
+        |r: (bool, Option<i64>), t: &crate::engine::SaleTerms| r == (t.paused, Some(t.end_ms));
+    if same(redis, &terms) {
+        return Ok(());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (engine, db, sale) = (cx.engine, cx.db, cx.sale);
+    let (Some(snap), Some(again)) = (
+        engine.audit_snapshot(sale).await?,
+        crate::db::sale_terms(db, sale).await?,
+    ) else {
+        return Ok(());
+    };
+    (redis, terms) = (controls_in(&snap.fields), again);
+    if same(redis, &terms) {
+        return Ok(());
+    }
+    cx.find(
+        FindingKind::SaleControlMismatch,
+        format!(
+            "Redis and MySQL disagree on the sale's controls (paused {} vs {}, end {:?} vs {} ms): \
+             send the control the sale should be under again (`flashsale sale pause|resume|end`)",
+            redis.0, terms.paused, redis.1, terms.end_ms
+        ),
+    )
+    .redis(json!({"paused": redis.0, "end_ms": redis.1}))
+    .mysql(json!({"paused": terms.paused, "end_ms": terms.end_ms}))
+    .push();
+    Ok(())
 }
 
 fn check_counters(cx: &mut Ctx<'_>, redis: &Units, inv: &Units, mysql_sums: &Units, plus: &Units) {
