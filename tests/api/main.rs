@@ -2,6 +2,7 @@
 
 mod audit;
 mod bad_input;
+mod deploy;
 mod downstream;
 mod events;
 mod expiry;
