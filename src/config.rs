@@ -266,6 +266,13 @@ pub struct HttpConfig {
     #[arg(long, env = "FLASHSALE_MAX_CONNECTIONS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+
+    /// On SIGTERM, how long the process keeps serving with `/readyz`
+    /// answering 503 before it stops accepting, in ms: the time load
+    /// balancers need to stop sending it new requests (0: stop at once).
+    #[arg(long, env = "FLASHSALE_SHUTDOWN_DELAY_MS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(..=600_000))]
+    pub shutdown_delay_ms: u64,
 }
 
 /// Which parts of the service a `serve` process runs.

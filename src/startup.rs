@@ -4,6 +4,10 @@
 //! `App::build` does all the fallible set-up (so tests can bind port 0 and
 //! learn the address); `run_until_stopped` runs until the token is cancelled
 //! or the HTTP server ends on its own (then it says why and stops the rest).
+//! On the token, `/readyz` fails at once; the process goes on serving for
+//! `FLASHSALE_SHUTDOWN_DELAY_MS` (load balancers stop sending it requests
+//! meanwhile), then stops accepting, answers the requests in flight, and
+//! stops its roles.
 //! Background roles (expiry, reconciler, sweep, the live list) run under
 //! `workers::supervisor`: one that panics is restarted in place.
 
@@ -45,6 +49,9 @@ pub struct App {
     relay: Option<AmqpConfig>,
     /// The broker, when this process runs the points consumer.
     points: Option<AmqpConfig>,
+    /// How long it serves, not ready, between the shutdown request and the
+    /// listener's close.
+    shutdown_delay: Duration,
 }
 
 impl App {
@@ -177,6 +184,7 @@ impl App {
             }),
             relay: cfg.roles.contains(&Role::Relay).then(|| cfg.amqp.clone()),
             points: cfg.roles.contains(&Role::Points).then(|| cfg.amqp.clone()),
+            shutdown_delay: Duration::from_millis(h.shutdown_delay_ms),
         })
     }
 
@@ -201,9 +209,13 @@ impl App {
         &self.state
     }
 
-    /// Runs every role until `shutdown` is cancelled (in-flight requests
-    /// finish) or a role ends by itself (then the others are stopped too).
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Runs every role until `requested` is cancelled (readiness fails at
+    /// once; after the shutdown delay the listener closes, in-flight
+    /// requests finish, the roles stop) or a role ends by itself (then the
+    /// others are stopped at once).
+    pub async fn run_until_stopped(self, requested: CancellationToken) -> anyhow::Result<()> {
+        // What the roles stop on: `requested`, after the shutdown delay.
+        let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel();
         let role = |name: &'static str, up: bool| {
@@ -336,19 +348,33 @@ impl App {
         drop(ended_tx);
 
         let mut first_failure = None;
-        tokio::select! {
-            _ = shutdown.cancelled() => tracing::info!("shutdown requested"),
-            Some((task, result)) = ended_rx.recv() => {
-                role(task, false);
-                match &result {
-                    Ok(()) => tracing::warn!(task, "task ended by itself; stopping the others"),
-                    Err(e) => tracing::error!(task, error = %e, "task failed; stopping the others"),
-                }
-                first_failure = result.err();
-                shutdown.cancel();
+        let mut ended = |(task, result): (&'static str, anyhow::Result<()>)| {
+            role(task, false);
+            match &result {
+                Ok(()) => tracing::warn!(task, "task ended by itself; stopping the others"),
+                Err(e) => tracing::error!(task, error = %e, "task failed; stopping the others"),
             }
+            first_failure = result.err();
+        };
+        tokio::select! {
+            () = requested.cancelled() => {
+                // Not ready from now on, still serving: a load balancer that
+                // probes /readyz takes this instance out of its pool before
+                // the listener closes.
+                self.state.health.shutting_down();
+                let delay = self.shutdown_delay;
+                tracing::info!(delay_ms = delay.as_millis() as u64, "shutdown requested");
+                if !delay.is_zero() {
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        Some(e) = ended_rx.recv() => ended(e),
+                    }
+                }
+            }
+            Some(e) = ended_rx.recv() => ended(e),
         }
         self.state.health.shutting_down();
+        shutdown.cancel();
         tracker.wait().await;
         tracing::info!("stopped");
         match first_failure {

@@ -3,6 +3,7 @@
 mod audit;
 mod bad_input;
 mod dashboards;
+mod deploy;
 mod downstream;
 mod events;
 mod expiry;
