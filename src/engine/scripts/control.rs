@@ -31,16 +31,8 @@ impl FromRedisValue for Reply {
 
 #[cfg(test)]
 mod tests {
+    use super::super::reply::tests::reply;
     use super::*;
-
-    fn reply(fields: &[&str]) -> Value {
-        Value::Array(
-            fields
-                .iter()
-                .map(|f| Value::BulkString(f.as_bytes().to_vec()))
-                .collect(),
-        )
-    }
 
     #[test]
     fn the_contract_decodes_and_nothing_else_does() {

@@ -37,8 +37,18 @@ pub(crate) fn unknown(script: &str, what: &dyn std::fmt::Debug) -> ParsingError 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A reply of bulk strings, as a script sends it.
+    pub(crate) fn reply(fields: &[&str]) -> Value {
+        Value::Array(
+            fields
+                .iter()
+                .map(|f| Value::BulkString(f.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
 
     #[test]
     fn shapes_outside_the_contract_are_refused_by_name() {

@@ -74,16 +74,8 @@ impl FromRedisValue for Outcome {
 
 #[cfg(test)]
 mod tests {
+    use super::super::reply::tests::reply;
     use super::*;
-
-    fn reply(fields: &[&str]) -> Value {
-        Value::Array(
-            fields
-                .iter()
-                .map(|f| Value::BulkString(f.as_bytes().to_vec()))
-                .collect(),
-        )
-    }
 
     #[test]
     fn each_outcome_of_the_contract_decodes_and_nothing_else_does() {
