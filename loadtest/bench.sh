@@ -3,8 +3,18 @@
 # one run on this machine, printed as Markdown tables (docs/BENCHMARKS.md
 # keeps the latest). Load goes to loopback only, bounded in count and time.
 #
-#   loadtest/bench.sh            # about 6 minutes: the main table, then the topologies one
-#   SECS=5 loadtest/bench.sh     # shorter load phases
+#   loadtest/bench.sh            # about 16 minutes: the main table (REPS=3
+#                                # repetitions, about 10 minutes), then the
+#                                # topologies, failover and events tables
+#   SECS=5 REPS=1 loadtest/bench.sh main   # shorter: only the main table,
+#                                # shorter load phases, one repetition
+#
+# The main table puts each figure beside its reference (the bare Redis
+# script, the bare axum handler on this HTTP stack, nginx, a MySQL hot row,
+# the bare expiry claim script, BullMQ's drain of delayed jobs) measured in
+# the same repetition; it gives medians with min-max and ratios of medians,
+# and draws each phase's latency distribution and rate over time into
+# CHART_OUT (default docs/bench-phases.svg, loadtest/chart.py).
 #   loadtest/bench.sh topologies # only the Redis topologies table (about 3
 #                                # minutes; or ONLY=topologies)
 #   loadtest/bench.sh events     # only the downstream events table (about a
@@ -18,20 +28,28 @@
 # more minutes).
 #
 # Needs wrk and nginx (installed from Debian's packages when missing),
-# Redis and MariaDB (scripts/services.sh).
+# node and npm (BullMQ is installed from the npm registry into a scratch
+# folder), Redis and MariaDB (scripts/services.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECTION="${1:-${ONLY:-all}}"
 case "$SECTION" in
-    all | topologies | events) ;;
-    *) echo "usage: loadtest/bench.sh [all|topologies|events]  (or ONLY=topologies|events)" >&2; exit 2 ;;
+    all | main | topologies | events) ;;
+    *) echo "usage: loadtest/bench.sh [all|main|topologies|events]  (or ONLY=...)" >&2; exit 2 ;;
 esac
 SECS="${SECS:-10}"
 CONC=50
 HTTP_PORT="${HTTP_PORT:-18180}"
 NGINX_PORT="${NGINX_PORT:-18181}"
 ONE_PORT="${ONE_PORT:-18182}"
+BARE_PORT="${BARE_PORT:-18183}"
+REPS="${REPS:-3}"
+EXPIRY_ORDERS="${EXPIRY_ORDERS:-200000}"
+BULLMQ_CONCURRENCY="${BULLMQ_CONCURRENCY:-100}"
+CHART_OUT="${CHART_OUT:-docs/bench-phases.svg}"
 scripts/services.sh >/dev/null
+command -v node >/dev/null && command -v npm >/dev/null \
+    || { echo "bench: node and npm are needed (the BullMQ peer): apt-get install nodejs npm" >&2; exit 1; }
 for tool in wrk nginx; do
     if ! command -v "$tool" >/dev/null; then
         pkg=$tool; [ "$tool" = nginx ] && pkg=nginx-light
@@ -45,7 +63,8 @@ elif [ "$SECTION" = events ]; then
     cargo build --quiet --release --example bench_events
 else
     cargo build --quiet --release --bin flashsale --example bench_mysql_hotrow \
-        --example bench_expiry --example bench_reconciler --example bench_events
+        --example bench_expiry --example bench_reconciler --example bench_events \
+        --example bench_bare_409
 fi
 bin=target/release/flashsale
 work=$(mktemp -d)
@@ -56,11 +75,13 @@ export FLASHSALE_PAYMENT_SECRET=bench-payment-secret-of-at-least-32-bytes FLASHS
 server=""
 server1=""
 nginx_pid=""
+bare_pid=""
 topo_server=""
 cleanup() {
     [ -n "$server" ] && kill "$server" 2>/dev/null || true
     [ -n "$server1" ] && kill "$server1" 2>/dev/null || true
     [ -n "$nginx_pid" ] && kill "$nginx_pid" 2>/dev/null || true
+    [ -n "$bare_pid" ] && kill "$bare_pid" 2>/dev/null || true
     [ -n "$topo_server" ] && kill "$topo_server" 2>/dev/null || true
     for d in "$work/topo-sentinel" "$work/topo-cluster"; do
         [ -f "$d/nodes" ] && scripts/redis-topology.sh stop "$d" >/dev/null || true
@@ -127,9 +148,9 @@ fi
 # The HTTP role alone, like the reference (one Redis script, nothing else);
 # the reconciler's and the expiry's own rates are measured below, each
 # against the same peak reserve rate.
-for p in "$HTTP_PORT" "$ONE_PORT" "$NGINX_PORT"; do
+for p in "$HTTP_PORT" "$ONE_PORT" "$NGINX_PORT" "$BARE_PORT"; do
     if curl -s -o /dev/null "http://127.0.0.1:$p/"; then
-        echo "bench: something already listens on 127.0.0.1:$p (set HTTP_PORT, ONE_PORT, NGINX_PORT)" >&2
+        echo "bench: something already listens on 127.0.0.1:$p (set HTTP_PORT, ONE_PORT, NGINX_PORT, BARE_PORT)" >&2
         exit 1
     fi
 done
@@ -345,66 +366,13 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/nul
 mk_sale() { "$bin" sale create --sku "B-$1" --title bench --price-cents 100 --stock "$1" \
     --per-user-limit "$2" --payment-window-secs 3600; }
 keys() { local p="$tag:{s$1}"; echo "$p:sale $p:buyers $p:orders $p:deadlines $p:flow $p:idem $p:calls"; }
-
-# 1. Raw limit: redis-benchmark -P 1 running the reserve script by EVALSHA
-#    on keys of the same shape (a sale of its own). Each call carries an id
-#    (a random 12-digit number here, like the buyer) as the service's do.
-raw_sale=$(mk_sale 10000000 1000000)
-raw_token=$(redis-cli HGET "$tag:{s$raw_sale}:sale" db)
 sha=$(redis-cli SCRIPT LOAD "$(cat lua/prelude.lua; echo; cat lua/reserve.lua)")
-raw_n=$((25000 * SECS))
-raw=$(redis-benchmark -c "$CONC" -P 1 -n "$raw_n" -r 100000000 -q \
-    EVALSHA "$sha" 7 $(keys "$raw_sale") 1000000000 __rand_int__ 0 "$raw_token" __rand_int__ 1 "" | tr -d '\r' \
-    | grep -o '[0-9.]* requests per second' | cut -d' ' -f1)
-raw_made=$(redis-cli HLEN "$tag:{s$raw_sale}:orders")
-
-# 2. The HTTP reserve path at full speed (wrk, pre-made tokens, 50 connections).
-sale=$(mk_sale 10000000 1000000)
-read -r http_rps http_p50 http_p99 <<< "$(wrk_run reserve "http://127.0.0.1:$HTTP_PORT" SALE_ID="$sale" TOKENS="$work/tokens.txt")"
-made=$(redis-cli HLEN "$tag:{s$sale}:orders")
-reserve_rate=$(python3 -c "print(round($made / $SECS))")
-
-# 2b. Before combining: the same with one reservation per script call.
-FLASHSALE_ROLES=http FLASHSALE_RESERVE_BATCH=1 FLASHSALE_LISTEN="127.0.0.1:$ONE_PORT" \
-    "$bin" serve > "$work/server1.log" 2>&1 &
-server1=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ONE_PORT/healthz" >/dev/null && break; sleep 0.1; done
-sale1=$(mk_sale 10000000 1000000)
-read -r one_rps one_p50 one_p99 <<< "$(wrk_run one "http://127.0.0.1:$ONE_PORT" SALE_ID="$sale1" TOKENS="$work/tokens.txt")"
-one_rate=$(python3 -c "print(round($(redis-cli HLEN "$tag:{s$sale1}:orders") / $SECS))")
-kill "$server1"; wait "$server1" 2>/dev/null || true; server1=""
-
-# 3. The same at half that rate (wrk paced per connection): latency.
-half_delay=$(python3 -c "print(max(1, round($CONC * 1000 / ($reserve_rate / 2))))")
-sale2=$(mk_sale 10000000 1000000)
-read -r half_rps half_p50 half_p99 <<< "$(wrk_run half "http://127.0.0.1:$HTTP_PORT" SALE_ID="$sale2" TOKENS="$work/tokens.txt" DELAY_MS="$half_delay")"
-
-# 4. Redis memory per pending order (sale of step 2), and the server's peak RSS.
-mem() { redis-cli MEMORY USAGE "$1" SAMPLES 0 | tr -d '\r'; }
-# The due-queue is an index plus one small sorted set per 64 orders.
-mem_due() {
-    redis-cli --scan --pattern "$1:deadlines*" | sed 's/^/MEMORY USAGE /; s/$/ SAMPLES 0/' \
-        | redis-cli | awk '{s += $1} END {print s + 0}'
-}
-per_order() { # key-prefix orders -> bytes of orders + due-queue + buyers per order
-    python3 -c "print(round(($(mem "$1:orders") + $(mem_due "$1") + $(mem "$1:buyers")) / $2))"
-}
-p="$tag:{s$sale}"
-bytes_settled=$(per_order "$p" "$made")
-bytes_with_flow=$(python3 -c "print(round($bytes_settled + $(mem "$p:flow") / $made))")
-# What each reserve call leaves (its id and outcome, for retries): per order.
-bytes_calls=$(python3 -c "print(round($(mem "$p:calls") / $made))")
-bytes_calls_unique=$(python3 -c "print(round($(mem "$tag:{s$raw_sale}:calls") / $raw_made))")
-# One order per buyer: the reference's sale (random 12-digit user ids).
-bytes_unique=$(per_order "$tag:{s$raw_sale}" "$raw_made")
-raw_buyers=$(redis-cli HLEN "$tag:{s$raw_sale}:buyers" | tr -d '\r')
-
-# 5. The sold-out flood against nginx's `return 200`, same generator and load.
-soldout=$(mk_sale 1 1)
 TOKEN=$(head -1 "$work/tokens.txt")
-curl -s -X POST "http://127.0.0.1:$HTTP_PORT/api/v1/sales/$soldout/orders" -H "Authorization: Bearer $TOKEN" >/dev/null
-read -r so_rps so_p50 so_p99 <<< "$(wrk_run soldout "http://127.0.0.1:$HTTP_PORT" SALE_ID="$soldout" TOKENS="$work/tokens.txt")"
-rss_kb=$(grep VmHWM "/proc/$server/status" | awk '{print $2}')
+
+# The peers, started once: the bare axum handler (the service's own
+# connection loop, a fixed 409) and nginx's `return 200`.
+target/release/examples/bench_bare_409 --listen "127.0.0.1:$BARE_PORT" > "$work/bare.log" 2>&1 &
+bare_pid=$!
 cat > "$work/nginx.conf" <<NGX
 worker_processes auto;
 pid $work/nginx.pid;
@@ -417,44 +385,201 @@ http {
 NGX
 nginx -c "$work/nginx.conf" -p "$work" -g 'daemon off;' &
 nginx_pid=$!
+# BullMQ, the delayed-job queue a Node shop would close unpaid orders with,
+# into a scratch folder (npm registry), beside a copy of the drain script.
+mkdir -p "$work/bullmq"
+cp loadtest/bullmq/package.json loadtest/bullmq/drain.mjs "$work/bullmq/"
+(cd "$work/bullmq" && npm install --no-audit --no-fund --silent >/dev/null)
+bullmq_version=$(cd "$work/bullmq" && node -p "require('bullmq/package.json').version")
 sleep 0.5
-read -r ng_rps ng_p50 ng_p99 <<< "$(wrk_run nginx "http://127.0.0.1:$NGINX_PORT" SALE_ID=0 TOKENS="$work/tokens.txt")"
-kill "$nginx_pid"; nginx_pid=""
 
+# Every measurement appends "phase|rep|figure|p50|p99" to rows.txt; the
+# table gives medians (min-max) over the REPS repetitions, which run the
+# phases in turn, each beside its reference, so a slow minute of the
+# machine hits both sides of a ratio alike.
+rows="$work/rows.txt"
+: > "$rows"
+record() { echo "$1|$2|$3|${4:-}|${5:-}" >> "$rows"; }
+
+# The server's answered reserve requests, sampled once a second into
+# rate-<label>.txt while a phase runs (the chart's rate over time).
+sample_rate() { # label port
+    while :; do
+        printf '%s %s\n' "$(date +%s.%N)" "$(curl -s "http://127.0.0.1:$2/metrics" \
+            | awk '/^flashsale_http_requests_total\{/ && /orders/ && /POST/ {n += $NF} END {print n + 0}')"
+        sleep 1
+    done > "$work/chart/rate-$1.txt"
+}
+mkdir -p "$work/chart"
+# wrk with its latency distribution kept for the chart (first repetition).
+wrk_phase() { # label rep url [env...]
+    local label=$1 rep=$2 url=$3 sampler=""; shift 3
+    local lat_out=/dev/null
+    [ "$rep" = 1 ] && lat_out="$work/chart/lat-$label.txt"
+    if [ "$rep" = 1 ] && [ "${url##*:}" = "$HTTP_PORT" -o "${url##*:}" = "$ONE_PORT" ]; then
+        sample_rate "$label" "${url##*:}" &
+        sampler=$!
+    fi
+    wrk_run "$label-$rep" "$url" LAT_OUT="$lat_out" "$@"
+    [ -n "$sampler" ] && { kill "$sampler"; wait "$sampler" 2>/dev/null || true; }
+    return 0
+}
+
+rep_main() { # rep
+    local rep=$1 raw_sale raw_token raw raw_made sale made rate rps p50 p99 sale1 half_delay sale2 soldout
+    # 1. Raw limit: redis-benchmark -P 1 running the reserve script by
+    #    EVALSHA on keys of the same shape (a sale of its own). Each call
+    #    carries an id (a random 12-digit number, like the buyer) as the
+    #    service's do.
+    raw_sale=$(mk_sale 10000000 1000000)
+    raw_token=$(redis-cli HGET "$tag:{s$raw_sale}:sale" db)
+    raw=$(redis-benchmark -c "$CONC" -P 1 -n "$((25000 * SECS))" -r 100000000 -q \
+        EVALSHA "$sha" 7 $(keys "$raw_sale") 1000000000 __rand_int__ 0 "$raw_token" __rand_int__ 1 "" | tr -d '\r' \
+        | grep -o '[0-9.]* requests per second' | cut -d' ' -f1)
+    raw_made=$(redis-cli HLEN "$tag:{s$raw_sale}:orders")
+    record raw "$rep" "$raw"
+    # 2. The HTTP reserve path at full speed (wrk, pre-made tokens).
+    sale=$(mk_sale 10000000 1000000)
+    read -r rps p50 p99 <<< "$(wrk_phase reserve "$rep" "http://127.0.0.1:$HTTP_PORT" SALE_ID="$sale" TOKENS="$work/tokens.txt")"
+    made=$(redis-cli HLEN "$tag:{s$sale}:orders")
+    rate=$(python3 -c "print(round($made / $SECS))")
+    record reserve "$rep" "$rate" "$p50" "$p99"
+    record reserve_wrk "$rep" "$rps"
+    if [ "$rep" = 1 ]; then
+        memory "$sale" "$made" "$raw_sale" "$raw_made"
+    fi
+    # 2b. One reservation per script call (before combining).
+    sale1=$(mk_sale 10000000 1000000)
+    read -r rps p50 p99 <<< "$(wrk_phase one_per_call "$rep" "http://127.0.0.1:$ONE_PORT" SALE_ID="$sale1" TOKENS="$work/tokens.txt")"
+    record one_per_call "$rep" "$(python3 -c "print(round($(redis-cli HLEN "$tag:{s$sale1}:orders") / $SECS))")" "$p50" "$p99"
+    # 3. Half this repetition's rate (wrk paced per connection): latency.
+    half_delay=$(python3 -c "print(max(1, round($CONC * 1000 / ($rate / 2))))")
+    sale2=$(mk_sale 10000000 1000000)
+    read -r rps p50 p99 <<< "$(wrk_phase half_rate "$rep" "http://127.0.0.1:$HTTP_PORT" SALE_ID="$sale2" TOKENS="$work/tokens.txt" DELAY_MS="$half_delay")"
+    record half "$rep" "$rps" "$p50" "$p99"
+    # 4. The sold-out flood, then the two floors with the same generator.
+    soldout=$(mk_sale 1 1)
+    curl -s -X POST "http://127.0.0.1:$HTTP_PORT/api/v1/sales/$soldout/orders" -H "Authorization: Bearer $TOKEN" >/dev/null
+    read -r rps p50 p99 <<< "$(wrk_phase sold_out "$rep" "http://127.0.0.1:$HTTP_PORT" SALE_ID="$soldout" TOKENS="$work/tokens.txt")"
+    record sold_out "$rep" "$rps" "$p50" "$p99"
+    read -r rps p50 p99 <<< "$(wrk_phase bare_axum_409 "$rep" "http://127.0.0.1:$BARE_PORT" SALE_ID=1 TOKENS="$work/tokens.txt")"
+    record bare "$rep" "$rps" "$p50" "$p99"
+    read -r rps p50 p99 <<< "$(wrk_phase nginx_200 "$rep" "http://127.0.0.1:$NGINX_PORT" SALE_ID=0 TOKENS="$work/tokens.txt")"
+    record nginx "$rep" "$rps" "$p50" "$p99"
+    # 5. Without Redis: MySQL hot row + order insert per transaction.
+    record hotrow "$rep" "$(target/release/examples/bench_mysql_hotrow --concurrency 64 --secs "$SECS")"
+    # 6. Expiry: one worker's drain beside the bare claim script (same run),
+    #    then BullMQ's drain of as many delayed jobs due at once.
+    target/release/examples/bench_expiry --orders "$EXPIRY_ORDERS" --batches 128 --stream-secs "$SECS" > "$work/expiry-$rep.txt"
+    record expiry_bare "$rep" "$(grep '^| 128 |' "$work/expiry-$rep.txt" | awk -F'|' '{gsub(/ /,"",$3); print $3}')"
+    record expiry "$rep" "$(grep '^| 128 |' "$work/expiry-$rep.txt" | awk -F'|' '{gsub(/ /,"",$4); print $4}')"
+    local late
+    late=$(sed -n 's/.*lateness p50 \([0-9]*\) ms, p99 \([0-9]*\) ms.*/\1 \2/p' "$work/expiry-$rep.txt")
+    record expiry_late "$rep" "" "${late% *}" "${late#* }"
+    local bull
+    bull=$(cd "$work/bullmq" && JOBS="$EXPIRY_ORDERS" CONCURRENCY="$BULLMQ_CONCURRENCY" node drain.mjs)
+    record bullmq "$rep" "$(sed -n 's/.*drain_per_sec=\([0-9]*\).*/\1/p' <<< "$bull")" \
+        "$(sed -n 's/.*late_p50_ms=\([0-9]*\).*/\1/p' <<< "$bull")" "$(sed -n 's/.*late_p99_ms=\([0-9]*\).*/\1/p' <<< "$bull")"
+    # 7. The reconciler against the peak reserve rate of its own run.
+    target/release/examples/bench_reconciler --records 100000 --lag-secs "$SECS" > "$work/rec-$rep.txt"
+    record reconciler "$rep" "$(grep 'records persisted' "$work/rec-$rep.txt" | awk -F'|' '{gsub(/ /,"",$3); print $3}')"
+    echo "bench: repetition $rep of $REPS done" >&2
+}
+
+# Redis memory per pending order (measured once: it does not vary by run).
+memory() { # http_sale made raw_sale raw_made
+    local p="$tag:{s$1}" made=$2 rp="$tag:{s$3}" raw_made=$4
+    mem() { redis-cli MEMORY USAGE "$1" SAMPLES 0 | tr -d '\r'; }
+    # The due-queue is an index plus one small sorted set per 64 orders.
+    mem_due() {
+        redis-cli --scan --pattern "$1:deadlines*" | sed 's/^/MEMORY USAGE /; s/$/ SAMPLES 0/' \
+            | redis-cli | awk '{s += $1} END {print s + 0}'
+    }
+    per_order() { python3 -c "print(round(($(mem "$1:orders") + $(mem_due "$1") + $(mem "$1:buyers")) / $2))"; }
+    bytes_settled=$(per_order "$p" "$made")
+    bytes_with_flow=$(python3 -c "print(round($bytes_settled + $(mem "$p:flow") / $made))")
+    bytes_calls=$(python3 -c "print(round($(mem "$p:calls") / $made))")
+    bytes_calls_unique=$(python3 -c "print(round($(mem "$rp:calls") / $raw_made))")
+    bytes_unique=$(per_order "$rp" "$raw_made")
+    raw_buyers=$(redis-cli HLEN "$rp:buyers" | tr -d '\r')
+    mem_made=$made
+    mem_raw_made=$raw_made
+}
+
+# The one-reservation-per-call server beside the main one.
+FLASHSALE_ROLES=http FLASHSALE_RESERVE_BATCH=1 FLASHSALE_LISTEN="127.0.0.1:$ONE_PORT" \
+    "$bin" serve > "$work/server1.log" 2>&1 &
+server1=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$ONE_PORT/healthz" >/dev/null && break; sleep 0.1; done
+main_t0=$SECONDS
+for rep in $(seq "$REPS"); do
+    rep_main "$rep"
+done
+main_secs=$((SECONDS - main_t0))
+rss_kb=$(grep VmHWM "/proc/$server/status" | awk '{print $2}')
+kill "$server1" "$bare_pid" "$nginx_pid"; wait "$server1" "$bare_pid" "$nginx_pid" 2>/dev/null || true
+server1=""; bare_pid=""; nginx_pid=""
 kill "$server"; wait "$server" 2>/dev/null || true; server=""
+python3 loadtest/chart.py "$work/chart" "$CHART_OUT"
 
-# 6. Without Redis: MySQL hot row + order insert per transaction, 64 in flight.
-hotrow=$(target/release/examples/bench_mysql_hotrow --concurrency 64 --secs "$SECS")
+cat <<HEAD
+machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; $(redis-server --version | cut -d' ' -f3); $(mariadb --version | grep -o 'Distrib [^,]*'); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2); nginx $(nginx -v 2>&1 | cut -d/ -f2); node $(node --version), bullmq $bullmq_version
+command: loadtest/bench.sh (SECS=$SECS, REPS=$REPS); load phases ${SECS} s each, wrk -t2 -c${CONC}; the main table took ${main_secs} s
+figures: median over the $REPS repetitions (min-max); ratio: of the medians; each repetition runs every phase beside its reference
+chart: $CHART_OUT (latency by percentile and requests/s over time of each phase, first repetition)
 
-# 7. Expiry and the reconciler (their own scripts, smaller sizes).
-target/release/examples/bench_expiry --orders 200000 --batches 128 --stream-secs "$SECS" > "$work/expiry.txt"
-drain=$(grep '^| 128 |' "$work/expiry.txt" | awk -F'|' '{gsub(/ /,"",$4); print $4}')
-late=$(grep -o 'p50 [0-9]* ms, p99 [0-9]* ms' "$work/expiry.txt")
-late_p99=$(echo "$late" | grep -o 'p99 [0-9]*' | cut -d' ' -f2)
-target/release/examples/bench_reconciler --records 100000 --lag-secs "$SECS" > "$work/rec.txt"
-rec=$(grep 'records persisted' "$work/rec.txt" | awk -F'|' '{gsub(/ /,"",$3); print $3}')
-
-ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
-verdict() { python3 -c "print('meets' if $1 else 'misses')"; }
+HEAD
+python3 - "$rows" <<PY
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    phase, rep, fig, p50, p99 = line.rstrip("\n").split("|")
+    r = rows.setdefault(phase, {"fig": [], "p50": [], "p99": []})
+    for k, v in (("fig", fig), ("p50", p50), ("p99", p99)):
+        if v not in ("", "nan"):
+            r[k].append(float(v))
+def med(phase, k="fig"):
+    xs = rows.get(phase, {}).get(k, [])
+    return statistics.median(xs) if xs else float("nan")
+def show(phase, k="fig", fmt="{:.0f}"):
+    xs = rows.get(phase, {}).get(k, [])
+    if not xs:
+        return "n/a"
+    m = fmt.format(statistics.median(xs))
+    return m if len(xs) == 1 else f"{m} ({fmt.format(min(xs))}-{fmt.format(max(xs))})"
+def lat(phase):
+    return f"p50 {show(phase, 'p50', '{:.2f}')} ms, p99 {show(phase, 'p99', '{:.2f}')} ms"
+def ratio(a, b):
+    return f"{a / b:.2f}" if b == b and b else "n/a"
+def verdict(ok):
+    return "meets" if ok else "misses"
+print("| measurement | figure | reference (same run) | ratio | target | verdict |")
+print("| --- | ---: | ---: | ---: | ---: | --- |")
+res, raw = med("reserve"), med("raw")
+print(f"| HTTP reserve path, reservations/s (created orders counted) | {show('reserve')} (wrk {show('reserve_wrk')} req/s; {lat('reserve')}) | redis-benchmark -P 1 EVALSHA of the reserve script: {show('raw')} req/s | {ratio(res, raw)} | >= 1.5 | {verdict(res >= 1.5 * raw)} |")
+one = med("one_per_call")
+print(f"| the same, one reservation per script call (FLASHSALE_RESERVE_BATCH=1: before combining) | {show('one_per_call')} ({lat('one_per_call')}) | the same redis-benchmark figure | {ratio(one, raw)} | | |")
+print(f"| reserve p99 at half the maximum rate | {show('half', 'p99', '{:.2f}')} ms ({show('half')} req/s, p50 {show('half', 'p50', '{:.2f}')} ms) | | | <= 5 ms | {verdict(med('half', 'p99') <= 5)} |")
+so, bare, ng = med("sold_out"), med("bare"), med("nginx")
+print(f"| sold-out flood, requests/s | {show('sold_out')} ({lat('sold_out')}) | bare axum 409 on this HTTP stack (examples/bench_bare_409.rs): {show('bare')} req/s ({lat('bare')}) | {ratio(so, bare)} | >= 0.9 | {verdict(so >= 0.9 * bare)} |")
+print(f"| the same sold-out flood | {show('sold_out')} | nginx return 200: {show('nginx')} req/s ({lat('nginx')}) | {ratio(so, ng)} | | |")
+hot = med("hotrow")
+print(f"| HTTP reserve path against MySQL hot row + insert (64 in flight) | {show('reserve')}/s | {show('hotrow')} tx/s | {ratio(res, hot)} | >= 20 | {verdict(res >= 20 * hot)} |")
+rec = med("reconciler")
+print(f"| reconciler, records/s into MariaDB | {show('reconciler')} | peak reserve rate: {show('reserve')}/s | {ratio(rec, res)} | >= 2.0 | {verdict(rec >= 2 * res)} |")
+ex, exb, bull = med("expiry"), med("expiry_bare"), med("bullmq")
+print(f"| expiry drain, 1 worker (batch 128), orders/s ($EXPIRY_ORDERS due at once) | {show('expiry')} | the claim script driven by a bare client: {show('expiry_bare')}/s | {ratio(ex, exb)} | >= 0.5 | {verdict(ex >= 0.5 * exb)} |")
+print(f"| the same expiry drain | {show('expiry')} | BullMQ $bullmq_version: $EXPIRY_ORDERS delayed jobs due at once, 1 Worker (concurrency $BULLMQ_CONCURRENCY): {show('bullmq')} jobs/s, lateness p50 {show('bullmq', 'p50')} ms, p99 {show('bullmq', 'p99')} ms | {ratio(ex, bull)} | >= 4 | {verdict(ex >= 4 * bull)} |")
+print(f"| expiry lateness, steady 2,000/s, nothing else running | p50 {show('expiry_late', 'p50')} ms, p99 {show('expiry_late', 'p99')} ms | | | p99 <= 25 ms | {verdict(med('expiry_late', 'p99') <= 25)} |")
+PY
 cat <<TABLE
-machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; $(redis-server --version | cut -d' ' -f3); $(mariadb --version | grep -o 'Distrib [^,]*'); $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2); nginx $(nginx -v 2>&1 | cut -d/ -f2)
-load phases: ${SECS} s each, ${CONC} connections; command: loadtest/bench.sh
-
-| measurement | figure | reference (same run) | ratio | target | verdict |
-| --- | ---: | ---: | ---: | ---: | --- |
-| HTTP reserve path, reservations/s (created orders counted) | $reserve_rate (wrk $http_rps req/s, p50 $http_p50 ms, p99 $http_p99 ms) | redis-benchmark -P 1 EVALSHA of the reserve script: $raw req/s ($raw_made orders made) | $(ratio "$reserve_rate" "$raw") | >= 1.0 | $(verdict "$reserve_rate >= $raw") |
-| the same, one reservation per script call (FLASHSALE_RESERVE_BATCH=1: before combining) | $one_rate (wrk $one_rps req/s, p50 $one_p50 ms, p99 $one_p99 ms) | the same redis-benchmark figure | $(ratio "$one_rate" "$raw") | | |
-| reserve p99 at half the maximum rate | $half_p99 ms ($half_rps req/s, p50 $half_p50 ms) | | | <= 5 ms | $(verdict "$half_p99 <= 5") |
-| sold-out flood, requests/s | $so_rps (p99 $so_p99 ms) | nginx return 200: $ng_rps req/s (p99 $ng_p99 ms) | $(ratio "$so_rps" "$ng_rps") | >= 0.6 | $(verdict "$so_rps >= 0.6 * $ng_rps") |
-| HTTP reserve path against MySQL hot row + insert (64 in flight) | $reserve_rate/s | $hotrow tx/s | $(ratio "$reserve_rate" "$hotrow") | >= 20 | $(verdict "$reserve_rate >= 20 * $hotrow") |
-| reconciler, records/s into MariaDB | $rec | peak reserve rate: $reserve_rate/s | $(ratio "$rec" "$reserve_rate") | >= 1.0 | $(verdict "$rec >= $reserve_rate") |
-| expiry drain (1 worker, batch 128), orders/s | $drain | peak reserve rate: $reserve_rate/s | $(ratio "$drain" "$reserve_rate") | | |
-| expiry lateness, steady 2,000/s | $late | | | p99 <= 25 ms | $(verdict "$late_p99 <= 25") |
-| Redis bytes per pending order (orders + due-queue + buyers), HTTP sale ($made orders of 20,000 buyers) | $bytes_settled ($bytes_with_flow with its flow record, while no reconciler runs) | | | <= 200 | $(verdict "$bytes_settled <= 200") |
-| the same, one order per buyer (the reference's sale: $raw_made orders, $raw_buyers buyers) | $bytes_unique | | | <= 200 | $(verdict "$bytes_unique <= 200") |
+| Redis bytes per pending order (orders + due-queue + buyers), HTTP sale ($mem_made orders of $(wc -l < "$work/tokens.txt") buyers) | $bytes_settled ($bytes_with_flow with its flow record, while no reconciler runs) | | | <= 200 | $(python3 -c "print('meets' if $bytes_settled <= 200 else 'misses')") |
+| the same, one order per buyer (the reference's sale: $mem_raw_made orders, $raw_buyers buyers) | $bytes_unique | | | <= 120 | $(python3 -c "print('meets' if $bytes_unique <= 120 else 'misses')") |
 | reserve call records per order (the calls hash: HTTP sale, combined calls / reference, one call per order) | $bytes_calls / $bytes_calls_unique | | | | |
-| server peak RSS | $((rss_kb / 1024)) MB | | | <= 100 MB | $(verdict "$rss_kb <= 102400") |
+| server peak RSS | $((rss_kb / 1024)) MB | | | <= 100 MB | $(python3 -c "print('meets' if $rss_kb <= 102400 else 'misses')") |
 TABLE
-bench_topologies
-bench_failover
-bench_events
+if [ "$SECTION" = all ]; then
+    bench_topologies
+    bench_failover
+    bench_events
+fi

@@ -2,6 +2,8 @@
 -- with buyer tokens read from TOKENS (one JWT per line, made with
 -- `flashsale token --user 1 --count N`), taken in turn by each thread.
 -- DELAY_MS (optional) paces each connection, for a rate below the maximum.
+-- LAT_OUT (optional) names a file for the latency distribution at the end:
+-- lines "<percentile> <microseconds>" (loadtest/chart.py draws them).
 -- SALE_IDS (instead of SALE_ID) spreads the requests over several sales in
 -- turn, e.g. sales on every shard of a Redis Cluster.
 --
@@ -43,4 +45,16 @@ if pace > 0 then
   function delay()
     return pace
   end
+end
+
+function done(summary, latency, requests)
+  local out = os.getenv("LAT_OUT")
+  if not out or out == "" or out == "/dev/null" then
+    return
+  end
+  local f = io.open(out, "w")
+  for _, p in ipairs({0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 100}) do
+    f:write(string.format("%g %d\n", p, latency:percentile(p)))
+  end
+  f:close()
 end
