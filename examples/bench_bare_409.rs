@@ -1,5 +1,6 @@
 //! The floor of this HTTP stack: the service's own connection loop
-//! (`flashsale::http::server::serve`: hyper, axum, the same runtime) with
+//! (`flashsale::http::server::serve`: hyper, axum, the same runtime and
+//! allocator) with
 //! one axum handler that answers every reserve the sold-out answer's bytes,
 //! `409` and a fixed JSON body, touching nothing else: no token check, no
 //! Redis, no metrics. `loadtest/bench.sh` puts the sold-out flood beside it.
@@ -14,6 +15,10 @@ use axum::Router;
 use clap::Parser;
 use flashsale::http::server::{serve, ConnLimits};
 use tokio_util::sync::CancellationToken;
+
+// The service's allocator (src/main.rs), so that this stays its floor.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 struct Args {
