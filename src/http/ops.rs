@@ -110,6 +110,19 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }
 
+/// Whether `/readyz` answers 200 (Redis answers, not shutting down, every
+/// role up), recorded in `flashsale_ready`.
+fn record_ready(
+    state: &AppState,
+    stores: Readiness,
+    shutting_down: bool,
+    roles: &[(&'static str, bool)],
+) -> bool {
+    let ready = stores.redis && !shutting_down && roles.iter().all(|(_, up)| *up);
+    state.metrics.ready.set(i64::from(ready));
+    ready
+}
+
 /// 503 only when this process cannot take writes: Redis unreachable, one
 /// of its roles down, or shutting down. MySQL down is reported, not fatal:
 /// selling goes on while the reconciler waits.
@@ -118,8 +131,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let stores = fresh_readiness(&state).await;
     let roles = health.roles();
     let shutting_down = health.shutting_down.load(Ordering::Acquire);
-    let ready = stores.redis && !shutting_down && roles.iter().all(|(_, up)| *up);
-    state.metrics.ready.set(i64::from(ready));
+    let ready = record_ready(&state, stores, shutting_down, &roles);
     let word = |ok: bool| if ok { "ok" } else { "down" };
     let roles: serde_json::Map<String, serde_json::Value> = roles
         .into_iter()
@@ -189,10 +201,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     // answer now (`flashsale_ready`), each store, each role.
     let (stores, sales) = tokio::join!(fresh_readiness(&state), live_snapshots(&state));
     let health = &state.health;
-    let ready = stores.redis
-        && !health.shutting_down.load(Ordering::Acquire)
-        && health.roles().iter().all(|(_, up)| *up);
-    state.metrics.ready.set(i64::from(ready));
+    let shutting_down = health.shutting_down.load(Ordering::Acquire);
+    record_ready(&state, stores, shutting_down, &health.roles());
     (
         [(
             header::CONTENT_TYPE,
