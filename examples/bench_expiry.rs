@@ -44,6 +44,26 @@ struct Args {
     /// Steady expiry stream: seconds.
     #[arg(long, default_value_t = 10)]
     stream_secs: u64,
+    /// The burst (every order due at one moment, one worker running): how
+    /// long after the loading starts they fall due. Loading must be done
+    /// by then (the run says when it was not).
+    #[arg(long, default_value_t = 4000)]
+    due_in_ms: i64,
+    /// Only load `--orders` pending orders into this existing sale (made by
+    /// `flashsale sale create`, `FLASHSALE_KEY_PREFIX`'s keys), all due
+    /// `--due-in-ms` from now, for a running server's expiry role to close;
+    /// prints `due_ms=<when>`.
+    #[arg(long)]
+    load_due: Option<u64>,
+    /// Only read how late this sale's orders were closed (closed time minus
+    /// deadline, Redis's clock) and print it as `closed=.. late_p50_ms=..
+    /// late_p99_ms=.. late_max_ms=.. drain_per_sec=..` (the drain: closed
+    /// orders over the time from the first deadline to the last close).
+    #[arg(long)]
+    lateness_of: Option<u64>,
+    /// Key prefix for `--load-due` and `--lateness-of`.
+    #[arg(long, env = "FLASHSALE_KEY_PREFIX", default_value = "flashsale")]
+    prefix: String,
 }
 
 fn engine(url: &str, prefix: &str) -> anyhow::Result<Engine> {
@@ -78,26 +98,45 @@ async fn load_sale(e: &Engine, id: u64, stock: i64, window_ms: i64) -> anyhow::R
     Ok(id)
 }
 
-/// Writes `n` pending orders whose deadlines have all passed, as the reserve
-/// script would have left them (counters, buyers, orders, deadline set).
-async fn load_due_orders(e: &Engine, sale: SaleId, n: u64) -> anyhow::Result<()> {
+/// Writes `n` pending orders as the reserve script would have left them
+/// (counters, buyers, orders, due-queue). `due: None` makes them overdue,
+/// created 61 s ago give or take 1 s; `due: Some(ms)` makes every one fall
+/// due at that moment (Redis's clock), as a burst of reservations one
+/// payment window earlier would. The sale's start and window come from its
+/// hash, so a sale made by `flashsale sale create` can be loaded too.
+async fn load_due_orders(e: &Engine, sale: SaleId, n: u64, due: Option<i64>) -> anyhow::Result<()> {
     let k = e.keys().sale(sale);
     let mut c = e.connection();
     let now = e.now_ms().await?;
+    let (start, window, stock): (i64, i64, i64) = redis::pipe()
+        .hget(&k.sale, "start_ms")
+        .hget(&k.sale, "window_ms")
+        .hget(&k.sale, "avail")
+        .query_async(&mut c)
+        .await?;
+    anyhow::ensure!(
+        stock >= n as i64,
+        "sale {sale} has {stock} units left, not {n}"
+    );
     let chunk = 10_000;
     // Each due-queue bucket is indexed by its earliest deadline.
     let mut heads = std::collections::BTreeMap::<u64, i64>::new();
-    for start in (1..=n).step_by(chunk) {
+    for first in (1..=n).step_by(chunk) {
         let mut p = redis::pipe();
-        for seq in start..(start + chunk as u64).min(n + 1) {
-            // Created 61 s ago (give or take 1 s) with a 1 s window: overdue.
-            let created = now - 61_000 + (seq % 1000) as i64;
-            let deadline = created + 1000;
+        for seq in first..(first + chunk as u64).min(n + 1) {
+            let deadline = match due {
+                Some(at) => at,
+                None => now - 60_000 + (seq % 1000) as i64,
+            };
+            let created = deadline - window;
+            anyhow::ensure!(
+                created >= start,
+                "orders would be made before the sale started"
+            );
             // The orders hash's stored form (see store_order in
             // lua/prelude.lua): status letter + user, qty, times since the
             // sale's start.
-            let since_start = created - (now - SALE_AGE_MS);
-            p.hset(&k.orders, seq, format!("p{seq}|1|{since_start}|||||"))
+            p.hset(&k.orders, seq, format!("p{seq}|1|{}|||||", created - start))
                 .ignore();
             p.hset(&k.buyers, seq, 1).ignore();
             p.zadd(k.due_bucket(seq), seq, deadline).ignore();
@@ -110,7 +149,7 @@ async fn load_due_orders(e: &Engine, sale: SaleId, n: u64) -> anyhow::Result<()>
         let _: () = c.zadd(&k.deadlines, bucket, head).await?;
     }
     let _: () = redis::pipe()
-        .hset(&k.sale, "avail", 0)
+        .hset(&k.sale, "avail", stock - n as i64)
         .hset(&k.sale, "pending", n)
         .hset(&k.sale, "seq", n)
         .query_async(&mut c)
@@ -268,21 +307,126 @@ async fn steady_stream(e: &Engine, sale: SaleId, rate: u64, secs: u64) -> anyhow
     }
     stop.cancel();
     handle.await?;
-    let seqs: Vec<u64> = c.hkeys(&k.orders).await?;
-    let packed = e.packed_orders(sale, &seqs).await?;
-    let mut late: Vec<i64> = seqs
-        .into_iter()
-        .zip(packed)
-        .filter_map(|(seq, p)| Order::unpack(flashsale::domain::OrderId::new(sale, seq), &p?))
-        .filter_map(|o| o.closed_ms.map(|c| c - o.deadline_ms))
-        .collect();
-    late.sort_unstable();
-    Ok(late)
+    Ok(Closings::of(e, sale).await?.late)
+}
+
+/// How late a sale's closed orders were closed.
+struct Closings {
+    /// Closed time minus deadline of each closed order, ms, sorted.
+    late: Vec<i64>,
+    /// Earliest deadline and latest close among them (Redis's clock).
+    span: Option<(i64, i64)>,
+}
+
+impl Closings {
+    async fn of(e: &Engine, sale: SaleId) -> anyhow::Result<Self> {
+        let mut c = e.connection();
+        let seqs: Vec<u64> = c.hkeys(&e.keys().sale(sale).orders).await?;
+        let packed = e.packed_orders(sale, &seqs).await?;
+        let closed: Vec<(i64, i64)> = seqs
+            .into_iter()
+            .zip(packed)
+            .filter_map(|(seq, p)| Order::unpack(flashsale::domain::OrderId::new(sale, seq), &p?))
+            .filter_map(|o| o.closed_ms.map(|c| (o.deadline_ms, c)))
+            .collect();
+        let mut late: Vec<i64> = closed.iter().map(|(d, c)| c - d).collect();
+        late.sort_unstable();
+        let span = closed
+            .iter()
+            .map(|&(d, _)| d)
+            .min()
+            .zip(closed.iter().map(|&(_, c)| c).max());
+        Ok(Self { late, span })
+    }
+
+    /// Closed orders per second from the first deadline to the last close.
+    fn drain_per_sec(&self) -> f64 {
+        match self.span {
+            Some((first_due, last_close)) => {
+                self.late.len() as f64 / ((last_close - first_due).max(1) as f64 / 1000.0)
+            }
+            None => 0.0,
+        }
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "closed={} late_p50_ms={} late_p99_ms={} late_max_ms={} drain_per_sec={:.0}",
+            self.late.len(),
+            percentile(&self.late, 0.50),
+            percentile(&self.late, 0.99),
+            self.late.last().copied().unwrap_or(0),
+            self.drain_per_sec()
+        )
+    }
+}
+
+/// The burst: `n` orders all due at one moment, one expiry worker (its run
+/// loop) already running and waiting for them, as when a rush of buyers
+/// reserved within the same instant one payment window ago and none paid.
+/// The same shape as the BullMQ peer (loadtest/bullmq/drain.mjs): drain
+/// rate from the due time to the last close, and each order's lateness.
+async fn burst(e: &Engine, sale: SaleId, n: u64, due_in_ms: i64) -> anyhow::Result<Closings> {
+    let due = e.now_ms().await? + due_in_ms;
+    load_due_orders(e, sale, n, Some(due)).await?;
+    let loaded = e.now_ms().await?;
+    if loaded > due {
+        eprintln!(
+            "bench_expiry: loading took {} ms, past the due time: raise --due-in-ms",
+            loaded - due + due_in_ms
+        );
+    }
+    let stop = CancellationToken::new();
+    let worker = ExpiryWorker::new(
+        e.clone(),
+        only(sale),
+        Arc::new(Metrics::default()),
+        Arc::new(Wakeup::default()),
+        ExpiryOptions::default(),
+    );
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    let k = e.keys().sale(sale);
+    let mut c = e.connection();
+    loop {
+        let pending: i64 = c.hget(&k.sale, "pending").await?;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    handle.await?;
+    let closings = Closings::of(e, sale).await?;
+    anyhow::ensure!(
+        closings.late.len() as u64 == n,
+        "closed {} of {n}",
+        closings.late.len()
+    );
+    Ok(closings)
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.load_due.is_some() || args.lateness_of.is_some() {
+        let e = engine(&args.redis_url, &args.prefix)?;
+        e.load_scripts().await?;
+        if let Some(id) = args.load_due {
+            let due = e.now_ms().await? + args.due_in_ms;
+            load_due_orders(&e, SaleId::new(id)?, args.orders, Some(due)).await?;
+            let loaded = e.now_ms().await?;
+            anyhow::ensure!(
+                loaded <= due,
+                "loading ended {} ms past the due time: raise --due-in-ms",
+                loaded - due
+            );
+            println!("due_ms={due} loaded_ms={loaded}");
+        }
+        if let Some(id) = args.lateness_of {
+            println!("{}", Closings::of(&e, SaleId::new(id)?).await?.summary());
+        }
+        return Ok(());
+    }
     let prefix = format!("fsbench_{}", std::process::id());
     let e = engine(&args.redis_url, &prefix)?;
     e.load_scripts().await?;
@@ -301,7 +445,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
         next_id += 1;
-        load_due_orders(&e, sale, args.orders).await?;
+        load_due_orders(&e, sale, args.orders, None).await?;
         let (closed, secs) = raw_drain(&e, &args.redis_url, sale, batch).await?;
         let reference = rate(closed, secs, args.orders)?;
         drop_sale(&e, sale).await?;
@@ -310,7 +454,7 @@ async fn main() -> anyhow::Result<()> {
         for workers in [1, 2] {
             let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
             next_id += 1;
-            load_due_orders(&e, sale, args.orders).await?;
+            load_due_orders(&e, sale, args.orders, None).await?;
             let (closed, secs) = worker_drain(&e, sale, batch, workers).await?;
             product.push(rate(closed, secs, args.orders)?);
             drop_sale(&e, sale).await?;
@@ -323,6 +467,17 @@ async fn main() -> anyhow::Result<()> {
             product[1] / reference
         );
     }
+
+    let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
+    next_id += 1;
+    let b = burst(&e, sale, args.orders, args.due_in_ms).await?;
+    drop_sale(&e, sale).await?;
+    println!();
+    println!(
+        "burst: {} orders due at once, 1 worker (batch 128) waiting for them: {}",
+        args.orders,
+        b.summary()
+    );
 
     let sale = load_sale(
         &e,

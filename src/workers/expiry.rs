@@ -122,10 +122,20 @@ impl ExpiryWorker {
         let mut due = 0;
         let mut refunds_waiting = 0;
         let sales = self.live.ids();
+        // Every live sale's claim at once: the calls share one round trip
+        // to Redis instead of one each (a step over twenty sales, one after
+        // another, took twenty round trips behind a reserve flood, and the
+        // busy sale's deadlines fell hundreds of ms behind).
+        let claims = futures::future::join_all(
+            sales
+                .iter()
+                .map(|&sale| self.engine.expire(sale, self.opts.batch)),
+        )
+        .await;
         let mut failed = 0;
-        for &sale in &sales {
+        for (&sale, claim) in sales.iter().zip(claims) {
             // One sale's failure must not hold up the others' deadlines.
-            let batch = match self.engine.expire(sale, self.opts.batch).await {
+            let batch = match claim {
                 Ok(b) => b,
                 // Redis lost it: the guard rebuilds it (and says so); its
                 // deadlines are kept and worked off after.
