@@ -283,11 +283,13 @@ end
 -- `extra` adds more field/value pairs, as a late payment's p=<payment id>
 -- and a=<amount>) and stores the order with the record's id. Returns the
 -- packed order.
-local function save(seq, o, event, restocked, key, extra)
-  -- `n` numbers the sale's records 1, 2, 3, ... (the sale hash's `flows`):
-  -- MySQL keeps the last one applied, so a Redis that went back in time
-  -- shows by its numbers, whatever its clock says (workers/guard.rs).
-  local n = redis.call('HINCRBY', KEYS[1], 'flows', 1)
+-- `n` numbers the sale's records 1, 2, 3, ... (the sale hash's `flows`):
+-- MySQL keeps the last one applied, so a Redis that went back in time
+-- shows by its numbers, whatever its clock says (workers/guard.rs). A
+-- script writing many records takes their numbers at once with
+-- take_flow_numbers and passes each; otherwise save takes the next one.
+local function save(seq, o, event, restocked, key, extra, n)
+  n = n or redis.call('HINCRBY', KEYS[1], 'flows', 1)
   local fields = {'ev', event, 'o', seq, 's', pack_order(o), 'n', int(n)}
   if key then
     fields[#fields + 1] = 'k'
@@ -306,6 +308,13 @@ local function save(seq, o, event, restocked, key, extra)
   o.flow = id
   store_order(seq, o)
   return pack_order(o)
+end
+
+-- Takes `count` flow record numbers for the records a script is about to
+-- write (before any of them, as a counter moves before what it counts):
+-- returns the number before the first, so record i (1-based) is that + i.
+local function take_flow_numbers(count)
+  return redis.call('HINCRBY', KEYS[1], 'flows', count) - count
 end
 
 -- Whether stream id a <= stream id b ("<ms>-<seq>"). b is false (Redis nil)

@@ -122,7 +122,7 @@ local function key_of(i)
 end
 
 local sale = redis.call('HMGET', KEYS[1], 'start_ms', 'end_ms', 'avail', 'limit', 'price', 'window_ms',
-  'seq', 'layout', 'fence', 'db', 'paused')
+  'seq', 'layout', 'fence', 'db', 'paused', 'pending', 'flows')
 local token = ARGV[4]
 if sale[9] then
   -- What this caller has seen still counts toward the rebuild: in this
@@ -276,22 +276,34 @@ end
 if #need > 0 then
   error({err = 'NEEDBUCKETS ' .. table.concat(need, ' ')})
 end
-redis.call('HINCRBY', KEYS[1], 'avail', -reserved)
-redis.call('HINCRBY', KEYS[1], 'pending', reserved)
-redis.call('HSET', KEYS[1], 'seq', int(seq))
+-- The counters first, in one write (this call read them and nothing else
+-- runs meanwhile): stock, the order seq and the flow record numbers the
+-- new orders take (flows .. flows + #accepted).
+local flows = tonumber(sale[13] or '0')
+redis.call('HSET', KEYS[1], 'avail', int(avail), 'pending', int(tonumber(sale[12] or '0') + reserved),
+  'seq', int(seq), 'flows', int(flows + #accepted))
 redis.call('HSET', KEYS[7], call_id, accepted[1].id .. '|' .. table.concat(letters))
+local held_pairs, idem_pairs = {}, {}
 for _, user in ipairs(buyers) do
-  redis.call('HSET', KEYS[2], user, int(held[user]))
+  held_pairs[#held_pairs + 1] = user
+  held_pairs[#held_pairs + 1] = int(held[user])
 end
+redis.call('HSET', KEYS[2], unpack(held_pairs))
 for _, a in ipairs(accepted) do
   if a.idem_field then
-    redis.call('HSET', KEYS[6], a.idem_field, a.id)
+    idem_pairs[#idem_pairs + 1] = a.idem_field
+    idem_pairs[#idem_pairs + 1] = a.id
   end
+end
+if #idem_pairs > 0 then
+  redis.call('HSET', KEYS[6], unpack(idem_pairs))
+end
+for k, a in ipairs(accepted) do
   a.packed = save(a.id, {
     status = 'pending', user = a.user, qty = a.qty, amount = price * a.qty,
     created = int(now), deadline = deadline, paid = '', closed = '',
     refunded = '', flow = '', payment_id = '',
-  }, 'reserve', nil, a.key)
+  }, 'reserve', nil, a.key, nil, flows + k)
   replies[a.i][3] = a.packed
 end
 for _, e in ipairs(echoes) do
