@@ -65,20 +65,27 @@ local function retry_refund(member)
 end
 
 -- Orders to close, found while claiming ({seq, order}); closed together
--- after the claim, so the sale's counters move once per call rather than
--- once per order (the writes of release() in prelude.lua: the counters
--- first, then each order; their deadline entries are claimed already).
+-- after the claim with the writes of release() in prelude.lua, each kind at
+-- once: the sale's counters first, then the buyers' units, the flow records
+-- and the orders (their deadline entries are claimed already).
 local closing, closing_units = {}, 0
 
-local function work_off(member)
-  if string.sub(member, 1, 1) == 'r' then
-    retry_refund(member)
-    return
+-- Works off the claimed members of one bucket: refund retries one by one,
+-- deadlines by reading their orders at once.
+local function work_off(members)
+  local seqs = {}
+  for _, member in ipairs(members) do
+    if string.sub(member, 1, 1) == 'r' then
+      retry_refund(member)
+    else
+      seqs[#seqs + 1] = member
+    end
   end
-  local o = load_order(member)
-  if o and o.status == 'pending' then
-    closing[#closing + 1] = {member, o}
-    closing_units = closing_units + o.qty
+  for i, o in ipairs(load_orders(seqs)) do
+    if o and o.status == 'pending' then
+      closing[#closing + 1] = {seqs[i], o}
+      closing_units = closing_units + o.qty
+    end
   end
 end
 
@@ -90,20 +97,43 @@ local function close_claimed()
   redis.call('HINCRBY', KEYS[1], 'pending', -closing_units)
   redis.call('HINCRBY', KEYS[1], 'closed', closing_units)
   local n = take_flow_numbers(#closing)
+  -- Each buyer's units, read once, less what this call closes.
+  local users, units = {}, {}
+  for _, c in ipairs(closing) do
+    local o = c[2]
+    if not units[o.user] then
+      users[#users + 1] = o.user
+      units[o.user] = 0
+    end
+    units[o.user] = units[o.user] - o.qty
+  end
+  local held = redis.call('HMGET', KEYS[2], unpack(users))
+  local keep, gone = {}, {}
+  for i, user in ipairs(users) do
+    local left = tonumber(held[i] or '0') + units[user]
+    if left > 0 then
+      keep[#keep + 1] = user
+      keep[#keep + 1] = int(left)
+    else
+      gone[#gone + 1] = user
+    end
+  end
+  if #keep > 0 then
+    redis.call('HSET', KEYS[2], unpack(keep))
+  end
+  if #gone > 0 then
+    redis.call('HDEL', KEYS[2], unpack(gone))
+  end
   for i, c in ipairs(closing) do
-    local seq, o = c[1], c[2]
+    local o = c[2]
     o.status = 'closed'
     o.closed = int(now)
-    if redis.call('HINCRBY', KEYS[2], o.user, -o.qty) <= 0 then
-      redis.call('HDEL', KEYS[2], o.user)
-    end
-    save(seq, o, 'close', nil, nil, nil, n + i)
+    record_flow(o, c[1], 'close', nil, nil, nil, n + i)
     table.insert(lateness, now - o.deadline)
   end
+  store_orders(closing)
 end
 
--- The earliest bucket first; each pass claims its due entries (all of them,
--- up to the limit) and rescores it, so the loop ends.
 while claimed < limit do
   local head = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
   if not head[1] or tonumber(head[2]) > now then
@@ -118,9 +148,7 @@ while claimed < limit do
   if #due > 0 then
     redis.call('ZREM', key, unpack(due))
   end
-  for _, member in ipairs(due) do
-    work_off(member)
-  end
+  work_off(due)
   claimed = claimed + #due
   due_reindex(bucket)
 end

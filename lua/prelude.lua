@@ -237,15 +237,20 @@ local function from_start(rel)
   return int(tonumber(rel) + sale_terms().start)
 end
 
-local function store_order(seq, o)
+-- The stored form of order `o`.
+local function stored_form(o)
   local fm, fs = '', ''
   if o.flow ~= '' then
     fm, fs = string.match(o.flow, '^(%d+)-(%d+)$')
     fm = since_start(fm) .. '-' .. fs
   end
-  redis.call('HSET', KEYS[3], seq, table.concat({STATUS_LETTER[o.status] .. o.user, int(o.qty),
+  return table.concat({STATUS_LETTER[o.status] .. o.user, int(o.qty),
     since_start(o.created), since_start(o.paid), since_start(o.closed),
-    since_start(o.refunded), fm, o.payment_id}, '|'))
+    since_start(o.refunded), fm, o.payment_id}, '|')
+end
+
+local function store_order(seq, o)
+  redis.call('HSET', KEYS[3], seq, stored_form(o))
 end
 
 local function pack_order(o)
@@ -253,9 +258,9 @@ local function pack_order(o)
     int(o.deadline), o.paid, o.closed, o.refunded, o.flow, o.payment_id}, '|')
 end
 
--- The order `seq` (nil when there is none) and its packed form.
-local function load_order(seq)
-  local stored = redis.call('HGET', KEYS[3], seq)
+-- The order in `stored` (its stored form; nil gives nil) and its packed
+-- form.
+local function unstore_order(stored)
   if not stored then
     return nil, nil
   end
@@ -277,18 +282,36 @@ local function load_order(seq)
   return o, pack_order(o)
 end
 
+-- The order `seq` (nil when there is none) and its packed form.
+local function load_order(seq)
+  return unstore_order(redis.call('HGET', KEYS[3], seq))
+end
+
+-- The orders of `seqs` (a list; nil where there is none), read at once.
+local function load_orders(seqs)
+  local out = {}
+  if #seqs == 0 then
+    return out
+  end
+  local stored = redis.call('HMGET', KEYS[3], unpack(seqs))
+  for i = 1, #seqs do
+    out[i] = unstore_order(stored[i] or nil)
+  end
+  return out
+end
+
 -- Writes the order's flow record (the event and the order's whole state
 -- after it, which is all the reconciler needs; `restocked` adds r=1|0 to a
 -- refund; `key` adds k=<the key a new order was made under> to a reserve;
 -- `extra` adds more field/value pairs, as a late payment's p=<payment id>
--- and a=<amount>) and stores the order with the record's id. Returns the
--- packed order.
+-- and a=<amount>) and sets the order's `flow` to the record's id; save()
+-- below also stores the order and returns its packed form.
 -- `n` numbers the sale's records 1, 2, 3, ... (the sale hash's `flows`):
 -- MySQL keeps the last one applied, so a Redis that went back in time
 -- shows by its numbers, whatever its clock says (workers/guard.rs). A
 -- script writing many records takes their numbers at once with
--- take_flow_numbers and passes each; otherwise save takes the next one.
-local function save(seq, o, event, restocked, key, extra, n)
+-- take_flow_numbers and passes each; otherwise the next one is taken.
+local function record_flow(o, seq, event, restocked, key, extra, n)
   n = n or redis.call('HINCRBY', KEYS[1], 'flows', 1)
   local fields = {'ev', event, 'o', seq, 's', pack_order(o), 'n', int(n)}
   if key then
@@ -304,10 +327,26 @@ local function save(seq, o, event, restocked, key, extra, n)
       fields[#fields + 1] = extra[i]
     end
   end
-  local id = redis.call('XADD', KEYS[5], '*', unpack(fields))
-  o.flow = id
+  o.flow = redis.call('XADD', KEYS[5], '*', unpack(fields))
+end
+
+local function save(seq, o, event, restocked, key, extra)
+  record_flow(o, seq, event, restocked, key, extra)
   store_order(seq, o)
   return pack_order(o)
+end
+
+-- Orders `seq` -> `o` of a list {{seq, o}, ...} stored with one write.
+local function store_orders(list)
+  if #list == 0 then
+    return
+  end
+  local pairs_ = {}
+  for _, e in ipairs(list) do
+    pairs_[#pairs_ + 1] = e[1]
+    pairs_[#pairs_ + 1] = stored_form(e[2])
+  end
+  redis.call('HSET', KEYS[3], unpack(pairs_))
 end
 
 -- Takes `count` flow record numbers for the records a script is about to

@@ -298,14 +298,19 @@ end
 if #idem_pairs > 0 then
   redis.call('HSET', KEYS[6], unpack(idem_pairs))
 end
+local made = {}
 for k, a in ipairs(accepted) do
-  a.packed = save(a.id, {
+  local o = {
     status = 'pending', user = a.user, qty = a.qty, amount = price * a.qty,
     created = int(now), deadline = deadline, paid = '', closed = '',
     refunded = '', flow = '', payment_id = '',
-  }, 'reserve', nil, a.key, nil, flows + k)
+  }
+  record_flow(o, a.id, 'reserve', nil, a.key, nil, flows + k)
+  made[k] = {a.id, o}
+  a.packed = pack_order(o)
   replies[a.i][3] = a.packed
 end
+store_orders(made)
 for _, e in ipairs(echoes) do
   e[1][2], e[1][3] = e[2].id, e[2].packed
 end

@@ -121,7 +121,7 @@ pub struct StoreConfig {
     /// Most reservations of one sale combined into one Redis script call
     /// (1: one call per reservation). Calls never wait to fill up.
     #[arg(long, env = "FLASHSALE_RESERVE_BATCH", default_value_t = 32,
-          value_parser = at_least_one)]
+          value_parser = script_batch)]
     pub reserve_batch: usize,
 
     /// Combined reserve calls per sale on the wire at once.
@@ -409,7 +409,7 @@ pub struct ExpiryConfig {
 
     /// Most deadlines one expiry call claims (each call holds Redis meanwhile).
     #[arg(long, env = "FLASHSALE_EXPIRY_BATCH", default_value_t = 128,
-          value_parser = at_least_one)]
+          value_parser = script_batch)]
     pub expiry_batch: usize,
 
     /// Longest sleep of an idle worker, in ms; keep it at most the shortest
@@ -503,6 +503,16 @@ fn at_least_one(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Most items one Lua call takes: the scripts hand a batch's keys to one
+/// Redis command (Lua's `unpack` stops near 8,000 values), and a call this
+/// size already holds Redis for tens of ms.
+fn script_batch(s: &str) -> Result<usize, String> {
+    match at_least_one(s)? {
+        n if n > 4096 => Err("must be at most 4096".into()),
+        n => Ok(n),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,5 +535,16 @@ mod tests {
         }
         let ok = ServeOnly::try_parse_from(["flashsale", "--reserve-batch", "1"]).unwrap();
         assert_eq!(ok.serve.store.reserve_batch, 1);
+    }
+
+    #[test]
+    fn script_batches_are_bounded_by_what_one_call_can_take() {
+        for flag in ["--reserve-batch", "--expiry-batch"] {
+            let err = ServeOnly::try_parse_from(["flashsale", flag, "4097"])
+                .err()
+                .unwrap_or_else(|| panic!("{flag} 4097 was taken"));
+            assert!(err.to_string().contains("at most 4096"), "{err}");
+            ServeOnly::try_parse_from(["flashsale", flag, "4096"]).unwrap();
+        }
     }
 }
