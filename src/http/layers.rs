@@ -70,7 +70,7 @@ where
         let route = req.extensions().get::<MatchedPath>().cloned();
         let answer = match non_utf8_path_param(req) {
             Ok(req) => Ok(self.inner.call(req)),
-            Err(refused) => Err(refused),
+            Err(refused) => Err(refused.into_response()),
         };
         Box::pin(async move {
             let mut res = match answer {
@@ -96,7 +96,7 @@ where
 /// gets the contract's `400 invalid_request` here, before a handler's `Path`
 /// extractor would refuse it in plain text. Only paths with a `%` are looked
 /// at, so the hot path pays one scan of its bytes.
-fn non_utf8_path_param(req: Request) -> Result<Request, Response> {
+fn non_utf8_path_param(req: Request) -> Result<Request, ApiError> {
     if !req.uri().path().contains('%') {
         return Ok(req);
     }
@@ -105,7 +105,7 @@ fn non_utf8_path_param(req: Request) -> Result<Request, Response> {
     if let Some(Err(RawPathParamsRejection::InvalidUtf8InPathParam(e))) =
         RawPathParams::from_request_parts(&mut parts, &()).now_or_never()
     {
-        return Err(ApiError::InvalidRequest(e.body_text()).into_response());
+        return Err(ApiError::InvalidRequest(e.body_text()));
     }
     Ok(Request::from_parts(parts, body))
 }
