@@ -117,6 +117,9 @@ pub struct ScopeLabels {
 
 /// The service's metrics.
 pub struct Metrics {
+    /// Tells this instance's handles apart in the per-thread cache of
+    /// [`Metrics::request`] and [`Metrics::reservation`].
+    id: u64,
     registry: Mutex<Registry>,
     /// Requests by route, method and status.
     pub requests: Family<RequestLabels, Counter>,
@@ -638,6 +641,7 @@ impl Default for Metrics {
             reconciler_rows,
             reconciler_retries,
             flow_quarantined,
+            id: NEXT_METRICS_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             reconciler_backlog,
             reconciler_lag_ms,
             sweep_corrections,
@@ -737,8 +741,102 @@ impl Metrics {
 
     /// Counts one reservation outcome.
     pub fn reservation(&self, outcome: &'static str) {
-        self.reservations
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
+        HOT.with_borrow_mut(|hot| {
+            let found = hot
+                .outcomes
+                .iter()
+                .find(|(id, o, _)| *id == self.id && *o == outcome);
+            if let Some((_, _, c)) = found {
+                c.inc();
+                return;
+            }
+            let c = self
+                .reservations
+                .get_or_create(&OutcomeLabels { outcome })
+                .clone();
+            c.inc();
+            hot.bound();
+            hot.outcomes.push((self.id, outcome, c));
+        });
     }
+
+    /// Counts one HTTP request of the route template `template` and
+    /// `method` answered `status` after `seconds`.
+    pub fn request(&self, template: &str, method: &'static str, status: u16, seconds: f64) {
+        HOT.with_borrow_mut(|hot| {
+            let found = hot.requests.iter().find(|e| {
+                e.metrics == self.id
+                    && e.status == status
+                    && e.method == method
+                    && e.route == template
+            });
+            if let Some(e) = found {
+                e.latency.observe(seconds);
+                e.requests.inc();
+                return;
+            }
+            let route = route_label(template);
+            let latency = self.latency.get_or_create(&RouteLabels { route }).clone();
+            let requests = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    route,
+                    method,
+                    status,
+                })
+                .clone();
+            latency.observe(seconds);
+            requests.inc();
+            hot.bound();
+            hot.requests.push(HotRequest {
+                metrics: self.id,
+                route,
+                method,
+                status,
+                requests,
+                latency,
+            });
+        });
+    }
+}
+
+/// Gives each [`Metrics`] its own id.
+static NEXT_METRICS_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The series every request touches, resolved once per thread: a lookup in
+/// a family hashes the labels under the family's lock, while a handle is a
+/// shared counter (or histogram) that a clone reaches directly. Families of
+/// these series are never cleared, so a handle stays the family's series.
+#[derive(Default)]
+struct Hot {
+    requests: Vec<HotRequest>,
+    outcomes: Vec<(u64, &'static str, Counter)>,
+}
+
+struct HotRequest {
+    metrics: u64,
+    route: &'static str,
+    method: &'static str,
+    status: u16,
+    requests: Counter,
+    latency: Histogram,
+}
+
+/// Handles a thread keeps at most per kind; past it the cache starts over
+/// (many instances in one process, as in the tests).
+const HOT_MAX: usize = 256;
+
+impl Hot {
+    fn bound(&mut self) {
+        if self.requests.len() >= HOT_MAX {
+            self.requests.clear();
+        }
+        if self.outcomes.len() >= HOT_MAX {
+            self.outcomes.clear();
+        }
+    }
+}
+
+thread_local! {
+    static HOT: std::cell::RefCell<Hot> = std::cell::RefCell::default();
 }

@@ -5,6 +5,7 @@
 //! through here so that clients see one format. Server faults are logged with
 //! their detail and answered with a generic message.
 
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -146,6 +147,15 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let Some(body) = self.fixed_body() {
+            // No Retry-After: the fixed answers are neither 503 nor 429.
+            return (
+                self.status_code(),
+                [(header::CONTENT_TYPE, JSON)],
+                Bytes::from_static(body),
+            )
+                .into_response();
+        }
         let (error, retry_key) = match self {
             Self::Unsure { error, retry_key } => (*error, Some(retry_key)),
             other => (other, None),
@@ -184,6 +194,49 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
+    }
+}
+
+/// The `Content-Type` of every error body (what `Json` sets).
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// The answers whose body never changes.
+const FIXED: usize = 10;
+
+impl ApiError {
+    /// The body of an answer that is always the same bytes (no detail, no
+    /// status, no retry key), made once by the same serializer as the
+    /// others and kept: a flood of refusals (sold out, bad tokens) then
+    /// formats and allocates nothing.
+    fn fixed_body(&self) -> Option<&'static [u8]> {
+        static BODIES: [std::sync::OnceLock<&'static [u8]>; FIXED] =
+            [const { std::sync::OnceLock::new() }; FIXED];
+        let slot = match self {
+            Self::Unauthorized => 0,
+            Self::NotFound => 1,
+            Self::SaleNotStarted => 2,
+            Self::SaleEnded => 3,
+            Self::SalePaused => 4,
+            Self::SoldOut => 5,
+            Self::LimitExceeded => 6,
+            Self::OrderExpired => 7,
+            Self::AmountMismatch => 8,
+            Self::PayloadTooLarge => 9,
+            _ => return None,
+        };
+        Some(BODIES[slot].get_or_init(|| {
+            let message = self.to_string();
+            let body = ErrorBody {
+                error: ErrorDetail {
+                    code: self.code(),
+                    message: &message,
+                    status: None,
+                    retry_key: None,
+                },
+            };
+            let bytes = serde_json::to_vec(&body).expect("an error body serializes");
+            Box::leak(bytes.into_boxed_slice())
+        }))
     }
 }
 
@@ -254,5 +307,54 @@ impl From<Refusal> for ApiError {
                 Self::Unavailable("the sale's flow backlog is at its bound".into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kept bodies are the bytes the serializer makes for each answer.
+    #[tokio::test]
+    async fn fixed_bodies_are_the_serialized_ones() {
+        let fixed = || {
+            [
+                ApiError::Unauthorized,
+                ApiError::NotFound,
+                ApiError::SaleNotStarted,
+                ApiError::SaleEnded,
+                ApiError::SalePaused,
+                ApiError::SoldOut,
+                ApiError::LimitExceeded,
+                ApiError::OrderExpired,
+                ApiError::AmountMismatch,
+                ApiError::PayloadTooLarge,
+            ]
+        };
+        for (i, error) in fixed().into_iter().enumerate() {
+            let expected = serde_json::json!({
+                "error": {"code": error.code(), "message": error.to_string()}
+            })
+            .to_string();
+            // The first answer makes the body, the second reuses it.
+            for _ in 0..2 {
+                let res = fixed().into_iter().nth(i).unwrap().into_response();
+                assert_eq!(res.status(), error.status_code());
+                assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
+                assert!(res.headers().get(header::RETRY_AFTER).is_none());
+                let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+                    .await
+                    .unwrap();
+                assert_eq!(std::str::from_utf8(&body).unwrap(), expected);
+            }
+        }
+        assert!(ApiError::SoldOut
+            .with_retry_key("k".into())
+            .fixed_body()
+            .is_some());
+        assert!(ApiError::Unavailable("x".into())
+            .with_retry_key("k".into())
+            .fixed_body()
+            .is_none());
     }
 }

@@ -8,6 +8,7 @@
 mod admin;
 pub mod auth;
 pub mod error;
+mod layers;
 pub mod limits;
 pub mod ops;
 mod orders;
@@ -17,12 +18,11 @@ mod sales;
 pub mod server;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::error_handling::HandleErrorLayer;
-use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::middleware;
 use axum::response::Response;
 use axum::Router;
 use serde::de::DeserializeOwned;
@@ -30,7 +30,7 @@ use sqlx::MySqlPool;
 use tower::ServiceBuilder;
 
 use crate::engine::Engine;
-use crate::telemetry::{method_label, route_label, Metrics, RequestLabels, RouteLabels};
+use crate::telemetry::Metrics;
 use crate::workers::expiry::Wakeup;
 use crate::workers::live::LiveSales;
 pub use auth::Authenticator;
@@ -94,13 +94,6 @@ const RESERVE_ROUTE: &str = "/api/v1/sales/{sale_id}/orders";
 
 /// The whole API with its middleware.
 pub fn router(state: AppState, limits: Limits) -> Router {
-    let shed = ServiceBuilder::new()
-        .layer(HandleErrorLayer::new(overloaded))
-        .load_shed()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            limits.max_in_flight,
-        ))
-        .timeout(limits.request_timeout);
     let mut buyers = Router::new()
         .merge(sales::router())
         .merge(orders::router())
@@ -112,10 +105,14 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         ));
     }
     // The gateway's callback is never limited by address.
-    let api = buyers
-        .merge(payments::router())
-        .layer(shed)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT));
+    let api = buyers.merge(payments::router()).layer(
+        ServiceBuilder::new()
+            .layer(DefaultBodyLimit::max(BODY_LIMIT))
+            .layer(layers::ShedLayer::new(
+                limits.max_in_flight,
+                limits.request_timeout,
+            )),
+    );
     // Sale controls are neither shed nor limited by address: an operator
     // must be able to pause a flooded sale.
     let admin = admin::router().layer(DefaultBodyLimit::max(BODY_LIMIT));
@@ -125,8 +122,7 @@ pub fn router(state: AppState, limits: Limits) -> Router {
         .merge(ops::routes())
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
-        .layer(middleware::from_fn(ops::path_params_are_utf8))
-        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .layer(layers::TrackLayer(state.clone()))
         .with_state(state)
 }
 
@@ -141,37 +137,10 @@ pub(crate) async fn overloaded(err: tower::BoxError) -> ApiError {
     }
 }
 
-/// Counts and times every request by its route template.
-async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = route_label(
-        req.extensions()
-            .get::<MatchedPath>()
-            .map_or("unmatched", |p| p.as_str()),
-    );
-    let method = method_label(req.method());
-    let started = Instant::now();
-    let mut res = next.run(req).await;
-    if route == RESERVE_ROUTE && res.status().is_server_error() {
-        res = with_retry_key(&state, res).await;
-    }
-    let m = &state.metrics;
-    m.latency
-        .get_or_create(&RouteLabels { route })
-        .observe(started.elapsed().as_secs_f64());
-    m.requests
-        .get_or_create(&RequestLabels {
-            route,
-            method,
-            status: res.status().as_u16(),
-        })
-        .inc();
-    res
-}
-
 /// A reserve's 5xx answer made before the handler could attach a retry key
 /// (load shedding, the request timeout) gets one that no call used: nothing
 /// was reserved for it, and a retry with it reserves at most once.
-async fn with_retry_key(state: &AppState, res: Response) -> Response {
+pub(super) async fn with_retry_key(state: &AppState, res: Response) -> Response {
     let (mut parts, body) = res.into_parts();
     let bytes = axum::body::to_bytes(body, BODY_LIMIT)
         .await

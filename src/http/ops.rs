@@ -10,11 +10,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::rejection::RawPathParamsRejection;
-use axum::extract::{FromRequestParts, RawPathParams, Request, State};
+use axum::extract::State;
 use axum::http::{header, Method, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use sqlx::MySqlPool;
@@ -243,21 +241,4 @@ pub(super) async fn not_found() -> ApiError {
 /// adds the `Allow` header (the methods the path takes) to this answer.
 pub(super) async fn method_not_allowed(method: Method) -> ApiError {
     ApiError::MethodNotAllowed(method)
-}
-
-/// A path parameter that is not UTF-8 once percent-decoded (`/sales/%FF`)
-/// gets the contract's `400 invalid_request` here, before a handler's `Path`
-/// extractor would refuse it in plain text. Only paths with a `%` are looked
-/// at, so the hot path pays one scan of its bytes.
-pub(super) async fn path_params_are_utf8(req: Request, next: Next) -> Response {
-    if !req.uri().path().contains('%') {
-        return next.run(req).await;
-    }
-    let (mut parts, body) = req.into_parts();
-    if let Err(RawPathParamsRejection::InvalidUtf8InPathParam(e)) =
-        RawPathParams::from_request_parts(&mut parts, &()).await
-    {
-        return ApiError::InvalidRequest(e.body_text()).into_response();
-    }
-    next.run(Request::from_parts(parts, body)).await
 }

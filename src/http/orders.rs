@@ -2,8 +2,11 @@
 //! A retired sale's orders are read and refunded in MySQL alone (see
 //! `db::retired`): Redis no longer carries its changes to MySQL.
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use std::convert::Infallible;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
@@ -82,8 +85,22 @@ fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error>
         .ok_or_else(|| serde::de::Error::custom(format!("expected an integer, found {n}")))
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, ApiError> {
-    match headers.get("idempotency-key") {
+/// The raw `Idempotency-Key` header of a request, read without copying
+/// the other headers (it is parsed after the rate limit, by
+/// [`idempotency_key`]).
+struct IdempotencyHeader(Option<HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyHeader {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        static NAME: HeaderName = HeaderName::from_static("idempotency-key");
+        Ok(Self(parts.headers.get(&NAME).cloned()))
+    }
+}
+
+fn idempotency_key(header: Option<&HeaderValue>) -> Result<Option<IdempotencyKey>, ApiError> {
+    match header {
         None => Ok(None),
         Some(v) => {
             let s = v.to_str().map_err(|_| {
@@ -98,7 +115,7 @@ async fn reserve(
     State(state): State<AppState>,
     Buyer(user): Buyer,
     Path(sale): Path<String>,
-    headers: HeaderMap,
+    IdempotencyHeader(idem): IdempotencyHeader,
     body: Body,
 ) -> Result<(StatusCode, Json<OrderView>), ApiError> {
     let m = &state.metrics;
@@ -109,7 +126,7 @@ async fn reserve(
         return Err(e);
     }
     let sale: SaleId = sale.parse()?;
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(idem.as_ref())?;
     let qty = match body.json_or_empty::<ReserveRequest>()? {
         Some(r) => Qty::new(r.qty)?,
         None => Qty::default(),
