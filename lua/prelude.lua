@@ -258,9 +258,9 @@ local function pack_order(o)
     int(o.deadline), o.paid, o.closed, o.refunded, o.flow, o.payment_id}, '|')
 end
 
--- The order in `stored` (its stored form; nil gives nil) and its packed
--- form.
-local function unstore_order(stored)
+-- The order in `stored` (its stored form; nil gives nil) and, unless
+-- `unpacked`, its packed form.
+local function unstore_order(stored, unpacked)
   if not stored then
     return nil, nil
   end
@@ -279,6 +279,9 @@ local function unstore_order(stored)
     paid = from_start(f[4]), closed = from_start(f[5]), refunded = from_start(f[6]),
     flow = flow, payment_id = rest,
   }
+  if unpacked then
+    return o
+  end
   return o, pack_order(o)
 end
 
@@ -287,7 +290,8 @@ local function load_order(seq)
   return unstore_order(redis.call('HGET', KEYS[3], seq))
 end
 
--- The orders of `seqs` (a list; nil where there is none), read at once.
+-- The orders of `seqs` (a list; nil where there is none), read at once
+-- (the orders only: no packed forms).
 local function load_orders(seqs)
   local out = {}
   if #seqs == 0 then
@@ -295,7 +299,7 @@ local function load_orders(seqs)
   end
   local stored = redis.call('HMGET', KEYS[3], unpack(seqs))
   for i = 1, #seqs do
-    out[i] = unstore_order(stored[i] or nil)
+    out[i] = unstore_order(stored[i] or nil, true)
   end
   return out
 end
