@@ -20,6 +20,11 @@ use futures::stream::{self, StreamExt};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
+// The service's allocator (src/main.rs): the reconciler and the reserve
+// path run in that binary, so both are measured with it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 struct Args {
     /// Redis to run against.
@@ -37,6 +42,9 @@ struct Args {
     /// Seconds of full-speed reservations for the lag measurement.
     #[arg(long, default_value_t = 10)]
     lag_secs: u64,
+    /// Most records per transaction (default: the reconciler's default).
+    #[arg(long)]
+    max_batch: Option<usize>,
 }
 
 async fn new_sale(pool: &sqlx::MySqlPool, e: &Engine, stock: i64) -> anyhow::Result<SaleId> {
@@ -95,7 +103,12 @@ async fn main() -> anyhow::Result<()> {
             pool.clone(),
             live.clone(),
             Arc::new(Metrics::default()),
-            ReconcilerOptions::default(),
+            ReconcilerOptions {
+                max_batch: args
+                    .max_batch
+                    .unwrap_or(ReconcilerOptions::default().max_batch),
+                ..ReconcilerOptions::default()
+            },
         )
     };
 

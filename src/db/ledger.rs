@@ -129,7 +129,19 @@ pub async fn apply(
         return Ok(BatchOutcome::default());
     };
     (&mut **tx).execute("SAVEPOINT fs_batch").await?;
-    let out = match apply_entries(tx, sale, entries).await {
+    let first = match apply_entries(tx, sale, entries, Seen::Assume).await {
+        Ok(Some(out)) => Ok(out),
+        Ok(None) => {
+            // A record `stock_flows` already holds (re-delivered): the
+            // batch again, looking such records up first.
+            (&mut **tx)
+                .execute("ROLLBACK TO SAVEPOINT fs_batch")
+                .await?;
+            checked(tx, sale, entries).await
+        }
+        Err(e) => Err(e),
+    };
+    let out = match first {
         Err(e) if is_permanent(&e) => {
             tracing::warn!(sale = %sale, error = %e, "MySQL refused a batch; applying it record by record");
             (&mut **tx)
@@ -169,7 +181,7 @@ async fn isolate(
     let mut out = BatchOutcome::default();
     for e in entries {
         (&mut **tx).execute("SAVEPOINT fs_record").await?;
-        match apply_entries(tx, sale, std::slice::from_ref(e)).await {
+        match checked(tx, sale, std::slice::from_ref(e)).await {
             Ok(o) => out.merge(o),
             Err(err) if is_permanent(&err) => {
                 (&mut **tx)
@@ -205,12 +217,71 @@ pub fn is_permanent(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Judges and applies `entries`, without moving the cursor.
-async fn apply_entries(
+/// How [`apply_entries`] tells re-delivered records (their flow id is in
+/// `stock_flows`, they change nothing) from new ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Looks the batch's flow ids up before anything else.
+    LookUp,
+    /// Assumes there are none, which is nearly always so (records at or
+    /// before the cursor are never read again): `stock_flows`' primary key
+    /// refuses a repeated flow id, and refused records (not written there)
+    /// are looked up. Either way a re-delivered record makes
+    /// [`apply_entries`] return `None`, having written nothing that must be
+    /// kept: the caller rolls back to its savepoint and applies the batch
+    /// again with [`Seen::LookUp`]. When it returns `Some`, no record was
+    /// re-delivered, and it did exactly what [`Seen::LookUp`] would have.
+    Assume,
+}
+
+/// [`apply_entries`] with [`Seen::LookUp`].
+async fn checked(
     tx: &mut Transaction<'_, MySql>,
     sale: SaleId,
     entries: &[FlowEntry],
 ) -> sqlx::Result<BatchOutcome> {
+    Ok(apply_entries(tx, sale, entries, Seen::LookUp)
+        .await?
+        .unwrap_or_default())
+}
+
+/// MySQL's duplicate-key error.
+fn is_duplicate(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => d
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .is_some_and(|m| m.number() == 1062),
+        _ => false,
+    }
+}
+
+/// The flow ids of `ids` that `stock_flows` holds.
+async fn held_flows(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+    ids: impl Iterator<Item = FlowId>,
+) -> sqlx::Result<HashSet<String>> {
+    let mut q = QueryBuilder::<MySql>::new("SELECT flow_id FROM stock_flows WHERE flow_id IN (");
+    let mut list = q.separated(", ");
+    for id in ids {
+        list.push_bind(flow_id(sale, id));
+    }
+    q.push(")");
+    Ok(q.build_query_scalar::<String>()
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect())
+}
+
+/// Judges and applies `entries`, without moving the cursor; `None` (only
+/// with [`Seen::Assume`]) when one was re-delivered.
+async fn apply_entries(
+    tx: &mut Transaction<'_, MySql>,
+    sale: SaleId,
+    entries: &[FlowEntry],
+    seen: Seen,
+) -> sqlx::Result<Option<BatchOutcome>> {
     let mut out = BatchOutcome::default();
     let mut records = Vec::with_capacity(entries.len());
     for e in entries {
@@ -220,27 +291,18 @@ async fn apply_entries(
         }
     }
     if records.is_empty() {
-        return Ok(out);
+        return Ok(Some(out));
     }
 
     // Re-delivered records (their flow id is in `stock_flows`) are no-ops.
-    let mut q = QueryBuilder::<MySql>::new("SELECT flow_id FROM stock_flows WHERE flow_id IN (");
-    let mut ids = q.separated(", ");
-    for r in &records {
-        ids.push_bind(flow_id(sale, r.id));
-    }
-    q.push(")");
-    let seen: HashSet<String> = q
-        .build_query_scalar::<String>()
-        .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .collect();
-    let before = records.len();
-    records.retain(|r| !seen.contains(&flow_id(sale, r.id)));
-    out.already_applied = before - records.len();
-    if records.is_empty() {
-        return Ok(out);
+    if seen == Seen::LookUp {
+        let held = held_flows(tx, sale, records.iter().map(|r| r.id)).await?;
+        let before = records.len();
+        records.retain(|r| !held.contains(&flow_id(sale, r.id)));
+        out.already_applied = before - records.len();
+        if records.is_empty() {
+            return Ok(Some(out));
+        }
     }
 
     // The batch's orders as MySQL holds them, locked until the commit.
@@ -248,13 +310,27 @@ async fn apply_entries(
         "SELECT seq, user_id, CAST(qty AS SIGNED), amount_cents, status, payment_id \
          FROM orders WHERE sale_id = ",
     );
-    q.push_bind(sale.get()).push(" AND seq IN (");
-    let mut seqs = q.separated(", ");
+    q.push_bind(sale.get());
     let distinct: BTreeSet<u64> = records.iter().map(|r| r.order.id.seq()).collect();
-    for seq in &distinct {
-        seqs.push_bind(*seq);
+    match (distinct.first(), distinct.last()) {
+        // Every seq from the first to the last (a batch of reservations):
+        // one range instead of a list MySQL sorts into as many ranges.
+        (Some(&lo), Some(&hi)) if hi - lo + 1 == distinct.len() as u64 => {
+            q.push(" AND seq BETWEEN ")
+                .push_bind(lo)
+                .push(" AND ")
+                .push_bind(hi);
+        }
+        _ => {
+            q.push(" AND seq IN (");
+            let mut seqs = q.separated(", ");
+            for seq in &distinct {
+                seqs.push_bind(*seq);
+            }
+            q.push(")");
+        }
     }
-    q.push(") FOR UPDATE");
+    q.push(" FOR UPDATE");
     let rows: Vec<(u64, u64, i64, i64, String, Option<String>)> =
         q.build_query_as().fetch_all(&mut **tx).await?;
     let mut held: HashMap<u64, Held> = rows
@@ -277,6 +353,7 @@ async fn apply_entries(
     let mut last_state: BTreeMap<u64, &Order> = BTreeMap::new();
     let mut keys: HashMap<u64, &str> = HashMap::new();
     let mut d = Deltas::default();
+    let mut refused = Vec::new();
     for r in records {
         let seq = r.order.id.seq();
         match judge(held.get(&seq), r) {
@@ -294,12 +371,21 @@ async fn apply_entries(
                 rows.push(r);
                 moves.push(false);
             }
-            Verdict::Refuse(reason) => out.quarantined.push(Quarantined::refused(r, reason)),
+            Verdict::Refuse(reason) => {
+                refused.push(r.id);
+                out.quarantined.push(Quarantined::refused(r, reason));
+            }
+        }
+    }
+    if seen == Seen::Assume {
+        // A refused record writes no flow row for the key to refuse.
+        if !refused.is_empty() && !held_flows(tx, sale, refused.into_iter()).await?.is_empty() {
+            return Ok(None);
         }
     }
     out.applied = rows.len();
     if rows.is_empty() {
-        return Ok(out);
+        return Ok(Some(out));
     }
 
     let mut flows = QueryBuilder::<MySql>::new(
@@ -314,7 +400,10 @@ async fn apply_entries(
             .push_bind(r.order.status.as_str())
             .push_bind(at(r.id.ms as i64));
     });
-    flows.build().execute(&mut **tx).await?;
+    match flows.build().execute(&mut **tx).await {
+        Err(e) if seen == Seen::Assume && is_duplicate(&e) => return Ok(None),
+        r => r?,
+    };
 
     if !last_state.is_empty() {
         upsert_orders(tx, last_state.into_values(), &keys).await?;
@@ -323,7 +412,7 @@ async fn apply_entries(
     if d != Deltas::default() {
         inventory::add(tx, sale, &d).await?;
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// The outbox rows of applied records (`rows`, with whether each moved its

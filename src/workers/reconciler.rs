@@ -6,16 +6,19 @@
 //! cursor, applies them and moves the cursor in one transaction, and trims
 //! the stream only after the commit. A crash anywhere leaves either the old
 //! cursor (the batch is read again) or the new one (the records are skipped
-//! and trimmed next time). Batches adapt by themselves: whatever waits, up to
-//! `max_batch`, so an idle sale is applied record by record within
-//! `idle_sleep` and a busy one in large transactions. While MySQL is down it
-//! retries with capped, jittered exponential backoff; Redis keeps selling.
+//! and trimmed next time). Batches adapt by themselves: whatever waits, up
+//! to `max_batch`, so an idle sale is applied record by record within
+//! `idle_sleep` and a busy one in large transactions. After a full batch the
+//! next one is read from Redis while MySQL applies and commits this one, and
+//! taken only if it was read after the cursor then locked and Redis still
+//! holds it (`read_batch`). While MySQL is down it retries with capped,
+//! jittered exponential backoff; Redis keeps selling.
 //!
 //! It walks the live list (`workers::live`: the sales MySQL holds as not
 //! retired), and once a second retires the ended sales that have no work
 //! left (`workers::retire`), which then leave the list.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +29,7 @@ use super::live::LiveSales;
 use super::retire::{Retirer, DEFAULT_RETENTION};
 use crate::db::ledger;
 use crate::domain::SaleId;
-use crate::engine::Engine;
+use crate::engine::{Engine, EngineError, FlowEntry, FlowId};
 use crate::telemetry::{EventTypeLabels, Metrics};
 
 /// How often ended sales are looked at for retirement.
@@ -81,6 +84,18 @@ pub struct Reconciler {
     last_retire: std::sync::Mutex<Option<Instant>>,
     /// Sales whose cursor row is known to exist.
     known_cursors: tokio::sync::Mutex<HashSet<SaleId>>,
+    /// Per sale, the read of its next batch, begun while this reconciler
+    /// applied a full one (see [`Reconciler::read_batch`]).
+    ahead: std::sync::Mutex<HashMap<SaleId, Ahead>>,
+}
+
+/// The next batch of a sale, read from Redis while the current one was
+/// applied and committed.
+struct Ahead {
+    /// The record it was read after: the cursor the batch committed.
+    after: FlowId,
+    /// The read, running or done.
+    read: tokio::task::JoinHandle<Result<Vec<FlowEntry>, EngineError>>,
 }
 
 impl Reconciler {
@@ -109,6 +124,7 @@ impl Reconciler {
             retirer,
             last_retire: Default::default(),
             known_cursors: Default::default(),
+            ahead: Default::default(),
             guard: Default::default(),
         }
     }
@@ -188,11 +204,10 @@ impl Reconciler {
             return Ok(0); // another reconciler has this sale right now
         };
         // Records (and the settled mark) a crash left behind after a commit.
-        self.engine.settle(sale, cursor).await?;
-        let records = self
-            .engine
-            .read_flow_entries(sale, cursor, self.opts.max_batch)
-            .await?;
+        let (_, records) = tokio::try_join!(
+            self.engine.settle(sale, cursor),
+            self.read_batch(sale, cursor, numbered)
+        )?;
         let Some(last) = records.last().map(|r| r.id()) else {
             tx.commit().await?;
             return Ok(0);
@@ -213,8 +228,28 @@ impl Reconciler {
         }
         // Only what the replicas hold reaches MySQL (acknowledged writes).
         self.engine.replicated(sale).await?;
-        let out = ledger::apply(&mut tx, sale, &records).await?;
-        tx.commit().await?;
+        // A full batch: more probably waits. Its read runs beside this
+        // batch's MySQL work (on another core), for the next call to check
+        // and take (`read_batch`).
+        let next = (numbered && records.len() >= self.opts.max_batch).then(|| {
+            let (engine, n) = (self.engine.clone(), self.opts.max_batch);
+            tokio::spawn(async move { engine.read_flow_entries(sale, last, n).await })
+        });
+        let out = match apply_and_commit(tx, sale, &records).await {
+            Ok(out) => out,
+            Err(e) => {
+                if let Some(read) = next {
+                    read.abort();
+                }
+                return Err(e);
+            }
+        };
+        if let Some(read) = next {
+            let ahead = Ahead { after: last, read };
+            if let Some(old) = self.ahead().insert(sale, ahead) {
+                old.read.abort();
+            }
+        }
         self.metrics.reconciler_batches.inc();
         self.metrics.reconciler_rows.inc_by(out.applied as u64);
         for t in &out.events {
@@ -236,6 +271,56 @@ impl Reconciler {
             tracing::warn!(sale = %sale, error = %e, "trimming applied flow records failed; will retry");
         }
         Ok(records.len())
+    }
+
+    fn ahead(&self) -> std::sync::MutexGuard<'_, HashMap<SaleId, Ahead>> {
+        self.ahead.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The records of `sale` after `cursor` (the locked cursor), up to
+    /// `max_batch`: the read begun while the last batch was applied, when
+    /// it was read after this cursor and Redis still holds what it read,
+    /// topped up to a full batch; otherwise (or without `numbered`: the
+    /// rebuild reads only what Redis holds now) a read of its own.
+    ///
+    /// Redis still holds it when its last entry is still there, unchanged:
+    /// a stream only grows at its end (ids given by Redis, each above the
+    /// last) and loses entries only from its start, up to a committed
+    /// cursor (which is not past this one). A Redis that went back in time,
+    /// or a stream rebuilt meanwhile, lacks that entry or has another one
+    /// in its place. The check is read in one call with the top-up, after
+    /// the cursor was locked, as the read of its own would be.
+    async fn read_batch(
+        &self,
+        sale: SaleId,
+        cursor: FlowId,
+        numbered: bool,
+    ) -> Result<Vec<FlowEntry>, EngineError> {
+        let max = self.opts.max_batch;
+        let ahead = self.ahead().remove(&sale);
+        if let Some(a) = ahead {
+            if !numbered || a.after != cursor {
+                a.read.abort(); // stale (another reconciler moved the cursor), or a rebuild
+            } else if let Ok(Ok(mut entries)) = a.read.await {
+                // (A read that failed is made again below.)
+                if let Some(tail) = entries.last().cloned() {
+                    let from = match entries.len() {
+                        1 => cursor,
+                        n => entries[n - 2].id(),
+                    };
+                    let more = self
+                        .engine
+                        .read_flow_entries(sale, from, max.saturating_sub(entries.len()) + 1)
+                        .await?;
+                    if more.first() == Some(&tail) {
+                        entries.extend(more.into_iter().skip(1));
+                        entries.truncate(max);
+                        return Ok(entries);
+                    }
+                }
+            }
+        }
+        self.engine.read_flow_entries(sale, cursor, max).await
     }
 
     async fn measure_backlog(&self, sales: &[SaleId]) -> anyhow::Result<()> {
@@ -291,6 +376,17 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// Applies `records` in `tx` (see [`ledger::apply`]) and commits.
+async fn apply_and_commit(
+    mut tx: sqlx::Transaction<'_, sqlx::MySql>,
+    sale: SaleId,
+    records: &[FlowEntry],
+) -> anyhow::Result<ledger::BatchOutcome> {
+    let out = ledger::apply(&mut tx, sale, records).await?;
+    tx.commit().await?;
+    Ok(out)
 }
 
 /// `d` plus up to a quarter of it, so many reconcilers do not retry in step.
