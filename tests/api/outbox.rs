@@ -342,3 +342,76 @@ async fn the_audit_finds_a_missing_event_and_writes_it_back() {
     pool.close().await;
     app.finish().await;
 }
+
+/// Records at or before the cursor are never read again, so the ledger
+/// applies a batch assuming none was applied before and finds out from
+/// `stock_flows`' key when one was: the batch is then applied again
+/// looking each record up. Re-delivered records change nothing and write
+/// no second event, new ones beside them are applied, and the stores end
+/// as one delivery would leave them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_records_applied_before_applies_only_the_new_ones() {
+    let app = spawn_with(Target::fresh(), |c| c.roles = vec![Role::Http]).await;
+    let pool = MySqlPool::connect(&app.target.database_url).await.unwrap();
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 100,
+            ..SaleSpec::default()
+        })
+        .await;
+    for user in 1..=11u64 {
+        let (s, o) = app.reserve(&sale, user, None).await;
+        assert_eq!(s, 201, "{o}");
+        if user % 4 == 0 {
+            let id = o["order_id"].as_str().unwrap();
+            let amount = o["amount_cents"].as_i64().unwrap();
+            assert_eq!(app.pay(id, &format!("pay-{user}"), amount).await.0, 200);
+        }
+    }
+    let sale_id = sale.parse().unwrap();
+    let entries = app
+        .engine
+        .read_flow_entries(sale_id, FlowId { ms: 0, seq: 0 }, 100)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 11 + 2, "11 reservations, 2 payments");
+    // As the reconciler applies a batch: its cursor locked, moved with it.
+    ledger::ensure_cursor(&pool, sale_id).await.unwrap();
+    let apply = |batch: Vec<FlowEntry>| {
+        let pool = pool.clone();
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            ledger::lock_cursor(&mut tx, sale_id).await.unwrap();
+            let out = ledger::apply(&mut tx, sale_id, &batch).await.unwrap();
+            tx.commit().await.unwrap();
+            assert!(out.quarantined.is_empty(), "{:?}", out.quarantined);
+            (out.applied, out.already_applied, out.events.len())
+        }
+    };
+    assert_eq!(apply(entries[..6].to_vec()).await, (6, 0, 6));
+    // The first six again with the rest: only the rest is new.
+    assert_eq!(apply(entries.clone()).await, (7, 6, 7));
+    // All of it again: nothing is.
+    assert_eq!(apply(entries.clone()).await, (0, 13, 0));
+
+    // What the reconciler does after its commit: Redis learns what MySQL
+    // settled (and trims it).
+    app.engine
+        .settle(sale_id, entries.last().unwrap().id())
+        .await
+        .unwrap();
+    let rows = outbox(&pool, &sale).await;
+    assert_eq!(rows.len(), 13, "one event per change");
+    let opts = AuditOptions {
+        sale: Some(sale_id),
+        grace: Duration::from_secs(60),
+        progress: false,
+        events: EventsAudit::default(),
+    };
+    let report = flashsale::audit::run(&app.engine, &pool, &opts)
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{:?}", report.sales[0].findings);
+    pool.close().await;
+    app.finish().await;
+}
