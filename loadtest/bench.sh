@@ -3,7 +3,7 @@
 # one run on this machine, printed as Markdown tables (docs/BENCHMARKS.md
 # keeps the latest). Load goes to loopback only, bounded in count and time.
 #
-#   loadtest/bench.sh            # about 16 minutes: the main table (REPS=3
+#   loadtest/bench.sh            # about 17 minutes: the main table (REPS=3
 #                                # repetitions, about 10 minutes), then the
 #                                # topologies, failover and events tables
 #   SECS=5 REPS=1 loadtest/bench.sh main   # shorter: only the main table,
@@ -12,7 +12,10 @@
 # The main table puts each figure beside its reference (the bare Redis
 # script, the bare axum handler on this HTTP stack, nginx, a MySQL hot row,
 # the bare expiry claim script, BullMQ's drain of delayed jobs) measured in
-# the same repetition; it gives medians with min-max and ratios of medians,
+# the same repetition, and measures expiry and reserving at once (expiry
+# lateness under the reserve flood; reserve latency while DRAIN_ORDERS
+# unpaid orders fall due at once); it gives medians with min-max and
+# ratios of medians,
 # and draws each phase's latency distribution and rate over time into
 # CHART_OUT (default docs/bench-phases.svg, loadtest/chart.py).
 #   loadtest/bench.sh topologies # only the Redis topologies table (about 3
