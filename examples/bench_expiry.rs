@@ -296,18 +296,23 @@ async fn steady_stream(e: &Engine, sale: SaleId, rate: u64, secs: u64) -> anyhow
             b.await?;
         }
     }
+    until_none_pending(e, sale, Duration::from_millis(50)).await?;
+    stop.cancel();
+    handle.await?;
+    Ok(Closings::of(e, sale).await?.late)
+}
+
+/// Waits until `sale` has no pending order left, looking every `poll`.
+async fn until_none_pending(e: &Engine, sale: SaleId, poll: Duration) -> anyhow::Result<()> {
     let k = e.keys().sale(sale);
     let mut c = e.connection();
     loop {
         let pending: i64 = c.hget(&k.sale, "pending").await?;
         if pending == 0 {
-            break;
+            return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(poll).await;
     }
-    stop.cancel();
-    handle.await?;
-    Ok(Closings::of(e, sale).await?.late)
 }
 
 /// How late a sale's closed orders were closed.
@@ -385,15 +390,7 @@ async fn burst(e: &Engine, sale: SaleId, n: u64, due_in_ms: i64) -> anyhow::Resu
         ExpiryOptions::default(),
     );
     let handle = tokio::spawn(worker.run(stop.clone()));
-    let k = e.keys().sale(sale);
-    let mut c = e.connection();
-    loop {
-        let pending: i64 = c.hget(&k.sale, "pending").await?;
-        if pending == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_none_pending(e, sale, Duration::from_millis(20)).await?;
     stop.cancel();
     handle.await?;
     let closings = Closings::of(e, sale).await?;
