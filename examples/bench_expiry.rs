@@ -49,6 +49,9 @@ struct Args {
     /// by then (the run says when it was not).
     #[arg(long, default_value_t = 4000)]
     due_in_ms: i64,
+    /// The burst's claim size (default: the worker's, FLASHSALE_EXPIRY_BATCH).
+    #[arg(long, default_value_t = ExpiryOptions::default().batch)]
+    burst_batch: usize,
     /// Only load `--orders` pending orders into this existing sale (made by
     /// `flashsale sale create`, `FLASHSALE_KEY_PREFIX`'s keys), all due
     /// `--due-in-ms` from now, for a running server's expiry role to close;
@@ -371,7 +374,13 @@ impl Closings {
 /// reserved within the same instant one payment window ago and none paid.
 /// The same shape as the BullMQ peer (loadtest/bullmq/drain.mjs): drain
 /// rate from the due time to the last close, and each order's lateness.
-async fn burst(e: &Engine, sale: SaleId, n: u64, due_in_ms: i64) -> anyhow::Result<Closings> {
+async fn burst(
+    e: &Engine,
+    sale: SaleId,
+    n: u64,
+    due_in_ms: i64,
+    batch: usize,
+) -> anyhow::Result<Closings> {
     let due = e.now_ms().await? + due_in_ms;
     load_due_orders(e, sale, n, Some(due)).await?;
     let loaded = e.now_ms().await?;
@@ -387,7 +396,10 @@ async fn burst(e: &Engine, sale: SaleId, n: u64, due_in_ms: i64) -> anyhow::Resu
         only(sale),
         Arc::new(Metrics::default()),
         Arc::new(Wakeup::default()),
-        ExpiryOptions::default(),
+        ExpiryOptions {
+            batch,
+            ..ExpiryOptions::default()
+        },
     );
     let handle = tokio::spawn(worker.run(stop.clone()));
     until_none_pending(e, sale, Duration::from_millis(20)).await?;
@@ -467,12 +479,13 @@ async fn main() -> anyhow::Result<()> {
 
     let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
     next_id += 1;
-    let b = burst(&e, sale, args.orders, args.due_in_ms).await?;
+    let b = burst(&e, sale, args.orders, args.due_in_ms, args.burst_batch).await?;
     drop_sale(&e, sale).await?;
     println!();
     println!(
-        "burst: {} orders due at once, 1 worker (batch 128) waiting for them: {}",
+        "burst: {} orders due at once, 1 worker (batch {}) waiting for them: {}",
         args.orders,
+        args.burst_batch,
         b.summary()
     );
 

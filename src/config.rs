@@ -407,10 +407,18 @@ pub struct ExpiryConfig {
     #[arg(long, env = "FLASHSALE_EXPIRY_WORKERS", default_value_t = 1)]
     pub expiry_workers: usize,
 
-    /// Most deadlines one expiry call claims (each call holds Redis meanwhile).
-    #[arg(long, env = "FLASHSALE_EXPIRY_BATCH", default_value_t = 128,
+    /// Most deadlines one expiry call claims (each call holds Redis meanwhile)
+    /// while this process sends no reservations.
+    #[arg(long, env = "FLASHSALE_EXPIRY_BATCH", default_value_t = 256,
           value_parser = script_batch)]
     pub expiry_batch: usize,
+
+    /// Deadlines one expiry call claims while this process's reserve calls
+    /// are under way (they wait behind a claim), unless keeping pace with
+    /// those reservations needs more (at most `--expiry-batch`).
+    #[arg(long, env = "FLASHSALE_EXPIRY_BUSY_BATCH", default_value_t = 64,
+          value_parser = script_batch)]
+    pub expiry_busy_batch: usize,
 
     /// Longest sleep of an idle worker, in ms; keep it at most the shortest
     /// payment window (1 s) so deadlines made by other processes are on time.
@@ -539,7 +547,7 @@ mod tests {
 
     #[test]
     fn script_batches_are_bounded_by_what_one_call_can_take() {
-        for flag in ["--reserve-batch", "--expiry-batch"] {
+        for flag in ["--reserve-batch", "--expiry-batch", "--expiry-busy-batch"] {
             let err = ServeOnly::try_parse_from(["flashsale", flag, "4097"])
                 .err()
                 .unwrap_or_else(|| panic!("{flag} 4097 was taken"));

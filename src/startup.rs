@@ -162,6 +162,7 @@ impl App {
             },
             expiry: ExpiryOptions {
                 batch: cfg.expiry.expiry_batch,
+                busy_batch: cfg.expiry.expiry_busy_batch,
                 max_sleep: Duration::from_millis(cfg.expiry.expiry_max_sleep_ms.clamp(1, 1000)),
                 ..ExpiryOptions::default()
             },

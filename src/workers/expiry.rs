@@ -14,8 +14,8 @@
 //! its refresh wakes the workers.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -58,8 +58,13 @@ impl Wakeup {
 /// How a worker paces itself.
 #[derive(Debug, Clone, Copy)]
 pub struct ExpiryOptions {
-    /// Most deadline entries one Lua call claims (it holds Redis meanwhile).
+    /// Most deadline entries one Lua call claims (it holds Redis meanwhile)
+    /// while this process sends no reservations.
     pub batch: usize,
+    /// Entries one call claims while this process's reservations are
+    /// under way, unless more are needed to keep pace with them (a reserve
+    /// call waits behind a claim it meets; see `claim_size`).
+    pub busy_batch: usize,
     /// Longest sleep between looks; at most the shortest payment window.
     pub max_sleep: Duration,
     /// Pause after a Redis error.
@@ -69,7 +74,8 @@ pub struct ExpiryOptions {
 impl Default for ExpiryOptions {
     fn default() -> Self {
         Self {
-            batch: 128,
+            batch: 256,
+            busy_batch: 64,
             max_sleep: Duration::from_secs(1),
             error_backoff: Duration::from_millis(500),
         }
@@ -89,6 +95,34 @@ pub struct StepOutcome {
     pub now_ms: i64,
 }
 
+/// How long after this process's last reserve call a worker still claims
+/// in short batches: reservations come in rushes, and a pause of a few ms
+/// inside one must not let a long claim in.
+const RESERVE_QUIET: Duration = Duration::from_millis(100);
+
+/// What the worker saw of its process's reservations at its last step.
+#[derive(Debug)]
+struct ReserveWatch {
+    calls: u64,
+    reservations: u64,
+    at: Instant,
+    /// When `calls` last moved.
+    changed: Instant,
+    /// How long the last step took.
+    step: Duration,
+}
+/// The claim size while reservations go on: four times the reservations
+/// made over `secs` scaled to one step's time, within `busy_batch..=batch`
+/// (twice fell 40 ms behind a flood on a slow host: steps vary).
+fn paced_claim(made: f64, secs: f64, step: Duration, opts: ExpiryOptions) -> usize {
+    let busy = opts.busy_batch.min(opts.batch);
+    if secs <= 0.0 {
+        return busy;
+    }
+    let pace = (4.0 * made / secs * step.as_secs_f64()).ceil() as usize;
+    pace.clamp(busy, opts.batch)
+}
+
 /// One expiry worker.
 pub struct ExpiryWorker {
     engine: Engine,
@@ -96,6 +130,7 @@ pub struct ExpiryWorker {
     metrics: Arc<Metrics>,
     wakeup: Arc<Wakeup>,
     opts: ExpiryOptions,
+    reserves: Mutex<ReserveWatch>,
 }
 
 impl ExpiryWorker {
@@ -107,13 +142,57 @@ impl ExpiryWorker {
         wakeup: Arc<Wakeup>,
         opts: ExpiryOptions,
     ) -> Self {
+        let stats = engine.reserve_stats();
+        let (calls, reservations) = (stats.calls.get(), stats.reservations.get());
+        let now = Instant::now();
         Self {
             engine,
             live,
             metrics,
             wakeup,
             opts,
+            reserves: Mutex::new(ReserveWatch {
+                calls,
+                reservations,
+                at: now,
+                changed: now - RESERVE_QUIET,
+                step: Duration::ZERO,
+            }),
         }
+    }
+
+    /// The claim size of the next step. With no reserve call of this
+    /// process within `RESERVE_QUIET`: `batch`. Otherwise a reserve call
+    /// that arrives during a claim waits for it (measured on the reference
+    /// host, docs/BENCHMARKS.md: claims of 128 orders held Redis ~1.4 ms and
+    /// put the half-rate reserve p99 at 6.5 ms while 300,000 orders fell due
+    /// at once, claims of 64 at 4.8 ms), so the claim is `busy_batch`, or
+    /// more when it must be to keep pace: twice the reservations this
+    /// process makes in one step's time (their deadlines fall due at about
+    /// that pace a payment window later; with `busy_batch` alone a flood's
+    /// deadlines fell behind by 240 ms on a slow host). A backlog of
+    /// deadlines all due at once is worked off in short claims.
+    fn claim_size(&self) -> usize {
+        let stats = self.engine.reserve_stats();
+        let (calls, reservations) = (stats.calls.get(), stats.reservations.get());
+        let now = Instant::now();
+        let mut w = self.reserves.lock().unwrap_or_else(|p| p.into_inner());
+        if calls != w.calls {
+            w.calls = calls;
+            w.changed = now;
+        }
+        let made = reservations.saturating_sub(w.reservations) as f64;
+        let secs = now.duration_since(w.at).as_secs_f64();
+        w.reservations = reservations;
+        w.at = now;
+        if now.duration_since(w.changed) >= RESERVE_QUIET {
+            return self.opts.batch;
+        }
+        paced_claim(made, secs, w.step, self.opts)
+    }
+
+    fn step_took(&self, took: Duration) {
+        self.reserves.lock().unwrap_or_else(|p| p.into_inner()).step = took;
     }
 
     /// Claims and closes one batch of due orders in every live sale.
@@ -122,16 +201,16 @@ impl ExpiryWorker {
         let mut due = 0;
         let mut refunds_waiting = 0;
         let sales = self.live.ids();
+        let batch = self.claim_size();
+        let started = Instant::now();
         // Every live sale's claim at once: the calls share one round trip
         // to Redis instead of one each (a step over twenty sales, one after
         // another, took twenty round trips behind a reserve flood, and the
         // busy sale's deadlines fell hundreds of ms behind).
-        let claims = futures::future::join_all(
-            sales
-                .iter()
-                .map(|&sale| self.engine.expire(sale, self.opts.batch)),
-        )
-        .await;
+        let claims =
+            futures::future::join_all(sales.iter().map(|&sale| self.engine.expire(sale, batch)))
+                .await;
+        self.step_took(started.elapsed());
         let mut failed = 0;
         for (&sale, claim) in sales.iter().zip(claims) {
             // One sale's failure must not hold up the others' deadlines.
@@ -226,5 +305,32 @@ impl ExpiryWorker {
                 _ = self.wakeup.notify.notified() => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_keeps_pace_with_the_reservations_within_its_bounds() {
+        let opts = ExpiryOptions {
+            batch: 256,
+            busy_batch: 48,
+            ..ExpiryOptions::default()
+        };
+        let ms = Duration::from_millis;
+        // 10,000 reservations a second, steps of 1 ms: 40 a claim, the
+        // floor is 48.
+        assert_eq!(paced_claim(1_000.0, 0.1, ms(1), opts), 48);
+        // 20,000 a second, steps of 2 ms: 160.
+        assert_eq!(paced_claim(2_000.0, 0.1, ms(2), opts), 160);
+        // Never past `batch`, however fast.
+        assert_eq!(paced_claim(100_000.0, 0.1, ms(5), opts), 256);
+        // No time seen yet: the floor.
+        assert_eq!(paced_claim(10.0, 0.0, ms(5), opts), 48);
+        // A floor above `batch` is cut to it.
+        let small = ExpiryOptions { batch: 16, ..opts };
+        assert_eq!(paced_claim(0.0, 1.0, ms(1), small), 16);
     }
 }

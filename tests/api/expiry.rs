@@ -431,3 +431,76 @@ async fn the_bucketed_due_queue_stays_exact_compact_and_drains_to_nothing() {
     assert!(left.is_empty(), "{left:?}");
     app.finish().await;
 }
+
+/// A worker sharing its process with reservations keeps its claims short
+/// (a reserve call that meets a claim waits for it) and claims in large
+/// batches again once the reservations have stopped for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_stay_short_while_the_process_reserves() {
+    use flashsale::db::retired::LiveSale;
+    use flashsale::workers::expiry::{ExpiryOptions, ExpiryWorker, Wakeup};
+    use flashsale::workers::live::LiveSales;
+
+    const N: u64 = 1_000;
+    let app = spawn_app().await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: N as i64 + 10,
+            payment_window_secs: 1,
+            ..SaleSpec::default()
+        })
+        .await;
+    let sale_id = sale.parse().unwrap();
+    let engine = &app.engine;
+    stream::iter(1..=N)
+        .for_each_concurrent(32, |u| async move {
+            let r = engine
+                .reserve(sale_id, UserId::new(u).unwrap(), Qty::default(), None)
+                .await
+                .unwrap();
+            assert!(matches!(r, flashsale::engine::Reservation::Created(_)));
+        })
+        .await;
+    let last = app
+        .due(&sale)
+        .await
+        .into_iter()
+        .map(|(_, at)| at as i64)
+        .max()
+        .unwrap();
+    while app.redis_now_ms().await <= last {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let live = Arc::new(LiveSales::of(&[LiveSale {
+        id: sale_id,
+        end_ms: i64::MAX,
+        token: 0,
+    }]));
+    let worker = ExpiryWorker::new(
+        app.engine.clone(),
+        live,
+        Arc::new(flashsale::telemetry::Metrics::default()),
+        Arc::new(Wakeup::default()),
+        ExpiryOptions {
+            batch: 200,
+            busy_batch: 10,
+            ..ExpiryOptions::default()
+        },
+    );
+    // The reservations above went out before the worker existed: the
+    // process has been quiet since, as far as the worker knows.
+    assert_eq!(worker.try_step().await.unwrap().closed, 200);
+    // A reservation now (another buyer): the next claims are short, for a
+    // while after the last reservation.
+    let r = engine
+        .reserve(sale_id, UserId::new(N + 1).unwrap(), Qty::default(), None)
+        .await
+        .unwrap();
+    assert!(matches!(r, flashsale::engine::Reservation::Created(_)));
+    assert_eq!(worker.try_step().await.unwrap().closed, 10);
+    assert_eq!(worker.try_step().await.unwrap().closed, 10);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(worker.try_step().await.unwrap().closed, 200);
+    assert_eq!(app.sale_field(&sale, "closed").await, 420);
+    app.finish().await;
+}
