@@ -243,11 +243,13 @@ local function unpack_order(packed)
 end
 
 -- Orders as their orders bucket keeps them: one status letter glued to the
--- user, and times (the flow id's too) in ms since the sale's start:
+-- user, times in ms since the sale's start, and the flow id's time in ms
+-- since the order was created (0 for a new order's reserve record, most
+-- often):
 --   <letter><user>|qty|created|paid|closed|refunded|flow|payment_id
 -- The amount (price x qty) and the deadline (created + payment window)
 -- follow from the sale's terms. A pending order of a 12-digit user id takes
--- about 35 bytes instead of 75, and fits a smaller allocation.
+-- about 30 bytes instead of 75: 64 of them fit a listpack of 2.5 KB.
 local STATUS_LETTER = {pending = 'p', paid = 'a', cancelled = 'c', closed = 'x',
   refund_pending = 'w', refunded = 'r'}
 local STATUS_NAME = {p = 'pending', a = 'paid', c = 'cancelled', x = 'closed',
@@ -284,7 +286,7 @@ local function stored_form(o)
   local fm, fs = '', ''
   if o.flow ~= '' then
     fm, fs = string.match(o.flow, '^(%d+)-(%d+)$')
-    fm = since_start(fm) .. '-' .. fs
+    fm = int(tonumber(fm) - tonumber(o.created)) .. '-' .. fs
   end
   return table.concat({STATUS_LETTER[o.status] .. o.user, int(o.qty),
     since_start(o.created), since_start(o.paid), since_start(o.closed),
@@ -313,7 +315,7 @@ local function unstore_order(stored, unpacked)
   local flow = ''
   if f[7] ~= '' then
     local fm, fs = string.match(f[7], '^(-?%d+)-(%d+)$')
-    flow = from_start(fm) .. '-' .. fs
+    flow = int(tonumber(created) + tonumber(fm)) .. '-' .. fs
   end
   local o = {
     status = STATUS_NAME[string.sub(f[1], 1, 1)], user = string.sub(f[1], 2), qty = qty,
