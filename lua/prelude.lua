@@ -167,7 +167,7 @@ local function due_key(bucket)
   return key
 end
 
--- The orders hash of bucket `bucket` (see due_key).
+-- The orders bucket (a hash) of bucket number `bucket` (see due_key).
 local function orders_key(bucket)
   local key = declared_orders[bucket]
   if not key and undeclared_ok then
