@@ -136,11 +136,15 @@ async fn load_due_orders(e: &Engine, sale: SaleId, n: u64, due: Option<i64>) -> 
                 created >= start,
                 "orders would be made before the sale started"
             );
-            // The orders hash's stored form (see store_order in
+            // The orders bucket's stored form (see store_order in
             // lua/prelude.lua): status letter + user, qty, times since the
             // sale's start.
-            p.hset(&k.orders, seq, format!("p{seq}|1|{}|||||", created - start))
-                .ignore();
+            p.hset(
+                k.orders_bucket(seq),
+                seq,
+                format!("p{seq}|1|{}|||||", created - start),
+            )
+            .ignore();
             p.hset(&k.buyers, seq, 1).ignore();
             p.zadd(k.due_bucket(seq), seq, deadline).ignore();
             let head = heads.entry(seq / DUE_BUCKET).or_insert(deadline);
@@ -189,7 +193,9 @@ async fn raw_drain(
             .key(&k.flow)
             .key(&k.dead_refunds);
         for b in &buckets {
-            inv.key(k.due_bucket_no(*b));
+            for key in k.bucket_keys(*b) {
+                inv.key(key);
+            }
         }
         let reply: Vec<i64> = inv.arg(batch).invoke_async(&mut c).await?;
         closed += reply[1] as u64;
@@ -329,7 +335,13 @@ struct Closings {
 impl Closings {
     async fn of(e: &Engine, sale: SaleId) -> anyhow::Result<Self> {
         let mut c = e.connection();
-        let seqs: Vec<u64> = c.hkeys(&e.keys().sale(sale).orders).await?;
+        let k = e.keys().sale(sale);
+        let counter: Option<u64> = c.hget(&k.sale, "seq").await?;
+        let mut seqs: Vec<u64> = Vec::new();
+        for b in flashsale::engine::keys::order_buckets(counter.unwrap_or(0)) {
+            let held: Vec<u64> = c.hkeys(k.orders_bucket_no(b)).await?;
+            seqs.extend(held);
+        }
         let packed = e.packed_orders(sale, &seqs).await?;
         let closed: Vec<(i64, i64)> = seqs
             .into_iter()

@@ -234,7 +234,7 @@ impl Reserver {
                 .iter()
                 .map(|k| (*k).to_owned())
                 .collect();
-            keys.extend(buckets.iter().map(|b| self.keys.due_bucket_no(*b)));
+            keys.extend(buckets.iter().flat_map(|b| self.keys.bucket_keys(*b)));
             let reply: redis::RedisResult<Vec<Vec<String>>> = match via {
                 Via::Script(s) => {
                     let mut inv = s.prepare_invoke();

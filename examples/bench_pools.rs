@@ -82,8 +82,10 @@ fn invocation<'a>(
 }
 
 async fn created(e: &Engine, sale: SaleId) -> anyhow::Result<u64> {
+    // Orders are never deleted: the order counter counts those made.
     let mut c = e.connection();
-    Ok(c.hlen(e.keys().sale(sale).orders).await?)
+    let made: Option<u64> = c.hget(e.keys().sale(sale).sale, "seq").await?;
+    Ok(made.unwrap_or(0))
 }
 
 #[tokio::main]

@@ -136,10 +136,15 @@ async fn key_names(e: &Engine, sale: SaleId) -> anyhow::Result<(Vec<String>, boo
     let mut short: Vec<String> = names
         .iter()
         .map(|n| n.strip_prefix(&base).unwrap_or(n).to_owned())
-        .filter(|n| !n.starts_with(":deadlines:"))
+        .filter(|n| !n.starts_with(":deadlines:") && !n.starts_with(":orders:"))
         .collect();
-    let buckets = names.len() - short.len();
-    short.push(format!(":deadlines:<{buckets} buckets>"));
+    for kind in [":deadlines:", ":orders:"] {
+        let buckets = names
+            .iter()
+            .filter(|n| n.strip_prefix(&base).is_some_and(|n| n.starts_with(kind)))
+            .count();
+        short.push(format!("{kind}<{buckets} buckets>"));
+    }
     short.sort();
     let indexed: bool = c.sismember(e.keys().sales_index(), sale.get()).await?;
     let mut bytes = 0;

@@ -259,7 +259,7 @@ topo_row() { # label kind wait_replicas round
         cli=(redis-cli -p "$(topo_ports "$work/topo-sentinel" primary)")
     fi
     for id in ${ids//,/ }; do
-        made=$((made + $("${cli[@]}" HLEN "$tag:{s$id}:orders" | tr -d '\r')))
+        made=$((made + $("${cli[@]}" HGET "$tag:{s$id}:sale" seq | tr -d '\r')))
     done
     echo "$label|$waitn|$round|$rps|$p50|$p99|$(python3 -c "print(round($made / $SECS))")|$statuses|$non2xx" >> "$work/topo-rows.txt"
 }
@@ -290,7 +290,7 @@ bench_topologies() {
     for p in $(topo_ports "$work/topo-cluster" primary); do
         local orders=0 id
         for id in $(awk -v p="$p" '$3 == p {print $1}' "$work/topo-cluster-sales.txt"); do
-            orders=$((orders + $(redis-cli -p "$p" HLEN "$tag:{s$id}:orders" | tr -d '\r')))
+            orders=$((orders + $(redis-cli -p "$p" HGET "$tag:{s$id}:sale" seq | tr -d '\r')))
         done
         ports+="${ports:+; }127.0.0.1:$p: $(awk -v p="$p" '$3 == p' "$work/topo-cluster-sales.txt" | wc -l) sales, $orders orders, DBSIZE $(redis-cli -p "$p" DBSIZE | tr -d '\r')"
     done
@@ -390,7 +390,13 @@ wait_closed() {
 }
 # The value of name=value in a line of key=value pairs on stdin.
 field() { sed -n "s/.*\b$1=\([0-9.]*\).*/\1/p"; }
+# The reserve script's first 7 KEYS; redis-benchmark declares no bucket, so
+# the script derives the orders and due-queue buckets it touches
+# ($p:orders:<n>, $p:deadlines:<n>: undeclared, as a reference run may).
 keys() { local p="$tag:{s$1}"; echo "$p:sale $p:buyers $p:orders $p:deadlines $p:flow $p:idem $p:calls"; }
+# Orders a sale made: its order counter (orders are never deleted, and the
+# script that stores them moves the counter in the same call).
+made_of() { redis-cli HGET "$tag:{s$1}:sale" seq | tr -d '\r'; }
 sha=$(redis-cli SCRIPT LOAD "$(cat lua/prelude.lua; echo; cat lua/reserve.lua)")
 TOKEN=$(head -1 "$work/tokens.txt")
 
@@ -461,12 +467,12 @@ rep_main() { # rep
     raw=$(redis-benchmark -c "$CONC" -P 1 -n "$((25000 * SECS))" -r 100000000 -q \
         EVALSHA "$sha" 7 $(keys "$raw_sale") 1000000000 __rand_int__ 0 "$raw_token" __rand_int__ 1 "" | tr -d '\r' \
         | grep -o '[0-9.]* requests per second' | cut -d' ' -f1)
-    raw_made=$(redis-cli HLEN "$tag:{s$raw_sale}:orders")
+    raw_made=$(made_of "$raw_sale")
     record raw "$rep" "$raw"
     # 2. The HTTP reserve path at full speed (wrk, pre-made tokens).
     sale=$(mk_sale 10000000 1000000)
     read -r rps p50 p99 <<< "$(wrk_phase reserve "$rep" "http://127.0.0.1:$HTTP_PORT" SALE_ID="$sale" TOKENS="$work/tokens.txt")"
-    made=$(redis-cli HLEN "$tag:{s$sale}:orders")
+    made=$(made_of "$sale")
     rate=$(python3 -c "print(round($made / $SECS))")
     record reserve "$rep" "$rate" "$p50" "$p99"
     record reserve_wrk "$rep" "$rps"
@@ -476,7 +482,7 @@ rep_main() { # rep
     # 2b. One reservation per script call (before combining).
     sale1=$(mk_sale 10000000 1000000)
     read -r rps p50 p99 <<< "$(wrk_phase one_per_call "$rep" "http://127.0.0.1:$ONE_PORT" SALE_ID="$sale1" TOKENS="$work/tokens.txt")"
-    record one_per_call "$rep" "$(python3 -c "print(round($(redis-cli HLEN "$tag:{s$sale1}:orders") / $SECS))")" "$p50" "$p99"
+    record one_per_call "$rep" "$(python3 -c "print(round($(made_of "$sale1") / $SECS))")" "$p50" "$p99"
     # 3. Half this repetition's rate (wrk paced per connection): latency.
     half_delay=$(python3 -c "print(max(1, round($CONC * 1000 / ($rate / 2))))")
     sale2=$(mk_sale 10000000 1000000)
@@ -524,7 +530,7 @@ rep_main() { # rep
     read -r rps p50 p99 <<< "$(wrk_phase flood_expiry "$rep" "http://127.0.0.1:$EXP_PORT" SALE_ID="$fsale" TOKENS="$work/tokens.txt")"
     wait_closed "$fsale"
     closings=$(target/release/examples/bench_expiry --lateness-of "$fsale")
-    record flood_reserve "$rep" "$(python3 -c "print(round($(redis-cli HLEN "$tag:{s$fsale}:orders") / $SECS))")" "$p50" "$p99"
+    record flood_reserve "$rep" "$(python3 -c "print(round($(made_of "$fsale") / $SECS))")" "$p50" "$p99"
     record flood_late "$rep" "$(field closed <<< "$closings")" "$(field late_p50_ms <<< "$closings")" "$(field late_p99_ms <<< "$closings")"
     dsale=$(mk_sale_window "$DRAIN_ORDERS" 1 1)
     hsale=$(mk_sale 10000000 1000000)
@@ -542,19 +548,23 @@ rep_main() { # rep
 memory() { # http_sale made raw_sale raw_made
     local p="$tag:{s$1}" made=$2 rp="$tag:{s$3}" raw_made=$4
     mem() { redis-cli MEMORY USAGE "$1" SAMPLES 0 | tr -d '\r'; }
-    # The due-queue is an index plus one small sorted set per 64 orders.
-    mem_due() {
-        redis-cli --scan --pattern "$1:deadlines*" | sed 's/^/MEMORY USAGE /; s/$/ SAMPLES 0/' \
+    # The sum over the keys matching a pattern.
+    mem_all() {
+        redis-cli --scan --pattern "$1" | sed 's/^/MEMORY USAGE /; s/$/ SAMPLES 0/' \
             | redis-cli | awk '{s += $1} END {print s + 0}'
     }
-    per_order() { python3 -c "print(round(($(mem "$1:orders") + $(mem_due "$1") + $(mem "$1:buyers")) / $2))"; }
+    # The due-queue is an index plus one small sorted set per 64 orders.
+    mem_due() { mem_all "$1:deadlines*"; }
+    # The orders are one small hash per 64 orders.
+    mem_orders() { mem_all "$1:orders:*"; }
+    per_order() { python3 -c "print(round(($(mem_orders "$1") + $(mem_due "$1") + $(mem "$1:buyers")) / $2))"; }
     bytes_settled=$(per_order "$p" "$made")
     bytes_with_flow=$(python3 -c "print(round($bytes_settled + $(mem "$p:flow") / $made))")
     bytes_calls=$(python3 -c "print(round($(mem "$p:calls") / $made))")
     bytes_calls_unique=$(python3 -c "print(round($(mem "$rp:calls") / $raw_made))")
     bytes_unique=$(per_order "$rp" "$raw_made")
     # Where the bytes of one order per buyer go, structure by structure.
-    bytes_parts=$(python3 -c "print('orders %d + due-queue %d + buyers %d' % tuple(round(b / $raw_made) for b in ($(mem "$rp:orders"), $(mem_due "$rp"), $(mem "$rp:buyers"))))")
+    bytes_parts=$(python3 -c "print('orders %d + due-queue %d + buyers %d' % tuple(round(b / $raw_made) for b in ($(mem_orders "$rp"), $(mem_due "$rp"), $(mem "$rp:buyers"))))")
     raw_buyers=$(redis-cli HLEN "$rp:buyers" | tr -d '\r')
     mem_made=$made
     mem_raw_made=$raw_made

@@ -4,8 +4,9 @@
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     refund dead-letter hash
--- KEYS[7]     for a repair of one order's due-queue entry (restore_order,
---             drop_deadline, requeue_refund, add_deadline): its bucket
+-- KEYS[7..8]  for a repair of one order (restore_order, drop_deadline,
+--             mark_settled, requeue_refund, add_deadline): its bucket, both
+--             keys (due-queue and orders; see declare_buckets in prelude.lua)
 -- ARGV[1]     the repair (built by `Repair` in src/engine/audit.rs, whose tests
 --             check that it names the same repairs as this script):
 --   "counters"       ARGV[2] the flow stream's last-generated id the audit saw,
@@ -44,7 +45,7 @@ elseif op == 'buyer' then
   end
   return 1
 elseif op == 'restore_order' then
-  if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
+  if redis.call('HEXISTS', orders_key(due_bucket(ARGV[2])), ARGV[2]) == 1 then
     return 0
   end
   local o = unpack_order(ARGV[3])

@@ -7,7 +7,8 @@
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     calls hash (reserve.lua; "c<call id>" -> order seq here)
--- KEYS[7]     the due-queue bucket of the order (see prelude.lua)
+-- KEYS[7..8]  the order's bucket: its due-queue and orders keys (see
+--             declare_buckets in prelude.lua)
 -- ARGV[1]     order seq
 -- ARGV[2]     the caller's user id (only the owner may cancel)
 -- ARGV[3]     the call's id ([0-9a-f]+)

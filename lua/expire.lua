@@ -10,9 +10,11 @@
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     refund dead-letter hash (seq -> "<requested_ms>|<attempts>")
--- KEYS[7..]   the due-queue buckets this call may work (the caller declares
---             the first ones of the index, as the last call answered them);
---             a due bucket not declared is left to the next call
+-- KEYS[7..]   the buckets this call may work, both keys of each (due-queue
+--             and orders; see declare_buckets in prelude.lua): the caller
+--             declares the first ones of the index, as the last call
+--             answered them; a due bucket not declared is left to the next
+--             call
 -- ARGV[1]     most entries to claim
 -- ARGV[2]     refund retry: first delay in ms (doubles per attempt)
 -- ARGV[3]     refund retry: longest delay in ms
@@ -140,7 +142,7 @@ while claimed < limit do
     break
   end
   local bucket = head[1]
-  if not due_declared(bucket) then
+  if not bucket_declared(bucket) then
     break
   end
   local key = due_key(bucket)

@@ -3,7 +3,8 @@
 -- now, whether or not an expiry worker got to it: the deadline decides).
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
--- KEYS[6]     the due-queue bucket of the order (see prelude.lua)
+-- KEYS[6..7]  the order's bucket: its due-queue and orders keys (see
+--             declare_buckets in prelude.lua)
 -- ARGV[1]     order seq
 -- ARGV[2]     the gateway's payment id
 -- ARGV[3]     amount paid, in cents

@@ -1,12 +1,14 @@
 -- prelude.lua: helpers prepended to every order script (see engine/scripts.rs).
 --
 -- Order scripts share one KEYS layout, so the helpers below can name keys:
---   KEYS[1] sale hash, KEYS[2] buyers hash, KEYS[3] orders hash,
---   KEYS[4] due-queue index, KEYS[5] flow stream (KEYS[6]+ are script-specific).
+--   KEYS[1] sale hash, KEYS[2] buyers hash, KEYS[3] the orders' base name
+--   (never a key itself: the orders live in buckets KEYS[3]..':'..n, see
+--   the due-queue below), KEYS[4] due-queue index, KEYS[5] flow stream
+--   (KEYS[6]+ are script-specific).
 -- A packed order (the form replies and flow records carry) is
 --   status|user|qty|amount|created|deadline|paid|closed|refunded|flow|payment_id
 -- (times in ms by Redis's clock, empty when unset; flow is the id of the order's
--- last flow record; payment_id last, it may hold '|'). The orders hash keeps a
+-- last flow record; payment_id last, it may hold '|'). The orders buckets keep a
 -- shorter form of it (see store_order) that load_order expands again.
 -- The sale hash keeps unit counters (avail, pending, paid, cancelled, closed,
 -- refunded, restocked) so that avail + pending + paid + refunded - restocked
@@ -16,11 +18,11 @@
 -- The buyers hash holds each buyer's units in pending, paid and
 -- refund_pending orders.
 
--- The Redis layout these scripts read and write: the due-queue in buckets
--- and the short stored order form below. A sale hash carries it in its
+-- The Redis layout these scripts read and write: the due-queue and the
+-- orders in buckets of 64 order seqs, and the short stored order form below. A sale hash carries it in its
 -- `layout` field (src/engine/keys.rs); a sale written by another layout is
 -- refused with an error before anything is read or written, never misread.
-local LAYOUT = '2'
+local LAYOUT = '3'
 
 local function layout_error()
   error({err = 'flashsale: sale ' .. KEYS[1] .. ' was written by another Redis layout than ' ..
@@ -116,28 +118,46 @@ local function due_bucket(seq)
   return string.format('%d', math.floor(tonumber(seq) / DUE_BUCKET))
 end
 
+-- The orders are kept in buckets the same way: order seq lives in the hash
+-- KEYS[3]..':'..floor(seq / DUE_BUCKET), field seq, value its stored form
+-- (store_order below): the same bucket number as its due-queue entry, so
+-- one declared bucket number covers both. 64 orders of a few dozen bytes
+-- keep a bucket in Redis's compact (listpack) hash encoding (defaults
+-- hash-max-listpack-entries 128, hash-max-listpack-value 64 bytes): about
+-- 40 bytes an order, where one large hash of every order takes ~87. A
+-- paid order with a long payment id may pass 64 bytes and turn its bucket
+-- into a regular hashtable; that costs memory for that bucket only, and
+-- is accepted.
+
 -- A call touches only the buckets it declares in its KEYS (Redis Cluster
 -- and proxies route and check by declared keys): a script calls
 -- declare_buckets(i) with the position of its first bucket key, and
--- due_key refuses any bucket not declared, with an error and before any
--- write of the bucket.
-local declared_buckets = {}
+-- due_key and orders_key refuse any bucket not declared, with an error and
+-- before any write of the bucket. A caller declares bucket n by naming
+-- both of its keys, KEYS[4]..':'..n and KEYS[3]..':'..n (src/engine/keys.rs
+-- `bucket_keys`), or only the orders bucket for a script that reads or
+-- writes orders alone.
+local declared_due, declared_orders = {}, {}
 local undeclared_ok = false
 local function declare_buckets(first, optional)
-  local prefix = KEYS[4] .. ':'
+  local due_prefix, orders_prefix = KEYS[4] .. ':', KEYS[3] .. ':'
   -- A caller that cannot know the buckets (redis-benchmark running the
   -- reserve script as a reference) declares none; the service always does.
   undeclared_ok = optional and #KEYS < first
   for i = first, #KEYS do
-    if string.sub(KEYS[i], 1, #prefix) ~= prefix then
-      error({err = 'flashsale: KEYS[' .. i .. '] is not a due-queue bucket of this sale'})
+    local key = KEYS[i]
+    if string.sub(key, 1, #due_prefix) == due_prefix then
+      declared_due[string.sub(key, #due_prefix + 1)] = key
+    elseif string.sub(key, 1, #orders_prefix) == orders_prefix then
+      declared_orders[string.sub(key, #orders_prefix + 1)] = key
+    else
+      error({err = 'flashsale: KEYS[' .. i .. '] is not a due-queue or orders bucket of this sale'})
     end
-    declared_buckets[string.sub(KEYS[i], #prefix + 1)] = KEYS[i]
   end
 end
 
 local function due_key(bucket)
-  local key = declared_buckets[bucket]
+  local key = declared_due[bucket]
   if not key and undeclared_ok then
     return KEYS[4] .. ':' .. bucket
   end
@@ -147,9 +167,31 @@ local function due_key(bucket)
   return key
 end
 
--- Whether bucket `b` is declared in this call's KEYS.
+-- The orders bucket (a hash) of bucket number `bucket` (see due_key).
+local function orders_key(bucket)
+  local key = declared_orders[bucket]
+  if not key and undeclared_ok then
+    return KEYS[3] .. ':' .. bucket
+  end
+  if not key then
+    error({err = 'flashsale: orders bucket ' .. bucket .. ' is not declared in KEYS'})
+  end
+  return key
+end
+
+-- Whether due-queue bucket `b` is declared in this call's KEYS.
 local function due_declared(b)
-  return declared_buckets[b] ~= nil or undeclared_ok
+  return declared_due[b] ~= nil or undeclared_ok
+end
+
+-- Whether orders bucket `b` is declared in this call's KEYS.
+local function orders_declared(b)
+  return declared_orders[b] ~= nil or undeclared_ok
+end
+
+-- Whether both keys of bucket `b` are declared.
+local function bucket_declared(b)
+  return due_declared(b) and orders_declared(b)
 end
 
 -- Scores bucket b in the index by its earliest entry, or drops it when empty.
@@ -200,12 +242,14 @@ local function unpack_order(packed)
   }
 end
 
--- Orders as the orders hash keeps them: one status letter glued to the
--- user, and times (the flow id's too) in ms since the sale's start:
+-- Orders as their orders bucket keeps them: one status letter glued to the
+-- user, times in ms since the sale's start, and the flow id's time in ms
+-- since the order was created (0 for a new order's reserve record, most
+-- often):
 --   <letter><user>|qty|created|paid|closed|refunded|flow|payment_id
 -- The amount (price x qty) and the deadline (created + payment window)
 -- follow from the sale's terms. A pending order of a 12-digit user id takes
--- about 35 bytes instead of 75, and fits a smaller allocation.
+-- about 30 bytes instead of 75: 64 of them fit a listpack of 2.5 KB.
 local STATUS_LETTER = {pending = 'p', paid = 'a', cancelled = 'c', closed = 'x',
   refund_pending = 'w', refunded = 'r'}
 local STATUS_NAME = {p = 'pending', a = 'paid', c = 'cancelled', x = 'closed',
@@ -242,7 +286,7 @@ local function stored_form(o)
   local fm, fs = '', ''
   if o.flow ~= '' then
     fm, fs = string.match(o.flow, '^(%d+)-(%d+)$')
-    fm = since_start(fm) .. '-' .. fs
+    fm = int(tonumber(fm) - tonumber(o.created)) .. '-' .. fs
   end
   return table.concat({STATUS_LETTER[o.status] .. o.user, int(o.qty),
     since_start(o.created), since_start(o.paid), since_start(o.closed),
@@ -250,7 +294,7 @@ local function stored_form(o)
 end
 
 local function store_order(seq, o)
-  redis.call('HSET', KEYS[3], seq, stored_form(o))
+  redis.call('HSET', orders_key(due_bucket(seq)), seq, stored_form(o))
 end
 
 local function pack_order(o)
@@ -271,7 +315,7 @@ local function unstore_order(stored, unpacked)
   local flow = ''
   if f[7] ~= '' then
     local fm, fs = string.match(f[7], '^(-?%d+)-(%d+)$')
-    flow = from_start(fm) .. '-' .. fs
+    flow = int(tonumber(created) + tonumber(fm)) .. '-' .. fs
   end
   local o = {
     status = STATUS_NAME[string.sub(f[1], 1, 1)], user = string.sub(f[1], 2), qty = qty,
@@ -287,19 +331,45 @@ end
 
 -- The order `seq` (nil when there is none) and its packed form.
 local function load_order(seq)
-  return unstore_order(redis.call('HGET', KEYS[3], seq))
+  return unstore_order(redis.call('HGET', orders_key(due_bucket(seq)), seq))
 end
 
--- The orders of `seqs` (a list; nil where there is none), read at once
--- (the orders only: no packed forms).
+-- `list` split by the bucket of `seq_of(entry)`: {{bucket, {entry, ...}},
+-- ...}, buckets in order of first appearance.
+local function by_bucket(list, seq_of)
+  local groups, at = {}, {}
+  for _, e in ipairs(list) do
+    local b = due_bucket(seq_of(e))
+    if not at[b] then
+      groups[#groups + 1] = {b, {}}
+      at[b] = #groups
+    end
+    local g = groups[at[b]][2]
+    g[#g + 1] = e
+  end
+  return groups
+end
+
+-- The orders of `seqs` (a list; nil where there is none), read with one
+-- HMGET per bucket (the orders only: no packed forms).
 local function load_orders(seqs)
   local out = {}
   if #seqs == 0 then
     return out
   end
-  local stored = redis.call('HMGET', KEYS[3], unpack(seqs))
+  local index = {}
   for i = 1, #seqs do
-    out[i] = unstore_order(stored[i] or nil, true)
+    index[i] = i
+  end
+  for _, g in ipairs(by_bucket(index, function(i) return seqs[i] end)) do
+    local fields = {}
+    for j, i in ipairs(g[2]) do
+      fields[j] = seqs[i]
+    end
+    local stored = redis.call('HMGET', orders_key(g[1]), unpack(fields))
+    for j, i in ipairs(g[2]) do
+      out[i] = unstore_order(stored[j] or nil, true)
+    end
   end
   return out
 end
@@ -340,17 +410,17 @@ local function save(seq, o, event, restocked, key, extra)
   return pack_order(o)
 end
 
--- Orders `seq` -> `o` of a list {{seq, o}, ...} stored with one write.
+-- Orders `seq` -> `o` of a list {{seq, o}, ...} stored with one write per
+-- bucket.
 local function store_orders(list)
-  if #list == 0 then
-    return
+  for _, g in ipairs(by_bucket(list, function(e) return e[1] end)) do
+    local pairs_ = {}
+    for _, e in ipairs(g[2]) do
+      pairs_[#pairs_ + 1] = e[1]
+      pairs_[#pairs_ + 1] = stored_form(e[2])
+    end
+    redis.call('HSET', orders_key(g[1]), unpack(pairs_))
   end
-  local pairs_ = {}
-  for _, e in ipairs(list) do
-    pairs_[#pairs_ + 1] = e[1]
-    pairs_[#pairs_ + 1] = stored_form(e[2])
-  end
-  redis.call('HSET', KEYS[3], unpack(pairs_))
 end
 
 -- Takes `count` flow record numbers for the records a script is about to

@@ -4,8 +4,8 @@
 -- keeps its position) and its refund dead-letter (kept as it is).
 --
 -- KEYS[1]  sale hash
--- KEYS[2..] the keys to delete (buyers, idempotency keys, orders, calls,
---          the due-queue index and its buckets)
+-- KEYS[2..] the keys to delete (buyers, idempotency keys, calls, the
+--          orders buckets, the due-queue index and its buckets)
 -- ARGV[1]  the fence this rebuild holds ("rebuilding:<id>")
 --
 -- Returns: the number of keys deleted; an error when the fence is not

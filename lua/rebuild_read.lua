@@ -1,22 +1,24 @@
--- rebuild_read.lua: a page of a sale's orders in their packed form, for
--- the rebuild of a fenced sale (src/engine/rebuild.rs), which merges what
--- the surviving Redis holds with MySQL. Unlike read_orders.lua it reads a
--- fenced sale. Nothing is written.
+-- rebuild_read.lua: the orders of some buckets of a sale in their packed
+-- form, for the rebuild of a fenced sale (src/engine/rebuild.rs), which
+-- merges what the surviving Redis holds with MySQL. Unlike read_orders.lua
+-- it reads a fenced sale. Nothing is written.
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
--- ARGV[1]     HSCAN cursor of the orders hash ("0" to start)
--- ARGV[2]     about how many orders to return
+-- KEYS[6..]   the orders buckets to read (see declare_buckets in
+--             prelude.lua); each holds 64 orders at most
 --
--- Returns: {next_cursor, seq, packed, seq, packed, ...} ("0": the last page)
+-- Returns: {seq, packed, seq, packed, ...}, every order of those buckets
 
-local page = redis.call('HSCAN', KEYS[3], ARGV[1], 'COUNT', ARGV[2])
-local out = {page[1]}
-local entries = page[2]
-for i = 1, #entries, 2 do
-  local _, packed = load_order(entries[i])
-  if packed then
-    out[#out + 1] = entries[i]
-    out[#out + 1] = packed
+declare_buckets(6)
+local out = {}
+for i = 6, #KEYS do
+  local entries = redis.call('HGETALL', KEYS[i])
+  for j = 1, #entries, 2 do
+    local _, packed = unstore_order(entries[j + 1])
+    if packed then
+      out[#out + 1] = entries[j]
+      out[#out + 1] = packed
+    end
   end
 end
 return out

@@ -1,10 +1,12 @@
 -- refund.lua: refund a paid order, at once when MySQL has all of its flow
 -- records (the order is settled), otherwise accept it: the order becomes
--- refund_pending and a retry is queued in the sale's due-queue , where the expiry workers carry it out once the order settles.
+-- refund_pending and a retry is queued in the sale's due-queue, where the expiry workers carry
+-- it out once the order settles.
 --
 -- KEYS[1..5]  sale, buyers, orders, due-queue, flow (see prelude.lua)
 -- KEYS[6]     refund dead-letter hash (asking again takes a refund out of it)
--- KEYS[7]     the due-queue bucket of the order (see prelude.lua)
+-- KEYS[7..8]  the order's bucket: its due-queue and orders keys (see
+--             declare_buckets in prelude.lua)
 -- ARGV[1]     order seq
 -- ARGV[2]     the caller's user id, or "" for the admin
 -- ARGV[3]     first retry delay in ms

@@ -24,12 +24,14 @@
 -- KEYS[7]     calls hash (call id -> "<first new seq>|<one letter per
 --             reservation>", letters in OUTCOME below; kept only for calls
 --             that made an order)
--- KEYS[8..]   the due-queue buckets the caller expects the new orders in
---             (see prelude.lua); when a new order falls in another, the
---             call writes nothing and fails with "NEEDBUCKETS <n> ...", and
---             the caller sends it again declaring them (a caller that
---             declares none, such as redis-benchmark running this script as
---             the reference, has the buckets touched undeclared)
+-- KEYS[8..]   the buckets (both keys of each: due-queue and orders, see
+--             declare_buckets in prelude.lua) the caller expects the new
+--             orders in; when a new order falls in another, or a key finds
+--             an earlier order in another, the call writes nothing and
+--             fails with "NEEDBUCKETS <n> ...", and the caller sends it
+--             again declaring them (a caller that declares none, such as
+--             redis-benchmark running this script as the reference, has the
+--             buckets touched undeclared)
 -- ARGV[1]     flow backlog bound: at this many records waiting for MySQL,
 --             new reservations are refused
 -- ARGV[2]     the call's id ([0-9a-f]+)
@@ -62,6 +64,34 @@
 
 local n = math.floor((#ARGV - 4) / 3)
 declare_buckets(8, true)
+
+-- The buckets this call must declare and did not: those of its new orders,
+-- and those of earlier orders it reads (a key finds an order of any
+-- bucket). Reads come before any write, so a call that needs more fails
+-- having written nothing.
+local need, needed = {}, {}
+local function need_bucket(b)
+  if not needed[b] then
+    needed[b] = true
+    need[#need + 1] = b
+  end
+end
+local function check_need()
+  if #need > 0 then
+    error({err = 'NEEDBUCKETS ' .. table.concat(need, ' ')})
+  end
+end
+
+-- load_order, or nothing when the order's bucket is not declared (noted
+-- in `need`: the call fails before it writes).
+local function peek_order(seq)
+  local b = due_bucket(seq)
+  if not orders_declared(b) then
+    need_bucket(b)
+    return nil, nil
+  end
+  return load_order(seq)
+end
 local call_id = ARGV[2]
 local replies = {}
 local function refuse_all(code)
@@ -104,7 +134,7 @@ local function made_before(user, key, own)
     return nil
   end
   made = made_by(record, tonumber(index))
-  local o = made and load_order(made)
+  local o = made and peek_order(made)
   if o and o.user == user then
     return made
   end
@@ -168,12 +198,12 @@ if record then
     local letter = string.sub(letters, i, i)
     if letter == 'o' then
       local seq = made_by(record, i)
-      local _, packed = load_order(seq)
+      local _, packed = peek_order(seq)
       replies[i] = {'ok', seq, packed}
     elseif letter == 'd' then
       local user = ARGV[3 * i + 2]
       local seq = made_before(user, key_of(i))
-      local _, packed = load_order(seq)
+      local packed = seq and select(2, peek_order(seq))
       replies[i] = {'dup', seq, packed}
     elseif letter == 's' then
       replies[i] = {'sold_out', '-1'}
@@ -181,6 +211,7 @@ if record then
       replies[i] = {REFUSAL[letter]}
     end
   end
+  check_need()
   return replies
 end
 
@@ -216,7 +247,7 @@ for i = 1, n do
   local idem_field = user .. ':' .. key
   local made = made_before(user, key, own_key)
   if made then
-    local _, packed = load_order(made)
+    local _, packed = peek_order(made)
     replies[i] = {'dup', made, packed}
   elseif claimed[idem_field] then
     replies[i] = {'dup'}
@@ -262,19 +293,15 @@ for i = 1, n do
   letters[i] = tag == 'ok' and 'o' or tag == 'dup' and 'd' or OUTCOME[tag]
 end
 
-if #accepted == 0 then
-  return replies
-end
-local need, needed = {}, {}
 for _, a in ipairs(accepted) do
   local b = due_bucket(a.id)
-  if not due_declared(b) and not needed[b] then
-    needed[b] = true
-    need[#need + 1] = b
+  if not bucket_declared(b) then
+    need_bucket(b)
   end
 end
-if #need > 0 then
-  error({err = 'NEEDBUCKETS ' .. table.concat(need, ' ')})
+check_need()
+if #accepted == 0 then
+  return replies
 end
 -- The counters first, in one write (this call read them and nothing else
 -- runs meanwhile): stock, the order seq and the flow record numbers the

@@ -10,11 +10,16 @@
 -- KEYS[1]  sale hash
 -- KEYS[2]  buyers hash
 -- KEYS[3]  idempotency hash
--- KEYS[4]  orders hash
+-- KEYS[4]  the orders' base name (the orders live in buckets, see
+--          prelude.lua)
 -- KEYS[5]  due-queue index (no entry: every bucket is gone)
 -- KEYS[6]  flow stream
 -- KEYS[7]  refund dead-letter hash
 -- KEYS[8]  calls hash (reserve.lua)
+-- KEYS[9..] every orders bucket of the sale, KEYS[4]..':'..n for n = 0 ..
+--          floor(seq / 64) (seq: the sale's order counter); when one is
+--          missing, the call fails with "NEEDBUCKETS <n> ..." and changes
+--          nothing
 -- ARGV[1]  MySQL's reconciler cursor "<ms>-<seq>" ("0-0": nothing applied yet)
 -- ARGV[2]  retention in seconds (>= 1)
 --
@@ -29,6 +34,26 @@ check_layout()
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'not_found'}
+end
+local bucket_prefix = KEYS[4] .. ':'
+local declared = {}
+for i = 9, #KEYS do
+  if string.sub(KEYS[i], 1, #bucket_prefix) ~= bucket_prefix then
+    error({err = 'flashsale: KEYS[' .. i .. '] is not an orders bucket of this sale'})
+  end
+  declared[string.sub(KEYS[i], #bucket_prefix + 1)] = true
+end
+local top = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if top > 0 then
+  local need = {}
+  for b = 0, math.floor(top / DUE_BUCKET) do
+    if not declared[int(b)] then
+      need[#need + 1] = int(b)
+    end
+  end
+  if #need > 0 then
+    error({err = 'NEEDBUCKETS ' .. table.concat(need, ' ')})
+  end
 end
 local s = redis.call('HMGET', KEYS[1], 'end_ms', 'pending', 'refunds_waiting', 'refunds_dead',
   'settled')
@@ -68,7 +93,7 @@ end
 if redis.call('HEXISTS', KEYS[1], 'retired') == 0 then
   redis.call('HSET', KEYS[1], 'retired', int(now_ms()))
 end
-for i = 1, 8 do
+for i = 1, #KEYS do
   redis.call('EXPIRE', KEYS[i], ARGV[2])
 end
 return {'ok'}

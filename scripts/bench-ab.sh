@@ -35,7 +35,7 @@ for round in $(seq "$rounds"); do
     sleep 1.2
     curl -s -X POST "http://127.0.0.1:$port/api/v1/sales/$soldout/orders" -H "Authorization: Bearer $TOKEN" >/dev/null
     r=$(SALE_ID=$sale TOKENS="$work/tokens.txt" wrk -t2 -c50 -d"${secs}s" -s loadtest/wrk/reserve.lua "http://127.0.0.1:$port" | grep Requests/sec | awk '{print $2}')
-    made=$(redis-cli HLEN "$tag:{s$sale}:orders")
+    made=$(redis-cli HGET "$tag:{s$sale}:sale" seq)
     s=$(SALE_ID=$soldout TOKENS="$work/tokens.txt" wrk -t2 -c50 -d"${secs}s" -s loadtest/wrk/reserve.lua "http://127.0.0.1:$port" | grep Requests/sec | awk '{print $2}')
     rss=$(grep VmHWM /proc/$server/status | awk '{print $2}')
     echo "round $round $side ($bin): reserve wrk $r req/s ($made orders, $((made / secs))/s), sold-out $s req/s, peak RSS $((rss / 1024)) MB"

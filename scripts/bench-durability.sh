@@ -113,7 +113,9 @@ run() { # config -> "orders/s requests/s non-2xx"
     # Units reserved (each order is one unit): the sale's counters, then
     # the orders themselves as a check.
     made=$(rcli "$c" HGET "$tag:{s$sale}:sale" pending)
-    orders=$(rcli "$c" HLEN "$tag:{s$sale}:orders")
+    # (One hash of 64 orders per bucket: buckets 0 .. order counter / 64.)
+    orders=$(for b in $(seq 0 $(( $(rcli "$c" HGET "$tag:{s$sale}:sale" seq) / 64 ))); do
+        echo "HLEN $tag:{s$sale}:orders:$b"; done | rcli "$c" | awk '{s += $1} END {print s + 0}')
     if [ "$made" != "$orders" ]; then
         echo "bench-durability: sale $sale ($c): pending $made but $orders orders" >&2
         exit 1

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use redis::{AsyncCommands, FromRedisValue, ParsingError, Value};
 
+use super::keys::DUE_BUCKET;
 use super::{Engine, EngineError, FlowId};
 use crate::domain::SaleId;
 use crate::units::Units;
@@ -104,19 +105,20 @@ pub enum Repair {
 }
 
 impl Repair {
-    /// The order whose due-queue entry the repair touches (its bucket is
-    /// declared in the call's KEYS).
-    pub fn due_seq(&self) -> Option<u64> {
+    /// The order the repair touches, its entry in the due-queue or itself
+    /// (both keys of its bucket are declared in the call's KEYS).
+    pub fn order_seq(&self) -> Option<u64> {
         match self {
             Self::RestoreOrder { seq, .. }
             | Self::RequeueRefund { seq }
+            | Self::MarkSettled { seq, .. }
             | Self::AddDeadline { seq } => Some(*seq),
             Self::DropDueEntry { member } => member
                 .trim_start_matches('r')
                 .split(':')
                 .next()
                 .and_then(|s| s.parse().ok()),
-            Self::Counters { .. } | Self::BuyerUnits { .. } | Self::MarkSettled { .. } => None,
+            Self::Counters { .. } | Self::BuyerUnits { .. } => None,
         }
     }
 
@@ -242,8 +244,10 @@ impl Engine {
         for key in k.with_dead_refunds() {
             inv.key(key);
         }
-        if let Some(seq) = repair.due_seq() {
-            inv.key(k.due_bucket(seq));
+        if let Some(seq) = repair.order_seq() {
+            for key in k.bucket_keys(seq / DUE_BUCKET) {
+                inv.key(key);
+            }
         }
         for a in repair.args() {
             inv.arg(a);
@@ -307,6 +311,13 @@ impl Engine {
             let mut inv = self.scripts.read_orders.prepare_invoke();
             for key in k.order_script_keys() {
                 inv.key(key);
+            }
+            // The orders buckets of the chunk, each declared once.
+            let mut buckets: Vec<u64> = chunk.iter().map(|s| s / DUE_BUCKET).collect();
+            buckets.sort_unstable();
+            buckets.dedup();
+            for b in buckets {
+                inv.key(k.orders_bucket_no(b));
             }
             for seq in chunk {
                 inv.arg(*seq);

@@ -486,10 +486,11 @@ impl ReserveCall {
         for (i, job) in batch.iter().enumerate() {
             let _ = job.shared.sent_as.set((call.clone(), i + 1));
         }
-        // The due-queue buckets the new orders will likely fall in: where
-        // the counter stood at this process's last call, and the next one.
-        // A call that needs others writes nothing and names them; it is
-        // sent again (same id) declaring them.
+        // The buckets (due-queue and orders) the new orders will likely
+        // fall in: where the counter stood at this process's last call, and
+        // the next one. A call that needs others (for its new orders, or
+        // for earlier orders a key finds) writes nothing and names them; it
+        // is sent again (same id) declaring them.
         let from = self.bucket_hint(sale).max((seen + 1) / DUE_BUCKET);
         let mut buckets = vec![from, from + 1];
         self.stats.calls.inc();
@@ -502,7 +503,9 @@ impl ReserveCall {
                 inv.key(key);
             }
             for b in &buckets {
-                inv.key(keys.due_bucket_no(*b));
+                for key in keys.bucket_keys(*b) {
+                    inv.key(key);
+                }
             }
             inv.arg(self.backlog_limit)
                 .arg(&*call)

@@ -9,11 +9,22 @@ use crate::domain::SaleId;
 /// The Redis layout of a sale that this build reads and writes (the sale
 /// hash's `layout` field, `LAYOUT` in `lua/prelude.lua`). Scripts refuse a
 /// sale of another layout instead of misreading it.
-pub const LAYOUT: u32 = 2;
+pub const LAYOUT: u32 = 3;
 
-/// Orders per due-queue bucket (`DUE_BUCKET` in `lua/prelude.lua`): small
-/// enough that a bucket keeps Redis's compact sorted-set encoding.
+/// Orders per bucket (`DUE_BUCKET` in `lua/prelude.lua`), of the due-queue
+/// and of the orders alike: small enough that a bucket keeps Redis's
+/// compact (listpack) sorted-set or hash encoding.
 pub const DUE_BUCKET: u64 = 64;
+
+/// The bucket numbers that can hold orders of a sale whose order counter
+/// is `counter` (orders `1..=counter`): `0..=counter / DUE_BUCKET`, none
+/// for a sale without orders.
+pub fn order_buckets(counter: u64) -> std::ops::Range<u64> {
+    match counter {
+        0 => 0..0,
+        c => 0..c / DUE_BUCKET + 1,
+    }
+}
 
 /// Builds key names under one deployment prefix.
 #[derive(Debug, Clone)]
@@ -30,7 +41,11 @@ pub struct SaleKeys {
     pub buyers: String,
     /// Hash: `"<user>:<idempotency key>"` -> order sequence.
     pub idem: String,
-    /// Hash: order sequence -> order, in the stored form of `lua/prelude.lua`.
+    /// The orders' base name, never a key itself: the orders of bucket
+    /// `n` (order seqs `n * DUE_BUCKET .. (n + 1) * DUE_BUCKET`, the same
+    /// numbering as the due-queue's) live in the hash `<orders>:<n>`, order
+    /// sequence -> order in the stored form of `lua/prelude.lua`; 64
+    /// pending orders keep a bucket in Redis's compact hash encoding.
     pub orders: String,
     /// The due-queue's index: sorted set of bucket numbers, each scored by
     /// its bucket's earliest entry. Bucket `n` is the sorted set
@@ -89,6 +104,23 @@ impl SaleKeys {
     /// Due-queue bucket number `n`.
     pub fn due_bucket_no(&self, n: u64) -> String {
         format!("{}:{n}", self.deadlines)
+    }
+
+    /// The orders bucket that holds order `seq`.
+    pub fn orders_bucket(&self, seq: u64) -> String {
+        self.orders_bucket_no(seq / DUE_BUCKET)
+    }
+
+    /// Orders bucket number `n`.
+    pub fn orders_bucket_no(&self, n: u64) -> String {
+        format!("{}:{n}", self.orders)
+    }
+
+    /// Both keys of bucket `n` (its due-queue sorted set and its orders
+    /// hash): what a script that works on orders of that bucket declares
+    /// (`declare_buckets` in `lua/prelude.lua`).
+    pub fn bucket_keys(&self, n: u64) -> [String; 2] {
+        [self.due_bucket_no(n), self.orders_bucket_no(n)]
     }
 
     /// A SCAN pattern that matches every key of the sale and no other.
@@ -184,6 +216,14 @@ mod tests {
         }
         assert!(Keys::new("a{b").is_err());
         assert_eq!(keys.due_bucket(130), "fs:{s42}:deadlines:2");
+        assert_eq!(keys.orders_bucket(130), "fs:{s42}:orders:2");
+        assert_eq!(
+            keys.bucket_keys(0),
+            ["fs:{s42}:deadlines:0", "fs:{s42}:orders:0"]
+        );
+        assert!(order_buckets(0).is_empty());
+        assert_eq!(order_buckets(63), 0..1);
+        assert_eq!(order_buckets(64), 0..2);
         assert_eq!(
             Keys::new("a*b")
                 .unwrap()

@@ -1,6 +1,7 @@
 //! An order's life in Redis: reserve, pay, cancel and expire, each one
 //! script call. Every change writes its flow record in the same call.
 
+use super::keys::DUE_BUCKET;
 use super::{Engine, EngineError, Order, ReserveFailed};
 use crate::domain::{IdempotencyKey, OrderId, Qty, SaleId, UserId};
 
@@ -233,11 +234,12 @@ impl Engine {
         amount_cents: i64,
     ) -> Result<Payment, EngineError> {
         use super::scripts::pay::Reply;
+        let [due, orders] = self.keys.sale(id.sale()).bucket_keys(id.seq() / DUE_BUCKET);
         let reply: Reply = self
             .run_order_script(
                 &self.scripts.pay,
                 id.sale(),
-                &[&self.keys.sale(id.sale()).due_bucket(id.seq())],
+                &[&due, &orders],
                 &[&id.seq().to_string(), payment_id, &amount_cents.to_string()],
             )
             .await?;
@@ -266,11 +268,12 @@ impl Engine {
     pub async fn cancel(&self, id: OrderId, user: UserId) -> Result<Cancellation, EngineError> {
         use super::scripts::cancel::Reply;
         let k = self.keys.sale(id.sale());
+        let [due, orders] = k.bucket_keys(id.seq() / DUE_BUCKET);
         let reply: Reply = self
             .run_order_script(
                 &self.scripts.cancel,
                 id.sale(),
-                &[&k.calls, &k.due_bucket(id.seq())],
+                &[&k.calls, &due, &orders],
                 &[
                     &id.seq().to_string(),
                     &user.to_string(),
@@ -300,14 +303,13 @@ impl Engine {
     /// (`None`): at once when settled, otherwise accepted and queued.
     pub async fn refund(&self, id: OrderId, caller: Option<UserId>) -> Result<Refund, EngineError> {
         use super::scripts::refund::Reply;
+        let k = self.keys.sale(id.sale());
+        let [due, orders] = k.bucket_keys(id.seq() / DUE_BUCKET);
         let reply: Reply = self
             .run_order_script(
                 &self.scripts.refund,
                 id.sale(),
-                &[
-                    &self.keys.sale(id.sale()).dead_refunds,
-                    &self.keys.sale(id.sale()).due_bucket(id.seq()),
-                ],
+                &[&k.dead_refunds, &due, &orders],
                 &[
                     &id.seq().to_string(),
                     &caller.map_or(String::new(), |u| u.to_string()),
@@ -361,7 +363,9 @@ impl Engine {
             inv.key(key);
         }
         for b in &buckets {
-            inv.key(k.due_bucket_no(*b));
+            for key in k.bucket_keys(*b) {
+                inv.key(key);
+            }
         }
         let p = &self.refunds;
         inv.arg(limit.max(1))

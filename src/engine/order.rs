@@ -4,8 +4,8 @@
 //! `status|user|qty|amount|created|deadline|paid|closed|refunded|flow|payment_id`
 //! (times in ms by Redis's clock, empty when unset; `flow` is the id of the
 //! order's last flow record), and flow records carry the same form. The
-//! orders hash itself keeps a shorter form that only the scripts read and
-//! write (`store_order`/`load_order` in `lua/prelude.lua`; readers outside
+//! orders buckets (`<orders>:<n>`, see `keys.rs`) keep a shorter form that
+//! only the scripts read and write (`store_order`/`load_order` in `lua/prelude.lua`; readers outside
 //! the scripts go through `lua/read_orders.lua`). This module only parses.
 
 use crate::domain::{OrderId, UserId};

@@ -28,6 +28,10 @@ use crate::domain::{OrderId, SaleId};
 /// Orders per script call or command while a rebuild writes.
 const CHUNK: usize = 500;
 
+/// Orders buckets one `lua/rebuild_read.lua` call reads (64 orders each at
+/// most).
+const READ_BUCKETS: u64 = 16;
+
 /// What the guard found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuardVerdict {
@@ -219,6 +223,7 @@ impl Engine {
     pub async fn begin_rebuild(
         &self,
         terms: &SaleTerms,
+        mysql_top: u64,
     ) -> Result<Result<RedisSide, String>, EngineError> {
         let sale = terms.id;
         let k = self.keys.sale(sale);
@@ -257,21 +262,29 @@ impl Engine {
             dead_refunds: dead.into_iter().collect(),
             held: format!("rebuilding:{id}"),
         };
-        // The orders hash, a page at a time (Redis is fenced: it does not
-        // change meanwhile).
-        let mut cursor = "0".to_owned();
+        // The orders buckets, a few at a time (Redis is fenced: it does not
+        // change meanwhile): every bucket up to the highest order seq anyone
+        // knows of (Redis's counter, the seqs callers reported, MySQL's),
+        // and past it while buckets still hold orders (a sale hash lost
+        // alone took its counter with it; orders fill buckets in turn).
+        let top = [counter, lost_hint, self.seen(sale), mysql_top]
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        let known = super::keys::order_buckets(top).end;
+        let mut from = 0;
         loop {
+            let to = from + READ_BUCKETS;
             let mut inv = self.scripts.rebuild_read.prepare_invoke();
             for key in k.order_script_keys() {
                 inv.key(key);
             }
-            inv.arg(&cursor).arg(CHUNK);
+            for b in from..to {
+                inv.key(k.orders_bucket_no(b));
+            }
             let mut c = self.conn.clone();
             let page: Vec<String> = self.timed(inv.invoke_async(&mut c)).await?;
-            let (next, rest) = page
-                .split_first()
-                .ok_or_else(|| EngineError::Protocol("rebuild_read: empty".into()))?;
-            for pair in rest.chunks_exact(2) {
+            for pair in page.chunks_exact(2) {
                 let seq: u64 = pair[0]
                     .parse()
                     .map_err(|_| EngineError::Protocol(format!("order seq {:?}", pair[0])))?;
@@ -280,10 +293,10 @@ impl Engine {
                     .ok_or_else(|| EngineError::Protocol(format!("order {id}: {:?}", pair[1])))?;
                 side.orders.push(o);
             }
-            if next == "0" {
+            if to >= known && page.is_empty() {
                 break;
             }
-            cursor = next.clone();
+            from = to;
         }
         Ok(Ok(side))
     }
@@ -302,11 +315,17 @@ impl Engine {
             .timed(async { c.zrange(&k.deadlines, 0, -1).await })
             .await?;
         let mut clear = self.scripts.rebuild_clear.key(&k.sale);
-        for key in [&k.buyers, &k.idem, &k.orders, &k.calls, &k.deadlines] {
+        for key in [&k.buyers, &k.idem, &k.calls, &k.deadlines] {
             clear.key(key);
         }
         for b in &buckets {
             clear.key(format!("{}:{b}", k.deadlines));
+        }
+        // Every orders bucket Redis held was read (begin_rebuild), so its
+        // orders are among the rebuilt ones: their buckets cover it.
+        let top = s.orders.keys().next_back().copied().unwrap_or(0);
+        for b in super::keys::order_buckets(top.max(s.counter)) {
+            clear.key(k.orders_bucket_no(b));
         }
         clear.arg(&s.held);
         let mut c = self.conn.clone();
@@ -317,6 +336,15 @@ impl Engine {
             let mut inv = self.scripts.rebuild_write.prepare_invoke();
             for key in k.order_script_keys() {
                 inv.key(key);
+            }
+            let mut buckets: Vec<u64> = chunk
+                .iter()
+                .map(|(o, _)| o.id.seq() / DUE_BUCKET_SIZE)
+                .collect();
+            buckets.sort_unstable();
+            buckets.dedup();
+            for b in buckets {
+                inv.key(k.orders_bucket_no(b));
             }
             inv.arg(&s.held);
             for (o, _) in chunk {

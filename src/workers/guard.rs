@@ -286,14 +286,16 @@ impl Reconciler {
         {
             return Ok(None); // records still wait: drain them first
         }
-        let side = match self.engine.begin_rebuild(&terms).await? {
+        // MySQL's orders first: Redis's are read up to the highest seq
+        // either side knows of (the cursor is locked: MySQL's do not change).
+        let mysql = queries::orders(&mut tx, sale, cursor).await?;
+        let mysql_top = mysql.last().map_or(0, |(o, _)| o.id.seq());
+        let side = match self.engine.begin_rebuild(&terms, mysql_top).await? {
             Ok(side) => side,
             Err(_) => return Ok(None),
         };
         let now_ms = self.engine.now_ms().await?;
         // 3. Merge and count.
-        let mysql = queries::orders(&mut tx, sale, cursor).await?;
-        let mysql_top = mysql.last().map_or(0, |(o, _)| o.id.seq());
         let mut counted = queries::lost_seqs(&mut tx, sale).await?;
         let (orders, reused) = merge(mysql, side.orders);
         let mut lost_now = record_lost(&self.db, sale, &reused, &mut counted).await?;

@@ -183,7 +183,10 @@ async fn an_order_deleted_from_redis_is_found_and_restored() {
     let (sale, ids) = settled_sale(&app).await;
     let seq: u64 = ids[0].rsplit('-').next().unwrap().parse().unwrap();
     let mut c = app.engine.connection();
-    let _: () = c.hdel(app.sale_keys(&sale).orders, seq).await.unwrap();
+    let _: () = c
+        .hdel(app.sale_keys(&sale).orders_bucket(seq), seq)
+        .await
+        .unwrap();
     expect_found_and_repaired(&app, "order_missing_in_redis").await;
     let back = app.orders(&sale).await;
     assert_eq!(back[&seq].status.as_str(), "paid");
@@ -328,13 +331,16 @@ async fn a_repair_that_would_erase_a_payment_is_left_to_a_person() {
     let seq: u64 = ids[0].rsplit('-').next().unwrap().parse().unwrap();
     let k = app.sale_keys(&sale);
     let mut c = app.engine.connection();
-    let stored: String = c.hget(&k.orders, seq).await.unwrap();
+    let stored: String = c.hget(k.orders_bucket(seq), seq).await.unwrap();
     let mut fields: Vec<&str> = stored.splitn(8, '|').collect();
     let pending = format!("p{}", &fields[0][1..]);
     fields[0] = &pending;
     fields[3] = "";
     fields[7] = "";
-    let _: () = c.hset(&k.orders, seq, fields.join("|")).await.unwrap();
+    let _: () = c
+        .hset(k.orders_bucket(seq), seq, fields.join("|"))
+        .await
+        .unwrap();
 
     let (code, json) = audit(&app.target, &["--json"]).await;
     assert_eq!(code, 1, "{json}");

@@ -15,7 +15,7 @@ async fn sale_state(app: &TestApp, sale: &str) -> (HashMap<String, String>, i64,
     let mut c = app.engine.connection();
     (
         c.hgetall(&k.sale).await.unwrap(),
-        c.hlen(&k.orders).await.unwrap(),
+        app.order_seqs(sale).await.len() as i64,
         c.hlen(&k.buyers).await.unwrap(),
         app.due_len(sale).await,
         c.xlen(&k.flow).await.unwrap(),
@@ -396,7 +396,7 @@ async fn a_sale_of_another_redis_layout_is_refused_not_misread() {
     // The sale as a build with another layout would have left it.
     let k = app.sale_keys(&sale);
     let mut c = app.engine.connection();
-    let _: () = c.hset(&k.sale, "layout", "1").await.unwrap();
+    let _: () = c.hset(&k.sale, "layout", "2").await.unwrap();
     let before = sale_state(&app, &sale).await;
 
     // A refusal that every retry would meet again: 500 internal, not a

@@ -338,8 +338,7 @@ async fn reserve_through_a_pause(app: &TestApp, redis: &OwnRedis, pause_ms: u64)
         told.insert(*user, order["order_id"].as_str().unwrap().to_owned());
     }
     // Redis holds exactly the orders the buyers were told about.
-    let mut c = app.engine.connection();
-    let seqs: Vec<String> = c.hkeys(app.sale_keys(&sale).orders).await.unwrap();
+    let seqs = app.order_seqs(&sale).await;
     let in_redis: BTreeSet<String> = seqs.iter().map(|s| format!("{sale}-{s}")).collect();
     assert_eq!(in_redis, told.values().cloned().collect::<BTreeSet<_>>());
     assert_eq!(app.sale_field(&sale, "pending").await, 20);

@@ -564,17 +564,34 @@ impl TestApp {
         self.due(sale).await.len() as i64
     }
 
-    /// Every order of a sale as Redis holds it, by sequence number.
-    pub async fn orders(&self, sale: &str) -> std::collections::BTreeMap<u64, Order> {
+    /// The order seqs a sale's orders buckets hold: every bucket up to the
+    /// sale's order counter, and past it while buckets hold orders.
+    pub async fn order_seqs(&self, sale: &str) -> Vec<u64> {
         let k = self.sale_keys(sale);
         let mut c = self.engine.connection();
-        let seqs: Vec<u64> = c.hkeys(&k.orders).await.unwrap();
+        let counter: Option<u64> = c.hget(&k.sale, "seq").await.unwrap();
+        let known = flashsale::engine::keys::order_buckets(counter.unwrap_or(0)).end;
+        let mut seqs = Vec::new();
+        for b in 0.. {
+            let mut held: Vec<u64> = c.hkeys(k.orders_bucket_no(b)).await.unwrap();
+            if held.is_empty() && b >= known {
+                break;
+            }
+            held.sort_unstable();
+            seqs.extend(held);
+        }
+        seqs
+    }
+
+    /// Every order of a sale as Redis holds it, by sequence number.
+    pub async fn orders(&self, sale: &str) -> std::collections::BTreeMap<u64, Order> {
+        let seqs = self.order_seqs(sale).await;
         let sale_id = sale.parse().unwrap();
         let packed = self.engine.packed_orders(sale_id, &seqs).await.unwrap();
         seqs.into_iter()
             .zip(packed)
             .map(|(seq, packed)| {
-                let packed = packed.expect("an order listed by HKEYS");
+                let packed = packed.expect("an order its bucket lists");
                 let id = OrderId::new(sale_id, seq);
                 (
                     seq,

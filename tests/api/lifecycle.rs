@@ -224,7 +224,9 @@ async fn the_same_cancel_call_twice_answers_cancelled_twice() {
         for key in k.order_script_keys() {
             inv.key(key);
         }
-        inv.key(&k.calls).key(k.due_bucket(1));
+        inv.key(&k.calls)
+            .key(k.due_bucket(1))
+            .key(k.orders_bucket(1));
         inv.arg(1).arg(5).arg(id);
         inv
     };

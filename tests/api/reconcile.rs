@@ -301,7 +301,7 @@ async fn the_sweep_closes_an_overdue_order_that_redis_lost() {
     // Redis loses the order.
     let k = app.sale_keys(&sale);
     let mut c = app.engine.connection();
-    let _: () = c.hdel(&k.orders, id.seq()).await.unwrap();
+    let _: () = c.hdel(k.orders_bucket(id.seq()), id.seq()).await.unwrap();
     let _: () = c.zrem(k.due_bucket(id.seq()), id.seq()).await.unwrap();
 
     let until = std::time::Instant::now() + Duration::from_secs(15);

@@ -878,3 +878,130 @@ async fn a_sale_from_before_tokens_is_adopted_when_it_matches_mysql() {
         .contains("flashsale_sale_rebuilds_total 0"));
     app.finish().await;
 }
+
+/// The orders live in hashes of 64 consecutive order seqs
+/// (`<orders>:<n>`, order `s` in bucket `s / 64`), never in one `<orders>`
+/// hash: each small enough for Redis's compact encoding. Pay and cancel
+/// find orders in any bucket, the audit reads every bucket (an order
+/// deleted from one is found), and a rebuild reads every bucket Redis
+/// holds, also past the counter when the sale hash went alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orders_live_in_buckets_of_64_and_audit_and_rebuild_find_every_one() {
+    // No reconciler: the orders stay in Redis alone, and nothing but this
+    // test takes the sale for a rebuild.
+    let app = spawn_with(Target::fresh(), |c| {
+        c.roles = vec![Role::Http, Role::Expiry];
+    })
+    .await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 200,
+            ..SaleSpec::default()
+        })
+        .await;
+    let mut ids = Vec::new();
+    for u in 1..=200u64 {
+        let (s, o) = app.reserve(&sale, u, None).await;
+        assert_eq!(s, 201, "{o}");
+        ids.push(o["order_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids[199], format!("{sale}-200"));
+    // Seqs 1..=200: bucket 0 holds 1..=63, buckets 1 and 2 64 each, 3 the
+    // last 9 (192..=200).
+    let k = app.sale_keys(&sale);
+    let mut c = app.engine.connection();
+    let mut held = Vec::new();
+    for b in 0..5 {
+        let n: u64 = c.hlen(k.orders_bucket_no(b)).await.unwrap();
+        held.push(n);
+    }
+    assert_eq!(held, [63, 64, 64, 9, 0]);
+    let seqs: Vec<u64> = c.hkeys(k.orders_bucket_no(3)).await.unwrap();
+    assert!(seqs.iter().all(|s| (192..=200).contains(s)), "{seqs:?}");
+    let single: bool = c.exists(&k.orders).await.unwrap();
+    assert!(!single, "no single orders hash");
+    let encoding: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(k.orders_bucket_no(1))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(
+        encoding, "listpack",
+        "a bucket of 64 pending orders stays compact"
+    );
+
+    // Pay an order of the last bucket, cancel one of bucket 1.
+    assert_eq!(app.pay(&ids[199], "pay-200", 1999).await.0, 200);
+    assert_eq!(app.cancel(&ids[99], 100).await.0, 200);
+    let orders = app.orders(&sale).await;
+    assert_eq!(orders.len(), 200);
+    assert_eq!(orders[&200].status.as_str(), "paid");
+    assert_eq!(orders[&100].status.as_str(), "cancelled");
+    assert_eq!(orders[&1].status.as_str(), "pending");
+
+    // The audit reads every bucket: Redis's orders add up to its counters
+    // (clean), and do not once an order is gone from bucket 2.
+    let pool = pool(&app).await;
+    let audit_now = || async {
+        flashsale::audit::run(
+            &app.engine,
+            &pool,
+            &flashsale::audit::AuditOptions {
+                sale: Some(sale.parse().unwrap()),
+                grace: Duration::from_secs(60),
+                progress: false,
+                events: Default::default(),
+            },
+        )
+        .await
+        .unwrap()
+    };
+    let report = audit_now().await;
+    let json = serde_json::to_string(&report).unwrap();
+    assert!(report.is_clean(), "{json}");
+    assert_eq!(report.sales[0].orders_checked, 200, "{json}");
+    let stored: String = c.hget(k.orders_bucket(150), 150).await.unwrap();
+    let _: () = c.hdel(k.orders_bucket(150), 150).await.unwrap();
+    let report = audit_now().await;
+    assert!(!report.is_clean(), "an order gone from bucket 2 is noticed");
+    let _: () = c.hset(k.orders_bucket(150), 150, &stored).await.unwrap();
+    assert!(audit_now().await.is_clean());
+
+    // The rebuild's read: the sale hash lost alone (no counter left; a
+    // fence-only hash of the sale's token, as the guard leaves), and every
+    // order of every bucket is found all the same.
+    let sale_id: flashsale::domain::SaleId = sale.parse().unwrap();
+    let terms = flashsale::db::sale_terms(&pool, sale_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let _: () = c.del(&k.sale).await.unwrap();
+    let _: () = c
+        .hset_multiple(
+            &k.sale,
+            &[("db", terms.token.as_str()), ("fence", "missing")],
+        )
+        .await
+        .unwrap();
+    let side = app
+        .engine
+        .begin_rebuild(&terms, 0)
+        .await
+        .unwrap()
+        .expect("a missing sale of this token is taken");
+    assert_eq!(side.counter, 0);
+    let mut found: Vec<(u64, &str)> = side
+        .orders
+        .iter()
+        .map(|o| (o.id.seq(), o.status.as_str()))
+        .collect();
+    found.sort_unstable();
+    assert_eq!(found.len(), 200);
+    assert!(found.iter().map(|f| f.0).eq(1..=200));
+    assert_eq!(found[199], (200, "paid"));
+    assert_eq!(found[99], (100, "cancelled"));
+    assert_eq!(found[149], (150, "pending"));
+    pool.close().await;
+    app.finish().await;
+}

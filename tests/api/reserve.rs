@@ -73,7 +73,7 @@ async fn two_instances_sell_exactly_the_stock_to_2000_buyers() {
     assert_eq!(a.sale_field(&sale, "pending").await, 100);
     let k = a.sale_keys(&sale);
     let mut c = a.engine.connection();
-    let orders: i64 = c.hlen(&k.orders).await.unwrap();
+    let orders = a.order_seqs(&sale).await.len();
     let deadlines = a.due_len(&sale).await;
     let flows: i64 = c.xlen(&k.flow).await.unwrap();
     let held: Vec<i64> = c.hvals(&k.buyers).await.unwrap();
@@ -142,6 +142,35 @@ async fn one_idempotency_key_sent_20_times_makes_one_order() {
     assert_eq!(s, 201);
     assert_eq!(theirs["user_id"], "6");
     assert_eq!(app.sale_field(&sale, "avail").await, 7);
+    app.finish().await;
+}
+
+/// A key finds its order in any orders bucket: sent again after the sale
+/// has moved two buckets on, it answers the first order (the script names
+/// the old bucket, and the call is sent again declaring it), and a buyer at
+/// the limit is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_finds_its_order_buckets_later() {
+    let app = spawn_with(Target::fresh(), |c| c.http.buyer_rate_per_sec = 0).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 200,
+            ..SaleSpec::default()
+        })
+        .await;
+    let (s, first) = app.reserve(&sale, 1, Some("checkout-1")).await;
+    assert_eq!(s, 201, "{first}");
+    for user in 2..=150 {
+        let (s, o) = app.reserve(&sale, user, None).await;
+        assert_eq!(s, 201, "{o}");
+    }
+    let (s, again) = app.reserve(&sale, 1, Some("checkout-1")).await;
+    assert_eq!(s, 201, "{again}");
+    assert_eq!(again["order_id"], first["order_id"]);
+    assert_eq!(again["order_id"], format!("{sale}-1"));
+    let (s, refused) = app.reserve(&sale, 1, None).await;
+    assert_eq!((s, code(&refused)), (409, "limit_exceeded"), "{refused}");
+    assert_eq!(app.sale_field(&sale, "seq").await, 150);
     app.finish().await;
 }
 
@@ -296,8 +325,8 @@ async fn one_combined_call_judges_each_reservation_as_if_it_came_alone() {
         (order3.user.get(), order3.qty, order3.amount_cents),
         (2, 2, 2 * 1999)
     );
-    // The orders hash keeps a short form; reading it back gives the same order.
-    let stored: String = c.hget(&k.orders, 3).await.unwrap();
+    // The orders bucket keeps a short form; reading it back gives the same order.
+    let stored: String = c.hget(k.orders_bucket(3), 3).await.unwrap();
     assert!(stored.starts_with("p2|2|"), "{stored}");
     assert!(stored.len() < replies[4][2].len() / 2, "{stored}");
     assert_eq!(app.engine.order(order3.id).await.unwrap(), Some(order3));
@@ -315,7 +344,7 @@ async fn one_combined_call_judges_each_reservation_as_if_it_came_alone() {
     assert_eq!(buyers, want);
     let due = app.due_len(&sale).await;
     let records: i64 = c.xlen(&k.flow).await.unwrap();
-    let orders: i64 = c.hlen(&k.orders).await.unwrap();
+    let orders = app.order_seqs(&sale).await.len();
     let keys_kept: i64 = c.hlen(&k.idem).await.unwrap();
     assert_eq!((due, records, orders, keys_kept), (4, 4, 4, 1));
     app.finish().await;
@@ -400,8 +429,8 @@ async fn reserve_queues_of_idle_or_unknown_sales_go_away() {
     app.finish().await;
 }
 
-/// The reserve script touches only the due-queue buckets its caller
-/// declares: a new order that falls in another makes the call write
+/// The reserve script touches only the buckets (due-queue and orders) its
+/// caller declares: a new order that falls in another makes the call write
 /// nothing and name the bucket it needs.
 #[tokio::test]
 async fn a_reserve_that_needs_an_undeclared_bucket_writes_nothing_and_names_it() {
@@ -416,7 +445,9 @@ async fn a_reserve_that_needs_an_undeclared_bucket_writes_nothing_and_names_it()
         for key in k.reserve_keys() {
             inv.key(key);
         }
-        inv.key(k.due_bucket_no(bucket));
+        for key in k.bucket_keys(bucket) {
+            inv.key(key);
+        }
         inv.arg(1_000_000).arg("b0cce7").arg(0).arg(&token);
         inv.arg(7).arg(1).arg("");
         inv

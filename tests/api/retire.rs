@@ -117,11 +117,12 @@ async fn ttls(app: &TestApp, sale: &str) -> Vec<(String, i64)> {
     let mut c = app.engine.connection();
     let mut out = Vec::new();
     let bucket = k.due_bucket(0);
+    let orders = k.orders_bucket(0);
     for key in [
         k.sale,
         k.buyers,
         k.idem,
-        k.orders,
+        orders,
         k.deadlines,
         bucket,
         k.flow,
@@ -167,6 +168,40 @@ async fn flow_rows(pool: &MySqlPool, sale: &str) -> i64 {
         .await
         .unwrap();
     n
+}
+
+/// Retiring gives every orders bucket of the sale the retention: a sale of
+/// 140 orders keeps them in three hashes of 64 seqs (`<orders>:0..=2`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_sale_gives_every_orders_bucket_its_expiry() {
+    let app = spawn_with(Target::fresh(), every_role).await;
+    let pool = pool(&app).await;
+    let sale = app
+        .create_sale(SaleSpec {
+            stock: 150,
+            ..ending_soon(5_000)
+        })
+        .await;
+    for user in 1..=140 {
+        order_for(&app, &sale, user).await; // each left to close at its deadline
+    }
+    wait_retired(&pool, &sale).await;
+    let k = app.sale_keys(&sale);
+    let mut c = app.engine.connection();
+    for b in 0..3 {
+        let ttl: i64 = c.ttl(k.orders_bucket_no(b)).await.unwrap();
+        assert!(
+            (1..=RETENTION_SECS as i64).contains(&ttl),
+            "orders bucket {b}: TTL {ttl}"
+        );
+    }
+    let past: bool = c.exists(k.orders_bucket_no(3)).await.unwrap();
+    assert!(!past, "no bucket past the order counter");
+    let orders = app.orders(&sale).await;
+    assert_eq!(orders.len(), 140);
+    assert!(orders.values().all(|o| o.status.as_str() == "closed"));
+    pool.close().await;
+    app.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
