@@ -46,9 +46,10 @@ struct Args {
     stream_secs: u64,
     /// The burst (every order due at one moment, one worker running): how
     /// long after the loading starts they fall due. Loading must be done
-    /// by then (the run says when it was not).
-    #[arg(long, default_value_t = 4000)]
-    due_in_ms: i64,
+    /// by then (the run says when it was not). Default: 80 us an order (a
+    /// slow host of this kind loads at ~40 us), at least 4 s.
+    #[arg(long)]
+    due_in_ms: Option<i64>,
     /// The burst's claim size (default: the worker's, FLASHSALE_EXPIRY_BATCH).
     #[arg(long, default_value_t = ExpiryOptions::default().batch)]
     burst_batch: usize,
@@ -433,7 +434,7 @@ async fn main() -> anyhow::Result<()> {
         let e = engine(&args.redis_url, &args.prefix)?;
         e.load_scripts().await?;
         if let Some(id) = args.load_due {
-            let due = e.now_ms().await? + args.due_in_ms;
+            let due = e.now_ms().await? + args.due_in_ms.unwrap_or(4000);
             load_due_orders(&e, SaleId::new(id)?, args.orders, Some(due)).await?;
             let loaded = e.now_ms().await?;
             anyhow::ensure!(
@@ -491,7 +492,10 @@ async fn main() -> anyhow::Result<()> {
 
     let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
     next_id += 1;
-    let b = burst(&e, sale, args.orders, args.due_in_ms, args.burst_batch).await?;
+    let lead = args
+        .due_in_ms
+        .unwrap_or((args.orders as i64 * 80 / 1000).max(4000));
+    let b = burst(&e, sale, args.orders, lead, args.burst_batch).await?;
     drop_sale(&e, sale).await?;
     println!();
     println!(
