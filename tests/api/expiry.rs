@@ -25,6 +25,41 @@ where
     }
 }
 
+/// A sale of `stock` units with a 1 s payment window, `n` buyers (user ids
+/// 1..=n) holding one unpaid unit each, and every deadline passed by
+/// Redis's clock when this returns (no expiry worker runs in `app`).
+async fn unpaid_orders_past_due(app: &TestApp, n: u64, stock: i64) -> String {
+    let sale = app
+        .create_sale(SaleSpec {
+            stock,
+            payment_window_secs: 1,
+            ..SaleSpec::default()
+        })
+        .await;
+    let sale_id = sale.parse().unwrap();
+    let engine = &app.engine;
+    stream::iter(1..=n)
+        .for_each_concurrent(64, |u| async move {
+            let r = engine
+                .reserve(sale_id, UserId::new(u).unwrap(), Qty::default(), None)
+                .await
+                .unwrap();
+            assert!(matches!(r, flashsale::engine::Reservation::Created(_)));
+        })
+        .await;
+    let last = app
+        .due(&sale)
+        .await
+        .into_iter()
+        .map(|(_, at)| at as i64)
+        .max()
+        .unwrap();
+    while app.redis_now_ms().await <= last {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sale
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pay_and_expire_racing_on_1000_orders_end_in_one_state_each() {
     let app = spawn_app().await; // HTTP only; the workers are other processes
@@ -178,36 +213,9 @@ async fn pay_and_expire_racing_on_1000_orders_end_in_one_state_each() {
 async fn a_worker_killed_mid_drain_leaves_nothing_half_done() {
     const N: u64 = 50_000;
     let app = spawn_app().await;
-    let sale = app
-        .create_sale(SaleSpec {
-            stock: N as i64,
-            payment_window_secs: 1,
-            ..SaleSpec::default()
-        })
-        .await;
-    let sale_id = sale.parse().unwrap();
-    let engine = &app.engine;
-    stream::iter(1..=N)
-        .for_each_concurrent(64, |u| async move {
-            let r = engine
-                .reserve(sale_id, UserId::new(u).unwrap(), Qty::default(), None)
-                .await
-                .unwrap();
-            assert!(matches!(r, flashsale::engine::Reservation::Created(_)));
-        })
-        .await;
+    let sale = unpaid_orders_past_due(&app, N, N as i64).await;
     let keys = app.sale_keys(&sale);
     let mut c = app.engine.connection();
-    let last = app
-        .due(&sale)
-        .await
-        .into_iter()
-        .map(|(_, at)| at as i64)
-        .max()
-        .unwrap();
-    while app.redis_now_ms().await <= last {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     let mut first = ServeProcess::start(&app.target, "expiry", &[("FLASHSALE_EXPIRY_BATCH", "20")]);
     wait_for(
@@ -443,34 +451,9 @@ async fn claims_stay_short_while_the_process_reserves() {
 
     const N: u64 = 1_000;
     let app = spawn_app().await;
-    let sale = app
-        .create_sale(SaleSpec {
-            stock: N as i64 + 10,
-            payment_window_secs: 1,
-            ..SaleSpec::default()
-        })
-        .await;
+    let sale = unpaid_orders_past_due(&app, N, N as i64 + 10).await;
     let sale_id = sale.parse().unwrap();
     let engine = &app.engine;
-    stream::iter(1..=N)
-        .for_each_concurrent(32, |u| async move {
-            let r = engine
-                .reserve(sale_id, UserId::new(u).unwrap(), Qty::default(), None)
-                .await
-                .unwrap();
-            assert!(matches!(r, flashsale::engine::Reservation::Created(_)));
-        })
-        .await;
-    let last = app
-        .due(&sale)
-        .await
-        .into_iter()
-        .map(|(_, at)| at as i64)
-        .max()
-        .unwrap();
-    while app.redis_now_ms().await <= last {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let live = Arc::new(LiveSales::of(&[LiveSale {
         id: sale_id,
         end_ms: i64::MAX,
