@@ -103,10 +103,9 @@ const RESERVE_QUIET: Duration = Duration::from_millis(100);
 /// What the worker saw of its process's reservations at its last step.
 #[derive(Debug)]
 struct ReserveWatch {
-    calls: u64,
     reservations: u64,
     at: Instant,
-    /// When `calls` last moved.
+    /// When `reservations` last moved.
     changed: Instant,
     /// How long the last step took.
     step: Duration,
@@ -142,8 +141,7 @@ impl ExpiryWorker {
         wakeup: Arc<Wakeup>,
         opts: ExpiryOptions,
     ) -> Self {
-        let stats = engine.reserve_stats();
-        let (calls, reservations) = (stats.calls.get(), stats.reservations.get());
+        let reservations = engine.reserve_stats().reservations.get();
         let now = Instant::now();
         Self {
             engine,
@@ -152,7 +150,6 @@ impl ExpiryWorker {
             wakeup,
             opts,
             reserves: Mutex::new(ReserveWatch {
-                calls,
                 reservations,
                 at: now,
                 changed: now - RESERVE_QUIET,
@@ -173,12 +170,10 @@ impl ExpiryWorker {
     /// deadlines fell behind by 240 ms on a slow host). A backlog of
     /// deadlines all due at once is worked off in short claims.
     fn claim_size(&self) -> usize {
-        let stats = self.engine.reserve_stats();
-        let (calls, reservations) = (stats.calls.get(), stats.reservations.get());
+        let reservations = self.engine.reserve_stats().reservations.get();
         let now = Instant::now();
         let mut w = self.reserves.lock().unwrap_or_else(|p| p.into_inner());
-        if calls != w.calls {
-            w.calls = calls;
+        if reservations != w.reservations {
             w.changed = now;
         }
         let made = reservations.saturating_sub(w.reservations) as f64;
