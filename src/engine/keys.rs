@@ -16,6 +16,12 @@ pub const LAYOUT: u32 = 3;
 /// compact (listpack) sorted-set or hash encoding.
 pub const DUE_BUCKET: u64 = 64;
 
+/// The largest order sequence a sale can reach. Lua numbers are doubles, so
+/// an integer beyond 2^53 does not survive the scripts' `tonumber` (its
+/// bucket would round to another one): no sale's counter gets there, and an
+/// order id beyond it names no order, answered without asking Redis.
+pub const MAX_SEQ: u64 = 1 << 53;
+
 /// The bucket numbers that can hold orders of a sale whose order counter
 /// is `counter` (orders `1..=counter`): `0..=counter / DUE_BUCKET`, none
 /// for a sale without orders.

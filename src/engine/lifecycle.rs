@@ -155,10 +155,14 @@ impl Engine {
     async fn run_order_script<R: redis::FromRedisValue + NotFound + Send>(
         &self,
         script: &redis::Script,
-        sale: SaleId,
+        id: OrderId,
         extra_keys: &[&str],
         args: &[&str],
     ) -> Result<R, EngineError> {
+        if id.seq() > super::keys::MAX_SEQ {
+            return Ok(R::not_found());
+        }
+        let sale = id.sale();
         let k = self.keys.sale(sale);
         let mut inv = script.prepare_invoke();
         for key in k.order_script_keys().iter().chain(extra_keys) {
@@ -238,7 +242,7 @@ impl Engine {
         let reply: Reply = self
             .run_order_script(
                 &self.scripts.pay,
-                id.sale(),
+                id,
                 &[&due, &orders],
                 &[&id.seq().to_string(), payment_id, &amount_cents.to_string()],
             )
@@ -272,7 +276,7 @@ impl Engine {
         let reply: Reply = self
             .run_order_script(
                 &self.scripts.cancel,
-                id.sale(),
+                id,
                 &[&k.calls, &due, &orders],
                 &[
                     &id.seq().to_string(),
@@ -308,7 +312,7 @@ impl Engine {
         let reply: Reply = self
             .run_order_script(
                 &self.scripts.refund,
-                id.sale(),
+                id,
                 &[&k.dead_refunds, &due, &orders],
                 &[
                     &id.seq().to_string(),
@@ -398,6 +402,9 @@ impl Engine {
 
     /// Reads one order; `None` when Redis does not know it.
     pub async fn order(&self, id: OrderId) -> Result<Option<Order>, EngineError> {
+        if id.seq() > super::keys::MAX_SEQ {
+            return Ok(None);
+        }
         let packed = self.packed_orders(id.sale(), &[id.seq()]).await?;
         packed
             .into_iter()

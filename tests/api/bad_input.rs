@@ -446,3 +446,43 @@ async fn a_lua_runtime_error_is_500_internal_not_a_retryable_503() {
     assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
     app.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_numbers_no_sale_can_reach_are_unknown_orders_not_errors() {
+    // Lua numbers are doubles: a number past 2^53 would round to another
+    // orders bucket inside the scripts. Such an order cannot exist, so each
+    // call answers as for any order that is not there.
+    let app = spawn_app().await;
+    let sale = app.create_sale(SaleSpec::default()).await;
+    let (status, _) = app.reserve(&sale, 3, None).await;
+    assert_eq!(status, 201);
+    let before = sale_state(&app, &sale).await;
+    let (unknown_pay, unknown_body) = app.pay(&format!("{sale}-4242"), "pay_x", 100).await;
+    for seq in [
+        "9007199254740993",
+        "18295883520659363325",
+        "18446744073709551615",
+    ] {
+        let id = format!("{sale}-{seq}");
+        for (method, action) in [("GET", ""), ("POST", "/cancel"), ("POST", "/refund")] {
+            let (status, body) = app.order_call(method, &id, action, 3).await;
+            assert_eq!(
+                (status, code(&body)),
+                (404, "not_found"),
+                "{method} {id}{action}"
+            );
+        }
+        let (status, body) = app.pay(&id, "pay_x", 100).await;
+        assert_eq!(
+            (status, code(&body)),
+            (unknown_pay, code(&unknown_body)),
+            "pay {id}"
+        );
+    }
+    assert_eq!(sale_state(&app, &sale).await, before, "nothing changed");
+    assert!(
+        !app.metrics().await.contains("status=\"500\""),
+        "no call was an internal error"
+    );
+    app.finish().await;
+}
