@@ -431,6 +431,13 @@ sleep 0.5
 rows="$work/rows.txt"
 : > "$rows"
 record() { echo "$1|$2|$3|${4:-}|${5:-}" >> "$rows"; }
+# Where the time goes: lap NAME adds the seconds since the last lap to
+# NAME's total (printed with the table), so a run that is too long shows
+# which step to shorten.
+laps="$work/laps.txt"
+: > "$laps"
+lap_t=$SECONDS
+lap() { echo "$1 $((SECONDS - lap_t))" >> "$laps"; lap_t=$SECONDS; }
 
 # The server's answered reserve requests, sampled once a second into
 # rate-<label>.txt while a phase runs (the chart's rate over time).
@@ -464,11 +471,14 @@ rep_main() { # rep
     #    service's do.
     raw_sale=$(mk_sale 10000000 1000000)
     raw_token=$(redis-cli HGET "$tag:{s$raw_sale}:sale" db)
-    raw=$(redis-benchmark -c "$CONC" -P 1 -n "$((25000 * SECS))" -r 100000000 -q \
+    raw=$(redis-benchmark -c "$CONC" -P 1 -n "$raw_n" -r 100000000 -q \
         EVALSHA "$sha" 7 $(keys "$raw_sale") 1000000000 __rand_int__ 0 "$raw_token" __rand_int__ 1 "" | tr -d '\r' \
         | grep -o '[0-9.]* requests per second' | cut -d' ' -f1)
     raw_made=$(made_of "$raw_sale")
     record raw "$rep" "$raw"
+    # The next repetition's call count: SECS at this one's rate.
+    raw_n=$(python3 -c "print(max(10000, round($raw * $SECS)))")
+    lap raw
     # 2. The HTTP reserve path at full speed (wrk, pre-made tokens).
     sale=$(mk_sale 10000000 1000000)
     read -r rps p50 p99 <<< "$(wrk_phase reserve "$rep" "http://127.0.0.1:$HTTP_PORT" SALE_ID="$sale" TOKENS="$work/tokens.txt")"
@@ -479,15 +489,18 @@ rep_main() { # rep
     if [ "$rep" = 1 ]; then
         memory "$sale" "$made" "$raw_sale" "$raw_made"
     fi
+    lap reserve
     # 2b. One reservation per script call (before combining).
     sale1=$(mk_sale 10000000 1000000)
     read -r rps p50 p99 <<< "$(wrk_phase one_per_call "$rep" "http://127.0.0.1:$ONE_PORT" SALE_ID="$sale1" TOKENS="$work/tokens.txt")"
     record one_per_call "$rep" "$(python3 -c "print(round($(made_of "$sale1") / $SECS))")" "$p50" "$p99"
+    lap one_per_call
     # 3. Half this repetition's rate (wrk paced per connection): latency.
     half_delay=$(python3 -c "print(max(1, round($CONC * 1000 / ($rate / 2))))")
     sale2=$(mk_sale 10000000 1000000)
     read -r rps p50 p99 <<< "$(wrk_phase half_rate "$rep" "http://127.0.0.1:$HTTP_PORT" SALE_ID="$sale2" TOKENS="$work/tokens.txt" DELAY_MS="$half_delay")"
     record half "$rep" "$rps" "$p50" "$p99"
+    lap half_rate
     # 4. The sold-out flood, then the two floors with the same generator.
     soldout=$(mk_sale 1 1)
     curl -s -X POST "http://127.0.0.1:$HTTP_PORT/api/v1/sales/$soldout/orders" -H "Authorization: Bearer $TOKEN" >/dev/null
@@ -497,8 +510,10 @@ rep_main() { # rep
     record bare "$rep" "$rps" "$p50" "$p99"
     read -r rps p50 p99 <<< "$(wrk_phase nginx_200 "$rep" "http://127.0.0.1:$NGINX_PORT" SALE_ID=0 TOKENS="$work/tokens.txt")"
     record nginx "$rep" "$rps" "$p50" "$p99"
+    lap sold_out_and_floors
     # 5. Without Redis: MySQL hot row + order insert per transaction.
     record hotrow "$rep" "$(target/release/examples/bench_mysql_hotrow --concurrency 64 --secs "$SECS")"
+    lap mysql_hot_row
     # 6. Expiry: one worker's drain beside the bare claim script (same run),
     #    then BullMQ's drain of as many delayed jobs due at once.
     target/release/examples/bench_expiry --orders "$EXPIRY_ORDERS" --batches "$EXPIRY_BATCH" \
@@ -512,13 +527,16 @@ rep_main() { # rep
     burst=$(grep '^burst:' "$work/expiry-$rep.txt")
     record expiry_burst "$rep" "$(sed -n 's/.*drain_per_sec=\([0-9]*\).*/\1/p' <<< "$burst")" \
         "$(sed -n 's/.*late_p50_ms=\([0-9]*\).*/\1/p' <<< "$burst")" "$(sed -n 's/.*late_p99_ms=\([0-9]*\).*/\1/p' <<< "$burst")"
+    lap expiry
     local bull
     bull=$(cd "$work/bullmq" && JOBS="$EXPIRY_ORDERS" CONCURRENCY="$BULLMQ_CONCURRENCY" node drain.mjs)
     record bullmq "$rep" "$(sed -n 's/.*drain_per_sec=\([0-9]*\).*/\1/p' <<< "$bull")" \
         "$(sed -n 's/.*late_p50_ms=\([0-9]*\).*/\1/p' <<< "$bull")" "$(sed -n 's/.*late_p99_ms=\([0-9]*\).*/\1/p' <<< "$bull")"
+    lap bullmq
     # 7. The reconciler against the peak reserve rate of its own run.
     target/release/examples/bench_reconciler --records 100000 --lag-secs "$SECS" > "$work/rec-$rep.txt"
     record reconciler "$rep" "$(grep 'records persisted' "$work/rec-$rep.txt" | awk -F'|' '{gsub(/ /,"",$3); print $3}')"
+    lap reconciler
     # 8. Expiry and reserving at once, on a server running both roles: (a)
     #    the reserve flood at full speed on a sale with a 1 s payment window,
     #    so every order it makes falls due a second later while the flood
@@ -532,6 +550,7 @@ rep_main() { # rep
     closings=$(target/release/examples/bench_expiry --lateness-of "$fsale")
     record flood_reserve "$rep" "$(python3 -c "print(round($(made_of "$fsale") / $SECS))")" "$p50" "$p99"
     record flood_late "$rep" "$(field closed <<< "$closings")" "$(field late_p50_ms <<< "$closings")" "$(field late_p99_ms <<< "$closings")"
+    lap flood_expiry
     dsale=$(mk_sale_window "$DRAIN_ORDERS" 1 1)
     hsale=$(mk_sale 10000000 1000000)
     target/release/examples/bench_expiry --load-due "$dsale" --orders "$DRAIN_ORDERS" \
@@ -541,6 +560,7 @@ rep_main() { # rep
     closings=$(target/release/examples/bench_expiry --lateness-of "$dsale")
     record drain_reserve "$rep" "$rps" "$p50" "$p99"
     record drain_during "$rep" "$(field drain_per_sec <<< "$closings")" "$(field late_p50_ms <<< "$closings")" "$(field late_p99_ms <<< "$closings")"
+    lap drain_reserve
     echo "bench: repetition $rep of $REPS done" >&2
 }
 
@@ -580,7 +600,11 @@ FLASHSALE_ROLES=http,expiry FLASHSALE_LISTEN="127.0.0.1:$EXP_PORT" \
     "$bin" serve > "$work/server-exp.log" 2>&1 &
 server_exp=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$EXP_PORT/healthz" >/dev/null && break; sleep 0.1; done
+# redis-benchmark takes a call count, not a duration: the first repetition
+# guesses 10,000 calls a second, the next ones use the rate just measured.
+raw_n=$((10000 * SECS))
 main_t0=$SECONDS
+lap setup
 for rep in $(seq "$REPS"); do
     rep_main "$rep"
 done
@@ -596,6 +620,7 @@ machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB; $(redis-server 
 command: loadtest/bench.sh (SECS=$SECS, REPS=$REPS); load phases ${SECS} s each, wrk -t2 -c${CONC}; the main table took ${main_secs} s
 figures: median over the $REPS repetitions (min-max); ratio: of the medians; each repetition runs every phase beside its reference
 chart: $CHART_OUT (latency by percentile and requests/s over time of each phase, first repetition)
+time by step (s, all repetitions): $(awk '{t[$1] += $2; if (!($1 in o)) o[$1] = n++} END {for (k in o) printf "%d %s %d\n", o[k], k, t[k]}' "$laps" | sort -n | awk '{printf "%s%s %d", (NR > 1 ? ", " : ""), $2, $3}')
 
 HEAD
 python3 - "$rows" <<PY
@@ -651,7 +676,12 @@ cat <<TABLE
 | server peak RSS | $((rss_kb / 1024)) MB | | | <= 100 MB | $(python3 -c "print('meets' if $rss_kb <= 102400 else 'misses')") |
 TABLE
 if [ "$SECTION" = all ]; then
+    t=$SECONDS
     bench_topologies
+    t_topo=$((SECONDS - t)); t=$SECONDS
     bench_failover
+    t_fail=$((SECONDS - t)); t=$SECONDS
     bench_events
+    echo
+    echo "The whole run took $SECONDS s: the main table $main_secs s, topologies $t_topo s, failover drills $t_fail s, events $((SECONDS - t)) s (the rest: builds, setup)."
 fi
