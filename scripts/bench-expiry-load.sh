@@ -18,6 +18,10 @@ REPS=${1:?usage: scripts/bench-expiry-load.sh REPS BATCH:BUSY...}; shift
 SECS=${SECS:-10}; CONC=50; EXP_PORT=${EXP_PORT:-18194}; DRAIN_ORDERS=${DRAIN_ORDERS:-300000}
 bin=target/release/flashsale
 scripts/services.sh >/dev/null
+command -v wrk >/dev/null || {
+    echo "bench-expiry-load: wrk is needed (loadtest/bench.sh installs it, or: apt-get install wrk)" >&2; exit 1; }
+[ -x "$bin" ] && [ -x target/release/examples/bench_expiry ] || {
+    echo "bench-expiry-load: build first: cargo build --release --bin flashsale --example bench_expiry" >&2; exit 1; }
 work=$(mktemp -d); tag="fsload_$$"
 export REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL="mysql://root@127.0.0.1:3306/$tag"
 export FLASHSALE_KEY_PREFIX="$tag" FLASHSALE_JWT_SECRET=bench-jwt-secret-of-at-least-32-bytes FLASHSALE_ADMIN_TOKEN=bench-admin-token-of-at-least-32-bytes
