@@ -38,6 +38,10 @@ struct Args {
     /// Claim batch sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "128,512")]
     batches: Vec<usize>,
+    /// Expiry worker counts to drain with (each beside the bare script):
+    /// 1, 2 or both.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    workers: Vec<usize>,
     /// Steady expiry stream: orders per second.
     #[arg(long, default_value_t = 2000)]
     stream_rate: u64,
@@ -46,8 +50,10 @@ struct Args {
     stream_secs: u64,
     /// The burst (every order due at one moment, one worker running): how
     /// long after the loading starts they fall due. Loading must be done
-    /// by then (the run says when it was not). Default: 80 us an order (a
-    /// slow host of this kind loads at ~40 us), at least 4 s.
+    /// by then (the run says when it was not). Default: 1.5 times the
+    /// longest load of as many orders in the drains above, plus a second
+    /// (without drains: 80 us an order, a slow host of this kind loading
+    /// at ~40 us, at least 4 s).
     #[arg(long)]
     due_in_ms: Option<i64>,
     /// The burst's claim size (default: the worker's, FLASHSALE_EXPIRY_BATCH).
@@ -460,6 +466,16 @@ async fn main() -> anyhow::Result<()> {
     println!("| batch | reference: bare client, claim script (orders/s) | expiry worker x1 (orders/s) | ratio | expiry workers x2 (orders/s) | ratio |");
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     let mut next_id = 1;
+    // The longest load of `--orders` due orders: the burst's lead follows it.
+    let mut load_ms: Option<i64> = None;
+    let mut timed_load = |ms: u128| {
+        let ms = ms as i64;
+        load_ms = Some(load_ms.map_or(ms, |m| m.max(ms)));
+    };
+    anyhow::ensure!(
+        args.workers.iter().all(|w| (1..=2).contains(w)),
+        "--workers takes 1, 2 or 1,2"
+    );
     for &batch in &args.batches {
         let rate = |closed: u64, secs: f64, expected: u64| -> anyhow::Result<f64> {
             anyhow::ensure!(closed == expected, "closed {closed} of {expected} orders");
@@ -467,34 +483,38 @@ async fn main() -> anyhow::Result<()> {
         };
         let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
         next_id += 1;
+        let t = Instant::now();
         load_due_orders(&e, sale, args.orders, None).await?;
+        timed_load(t.elapsed().as_millis());
         let (closed, secs) = raw_drain(&e, &args.redis_url, sale, batch).await?;
         let reference = rate(closed, secs, args.orders)?;
         drop_sale(&e, sale).await?;
 
-        let mut product = Vec::new();
+        let mut cells = String::new();
         for workers in [1, 2] {
+            if !args.workers.contains(&workers) {
+                cells.push_str(" - | - |");
+                continue;
+            }
             let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
             next_id += 1;
+            let t = Instant::now();
             load_due_orders(&e, sale, args.orders, None).await?;
+            timed_load(t.elapsed().as_millis());
             let (closed, secs) = worker_drain(&e, sale, batch, workers).await?;
-            product.push(rate(closed, secs, args.orders)?);
+            let r = rate(closed, secs, args.orders)?;
+            cells.push_str(&format!(" {r:.0} | {:.2} |", r / reference));
             drop_sale(&e, sale).await?;
         }
-        println!(
-            "| {batch} | {reference:.0} | {:.0} | {:.2} | {:.0} | {:.2} |",
-            product[0],
-            product[0] / reference,
-            product[1],
-            product[1] / reference
-        );
+        println!("| {batch} | {reference:.0} |{cells}");
     }
 
     let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
     next_id += 1;
-    let lead = args
-        .due_in_ms
-        .unwrap_or((args.orders as i64 * 80 / 1000).max(4000));
+    let lead = args.due_in_ms.unwrap_or(match load_ms {
+        Some(ms) => ms * 3 / 2 + 1000,
+        None => (args.orders as i64 * 80 / 1000).max(4000),
+    });
     let b = burst(&e, sale, args.orders, lead, args.burst_batch).await?;
     drop_sale(&e, sale).await?;
     println!();
@@ -516,10 +536,12 @@ async fn main() -> anyhow::Result<()> {
     drop_sale(&e, sale).await?;
     println!();
     println!(
-        "steady stream: {} orders at {}/s, 1 s payment window, 1 worker (batch 128): \
+        "steady stream: {} orders at {}/s, 1 s payment window, 1 worker (claims of {}, {} while this process reserves): \
          lateness p50 {} ms, p99 {} ms, max {} ms ({} closed)",
         args.stream_rate * args.stream_secs,
         args.stream_rate,
+        ExpiryOptions::default().batch,
+        ExpiryOptions::default().busy_batch,
         percentile(&late, 0.50),
         percentile(&late, 0.99),
         late.last().copied().unwrap_or(0),

@@ -3,8 +3,8 @@
 # one run on this machine, printed as Markdown tables (docs/BENCHMARKS.md
 # keeps the latest). Load goes to loopback only, bounded in count and time.
 #
-#   loadtest/bench.sh            # about 17 minutes: the main table (REPS=3
-#                                # repetitions, about 10 minutes), then the
+#   loadtest/bench.sh            # about 15 minutes: the main table (REPS=3
+#                                # repetitions, about 11 minutes), then the
 #                                # topologies, failover and events tables
 #   SECS=5 REPS=1 loadtest/bench.sh main   # shorter: only the main table,
 #                                # shorter load phases, one repetition
@@ -516,7 +516,7 @@ rep_main() { # rep
     lap mysql_hot_row
     # 6. Expiry: one worker's drain beside the bare claim script (same run),
     #    then BullMQ's drain of as many delayed jobs due at once.
-    target/release/examples/bench_expiry --orders "$EXPIRY_ORDERS" --batches "$EXPIRY_BATCH" \
+    target/release/examples/bench_expiry --orders "$EXPIRY_ORDERS" --batches "$EXPIRY_BATCH" --workers 1 \
         --burst-batch "$EXPIRY_BATCH" --stream-secs "$SECS" > "$work/expiry-$rep.txt"
     record expiry_bare "$rep" "$(grep "^| $EXPIRY_BATCH |" "$work/expiry-$rep.txt" | awk -F'|' '{gsub(/ /,"",$3); print $3}')"
     record expiry "$rep" "$(grep "^| $EXPIRY_BATCH |" "$work/expiry-$rep.txt" | awk -F'|' '{gsub(/ /,"",$4); print $4}')"
@@ -600,9 +600,11 @@ FLASHSALE_ROLES=http,expiry FLASHSALE_LISTEN="127.0.0.1:$EXP_PORT" \
     "$bin" serve > "$work/server-exp.log" 2>&1 &
 server_exp=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$EXP_PORT/healthz" >/dev/null && break; sleep 0.1; done
-# redis-benchmark takes a call count, not a duration: the first repetition
-# guesses 10,000 calls a second, the next ones use the rate just measured.
-raw_n=$((10000 * SECS))
+# redis-benchmark takes a call count, not a duration. The first repetition
+# makes 25,000 calls per SECS (about 250,000 orders of one buyer each: the
+# sale whose Redis bytes per order the table gives, the same size on any
+# host); the next ones last about SECS at the rate just measured.
+raw_n=$((25000 * SECS))
 main_t0=$SECONDS
 lap setup
 for rep in $(seq "$REPS"); do

@@ -10,6 +10,9 @@
 #
 #   scripts/bench-expiry-load.sh 3 256:64 128:128     (release build first)
 #
+# Each line also says where the CPU went in each wrk window (Redis, the
+# server, the rest: wrk and the others), in percent of one core.
+#
 # Needs wrk, Redis and MariaDB (scripts/services.sh); SECS (default 10),
 # DRAIN_ORDERS (default 300000), EXP_PORT (default 18194).
 set -euo pipefail
@@ -42,6 +45,22 @@ PY
 mk() { "$bin" sale create --sku "B-$1" --title bench --price-cents 100 --stock "$1" --per-user-limit "$2" --payment-window-secs "$3"; }
 wait_closed() { for _ in $(seq 900); do [ "$(redis-cli HGET "$tag:{s$1}:sale" pending | tr -d '\r')" = 0 ] && return 0; sleep 0.1; done; echo "still pending" >&2; }
 field() { sed -n "s/.*\b$1=\([0-9.]*\).*/\1/p"; }
+# Where the CPU went during a wrk window: cpu_mark before, cpu_since after
+# prints "cpu_redis=..% cpu_server=..% cpu_rest=..% cpu_idle=..%" (percent
+# of one core; the cores' total is nproc x 100: the rest is wrk, MariaDB
+# and everything else).
+redis_pid=$(redis-cli INFO server | tr -d '\r' | sed -n 's/^process_id://p')
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+machine() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8, $5 + $6}' /proc/stat; }
+cpu_mark() { mark="$(ticks "$redis_pid") $(ticks "$srv") $(machine) $(date +%s.%N)"; }
+cpu_since() {
+    python3 - $mark "$(ticks "$redis_pid")" "$(ticks "$srv")" $(machine) "$(date +%s.%N)" "$(getconf CLK_TCK)" <<'PY'
+import sys
+r0, s0, b0, i0, t0, r1, s1, b1, i1, t1, hz = map(float, sys.argv[1:])
+pct = lambda d: round(100 * d / hz / (t1 - t0))
+print(f"cpu_redis={pct(r1 - r0)}% cpu_server={pct(s1 - s0)}% cpu_rest={pct((b1 - b0) - (r1 - r0) - (s1 - s0))}% cpu_idle={pct(i1 - i0)}%")
+PY
+}
 for rep in $(seq "$REPS"); do
   for cfg in "$@"; do
     b=${cfg%:*}; bb=${cfg#*:}
@@ -49,16 +68,20 @@ for rep in $(seq "$REPS"); do
     srv=$!
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$EXP_PORT/healthz" >/dev/null && break; sleep 0.1; done
     fs=$(mk 10000000 1000000 1)
+    cpu_mark
     read -r frps fp50 fp99 <<< "$(wrk1 SALE_ID=$fs TOKENS=$work/tokens.txt)"
+    fcpu=$(cpu_since)
     wait_closed "$fs"
     fl=$(target/release/examples/bench_expiry --lateness-of "$fs")
     ds=$(mk "$DRAIN_ORDERS" 1 1); hs=$(mk 10000000 1000000 3600)
     target/release/examples/bench_expiry --load-due "$ds" --orders "$DRAIN_ORDERS" --due-in-ms "$(( DRAIN_ORDERS / 40 > 3000 ? DRAIN_ORDERS / 40 : 3000 ))" > /dev/null
     delay=$(python3 -c "print(max(1, round($CONC * 1000 / ($frps / 2))))")
+    cpu_mark
     read -r drps dp50 dp99 <<< "$(wrk1 SALE_ID=$hs TOKENS=$work/tokens.txt DELAY_MS=$delay)"
+    dcpu=$(cpu_since)
     wait_closed "$ds"
     dl=$(target/release/examples/bench_expiry --lateness-of "$ds")
-    echo "rep=$rep batch=$b busy=$bb flood_rps=$frps flood_p99=$fp99 flood_late_p50=$(field late_p50_ms <<< "$fl") flood_late_p99=$(field late_p99_ms <<< "$fl") | drain_rps=$drps drain_res_p50=$dp50 drain_res_p99=$dp99 drain_per_sec=$(field drain_per_sec <<< "$dl") drain_late_p99=$(field late_p99_ms <<< "$dl")"
+    echo "rep=$rep batch=$b busy=$bb flood_rps=$frps flood_p99=$fp99 flood_late_p50=$(field late_p50_ms <<< "$fl") flood_late_p99=$(field late_p99_ms <<< "$fl") $fcpu | drain_rps=$drps drain_res_p50=$dp50 drain_res_p99=$dp99 drain_per_sec=$(field drain_per_sec <<< "$dl") drain_late_p99=$(field late_p99_ms <<< "$dl") $dcpu"
     kill "$srv"; wait "$srv" 2>/dev/null || true; srv=""
   done
 done

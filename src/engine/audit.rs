@@ -194,28 +194,19 @@ impl Engine {
         // Every bucket of the due-queue is declared: the index is read
         // first, and read again when the script finds one more.
         let mut c = self.conn.clone();
-        let mut buckets: Vec<u64> = self
+        let buckets: Vec<u64> = self
             .timed(async { redis::AsyncCommands::zrange(&mut c, &k.deadlines, 0, -1).await })
             .await?;
-        let mut attempts = 0;
-        let reply: Vec<String> = loop {
-            let mut inv = self.scripts.audit_snapshot.key(&k.sale);
-            inv.key(&k.flow).key(&k.deadlines).key(&k.dead_refunds);
-            for b in &buckets {
-                inv.key(k.due_bucket_no(*b));
-            }
-            let mut c = self.conn.clone();
-            match self.timed(inv.invoke_async(&mut c)).await {
-                Err(e) if attempts < 5 => match e.needed_buckets() {
-                    Some(need) => {
-                        attempts += 1;
-                        buckets.extend(need);
-                    }
-                    None => return Err(e),
-                },
-                other => break other?,
-            }
-        };
+        let reply: Vec<String> = self
+            .invoke_declaring(buckets, 5, |buckets| {
+                let mut inv = self.scripts.audit_snapshot.key(&k.sale);
+                inv.key(&k.flow).key(&k.deadlines).key(&k.dead_refunds);
+                for b in buckets {
+                    inv.key(k.due_bucket_no(*b));
+                }
+                inv
+            })
+            .await?;
         if reply.is_empty() {
             return Ok(None);
         }

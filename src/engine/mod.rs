@@ -385,6 +385,33 @@ impl Engine {
         }
     }
 
+    /// Runs a script that declares buckets (of the due-queue or the orders)
+    /// as keys: `build` makes the call declaring `buckets`; when the script
+    /// names others it needs ("NEEDBUCKETS", having written nothing), they
+    /// are added and the call is sent again, at most `retries` times.
+    async fn invoke_declaring<'s, T: redis::FromRedisValue>(
+        &self,
+        mut buckets: Vec<u64>,
+        retries: usize,
+        build: impl Fn(&[u64]) -> redis::ScriptInvocation<'s>,
+    ) -> Result<T, EngineError> {
+        let mut attempts = 0;
+        loop {
+            let inv = build(&buckets);
+            let mut c = self.conn.clone();
+            match self.timed(inv.invoke_async(&mut c)).await {
+                Err(e) if attempts < retries => match e.needed_buckets() {
+                    Some(need) => {
+                        attempts += 1;
+                        buckets.extend(need);
+                    }
+                    None => return Err(e),
+                },
+                other => return other,
+            }
+        }
+    }
+
     /// The sales MySQL lists as live (the live list of `workers::live`
     /// keeps it up to date): a sale on it that Redis does not hold was lost
     /// by Redis, and is answered as fenced, never as not found.

@@ -41,39 +41,30 @@ impl Engine {
         // names any bucket missing, and the call is sent again with it).
         let mut c = self.conn.clone();
         let counter: Option<u64> = self.timed(async { c.hget(&k.sale, "seq").await }).await?;
-        let mut buckets: Vec<u64> = order_buckets(counter.unwrap_or(0)).collect();
-        let mut attempts = 0;
+        let buckets: Vec<u64> = order_buckets(counter.unwrap_or(0)).collect();
         use super::scripts::retire::Reply;
-        let reply: Reply = loop {
-            let mut inv = self.scripts.retire.prepare_invoke();
-            for key in [
-                &k.sale,
-                &k.buyers,
-                &k.idem,
-                &k.orders,
-                &k.deadlines,
-                &k.flow,
-                &k.dead_refunds,
-                &k.calls,
-            ] {
-                inv.key(key);
-            }
-            for b in &buckets {
-                inv.key(k.orders_bucket_no(*b));
-            }
-            inv.arg(cursor.to_string()).arg(retention.as_secs().max(1));
-            let mut c = self.conn.clone();
-            match self.timed(inv.invoke_async(&mut c)).await {
-                Err(e) if attempts < 3 => match e.needed_buckets() {
-                    Some(need) => {
-                        attempts += 1;
-                        buckets.extend(need);
-                    }
-                    None => return Err(e),
-                },
-                other => break other?,
-            }
-        };
+        let reply: Reply = self
+            .invoke_declaring(buckets, 3, |buckets| {
+                let mut inv = self.scripts.retire.prepare_invoke();
+                for key in [
+                    &k.sale,
+                    &k.buyers,
+                    &k.idem,
+                    &k.orders,
+                    &k.deadlines,
+                    &k.flow,
+                    &k.dead_refunds,
+                    &k.calls,
+                ] {
+                    inv.key(key);
+                }
+                for b in buckets {
+                    inv.key(k.orders_bucket_no(*b));
+                }
+                inv.arg(cursor.to_string()).arg(retention.as_secs().max(1));
+                inv
+            })
+            .await?;
         Ok(match reply {
             Reply::Retired => Retirement::Retired,
             Reply::Busy(why) => Retirement::Busy(why),

@@ -818,3 +818,25 @@ pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> Option<u32> {
         .ok()
         .map(|q| q.message_count())
 }
+
+/// The audit's options for one sale: a minute's grace, no progress bar, the
+/// events checked without a broker.
+pub fn audit_of(sale: flashsale::domain::SaleId) -> flashsale::audit::AuditOptions {
+    flashsale::audit::AuditOptions {
+        sale: Some(sale),
+        grace: Duration::from_secs(60),
+        progress: false,
+        events: Default::default(),
+    }
+}
+
+/// `flashsale audit --sale <sale>` as the library runs it.
+pub async fn audit_sale(
+    app: &TestApp,
+    pool: &sqlx::MySqlPool,
+    sale: &str,
+) -> flashsale::audit::Report {
+    flashsale::audit::run(&app.engine, pool, &audit_of(sale.parse().unwrap()))
+        .await
+        .unwrap()
+}

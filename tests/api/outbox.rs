@@ -195,18 +195,7 @@ async fn every_applied_change_leaves_one_event_and_a_late_payment_is_recorded() 
 
     // The audit sees every paid and refunded order's events and no stale
     // outbox (no broker named: waiting rows are information).
-    let report = flashsale::audit::run(
-        &app.engine,
-        &pool,
-        &AuditOptions {
-            sale: Some(sale.parse().unwrap()),
-            grace: Duration::from_secs(60),
-            progress: false,
-            events: EventsAudit::default(),
-        },
-    )
-    .await
-    .unwrap();
+    let report = audit_sale(&app, &pool, &sale).await;
     assert!(report.is_clean(), "{:?}", report.sales[0].findings);
     pool.close().await;
     app.finish().await;
@@ -297,12 +286,7 @@ async fn the_audit_finds_a_missing_event_and_writes_it_back() {
         .await
         .unwrap();
 
-    let opts = AuditOptions {
-        sale: Some(sale.parse().unwrap()),
-        grace: Duration::from_secs(60),
-        progress: false,
-        events: EventsAudit::default(),
-    };
+    let opts = audit_of(sale.parse().unwrap());
     let report = flashsale::audit::run(&app.engine, &pool, &opts)
         .await
         .unwrap();
@@ -402,12 +386,7 @@ async fn a_batch_with_records_applied_before_applies_only_the_new_ones() {
         .unwrap();
     let rows = outbox(&pool, &sale).await;
     assert_eq!(rows.len(), 13, "one event per change");
-    let opts = AuditOptions {
-        sale: Some(sale_id),
-        grace: Duration::from_secs(60),
-        progress: false,
-        events: EventsAudit::default(),
-    };
+    let opts = audit_of(sale_id);
     let report = flashsale::audit::run(&app.engine, &pool, &opts)
         .await
         .unwrap();

@@ -943,20 +943,7 @@ async fn orders_live_in_buckets_of_64_and_audit_and_rebuild_find_every_one() {
     // The audit reads every bucket: Redis's orders add up to its counters
     // (clean), and do not once an order is gone from bucket 2.
     let pool = pool(&app).await;
-    let audit_now = || async {
-        flashsale::audit::run(
-            &app.engine,
-            &pool,
-            &flashsale::audit::AuditOptions {
-                sale: Some(sale.parse().unwrap()),
-                grace: Duration::from_secs(60),
-                progress: false,
-                events: Default::default(),
-            },
-        )
-        .await
-        .unwrap()
-    };
+    let audit_now = || audit_sale(&app, &pool, &sale);
     let report = audit_now().await;
     let json = serde_json::to_string(&report).unwrap();
     assert!(report.is_clean(), "{json}");

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flashsale::audit::{self, AuditOptions};
 use flashsale::config::{Role, ServeConfig};
 use flashsale::domain::SaleId;
 use flashsale::telemetry::Metrics;
@@ -134,21 +133,6 @@ async fn ttls(app: &TestApp, sale: &str) -> Vec<(String, i64)> {
     out
 }
 
-async fn audit_one(app: &TestApp, pool: &MySqlPool, sale: &str) -> audit::Report {
-    audit::run(
-        &app.engine,
-        pool,
-        &AuditOptions {
-            sale: Some(sale.parse().unwrap()),
-            grace: Duration::from_secs(60),
-            progress: false,
-            events: Default::default(),
-        },
-    )
-    .await
-    .unwrap()
-}
-
 async fn inventory(pool: &MySqlPool, sale: &str) -> [i32; 8] {
     let r: (i32, i32, i32, i32, i32, i32, i32, i32) = sqlx::query_as(
         "SELECT total, available, pending, paid, cancelled, closed, refunded, restocked \
@@ -247,7 +231,7 @@ async fn an_ended_settled_sale_retires_and_the_workers_leave_it() {
     assert_eq!(orders.len(), 3);
     assert_eq!(app.due_len(&sale).await, 0);
     assert_eq!(inventory(&pool, &sale).await, [10, 9, 0, 1, 1, 1, 0, 0]);
-    let report = audit_one(&app, &pool, &sale).await;
+    let report = audit_sale(&app, &pool, &sale).await;
     assert!(report.is_clean(), "{report:?}");
     assert!(report.sales[0].retired);
     assert!(app
@@ -278,7 +262,7 @@ async fn an_ended_settled_sale_retires_and_the_workers_leave_it() {
     assert_eq!(left, 1, "the reconciler did not carry {planted}");
     assert_eq!(flow_rows(&pool, &sale).await, flows);
     assert_eq!(app.due_len(&sale).await, 1, "no expiry worker claimed it");
-    let report = audit_one(&app, &pool, &sale).await;
+    let report = audit_sale(&app, &pool, &sale).await;
     let kinds: Vec<&str> = report.findings().map(|f| f.kind.as_str()).collect();
     assert_eq!(kinds, ["retired_sale_backlog"]);
     pool.close().await;
@@ -546,7 +530,7 @@ async fn a_paid_order_of_a_retired_sale_is_refunded_once_in_mysql() {
     .await
     .unwrap();
     assert_eq!(n, 1);
-    let report = audit_one(&app, &pool, &sale).await;
+    let report = audit_sale(&app, &pool, &sale).await;
     assert!(report.is_clean(), "{report:?}");
     assert!(app
         .metrics()
