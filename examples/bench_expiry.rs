@@ -388,6 +388,20 @@ impl Closings {
     }
 }
 
+/// `load_due_orders` (already due), keeping the longest load's ms in `longest`.
+async fn load_timed(
+    e: &Engine,
+    sale: SaleId,
+    n: u64,
+    longest: &mut Option<i64>,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    load_due_orders(e, sale, n, None).await?;
+    let ms = t.elapsed().as_millis() as i64;
+    *longest = Some(longest.map_or(ms, |m| m.max(ms)));
+    Ok(())
+}
+
 /// The burst: `n` orders all due at one moment, one expiry worker (its run
 /// loop) already running and waiting for them, as when a rush of buyers
 /// reserved within the same instant one payment window ago and none paid.
@@ -468,10 +482,6 @@ async fn main() -> anyhow::Result<()> {
     let mut next_id = 1;
     // The longest load of `--orders` due orders: the burst's lead follows it.
     let mut load_ms: Option<i64> = None;
-    let mut timed_load = |ms: u128| {
-        let ms = ms as i64;
-        load_ms = Some(load_ms.map_or(ms, |m| m.max(ms)));
-    };
     anyhow::ensure!(
         args.workers.iter().all(|w| (1..=2).contains(w)),
         "--workers takes 1, 2 or 1,2"
@@ -483,9 +493,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
         next_id += 1;
-        let t = Instant::now();
-        load_due_orders(&e, sale, args.orders, None).await?;
-        timed_load(t.elapsed().as_millis());
+        load_timed(&e, sale, args.orders, &mut load_ms).await?;
         let (closed, secs) = raw_drain(&e, &args.redis_url, sale, batch).await?;
         let reference = rate(closed, secs, args.orders)?;
         drop_sale(&e, sale).await?;
@@ -498,9 +506,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let sale = load_sale(&e, next_id, args.orders as i64, 1000).await?;
             next_id += 1;
-            let t = Instant::now();
-            load_due_orders(&e, sale, args.orders, None).await?;
-            timed_load(t.elapsed().as_millis());
+            load_timed(&e, sale, args.orders, &mut load_ms).await?;
             let (closed, secs) = worker_drain(&e, sale, batch, workers).await?;
             let r = rate(closed, secs, args.orders)?;
             cells.push_str(&format!(" {r:.0} | {:.2} |", r / reference));

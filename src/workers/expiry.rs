@@ -110,6 +110,7 @@ struct ReserveWatch {
     /// How long the last step took.
     step: Duration,
 }
+
 /// The claim size while reservations go on: four times the reservations
 /// made over `secs` scaled to one step's time, within `busy_batch..=batch`
 /// (twice fell 40 ms behind a flood on a slow host: steps vary).
@@ -164,7 +165,7 @@ impl ExpiryWorker {
     /// host, docs/BENCHMARKS.md: claims of 128 orders held Redis ~1.4 ms and
     /// put the half-rate reserve p99 at 6.5 ms while 300,000 orders fell due
     /// at once, claims of 64 at 4.8 ms), so the claim is `busy_batch`, or
-    /// more when it must be to keep pace: twice the reservations this
+    /// more when it must be to keep pace: four times the reservations this
     /// process makes in one step's time (their deadlines fall due at about
     /// that pace a payment window later; with `busy_batch` alone a flood's
     /// deadlines fell behind by 240 ms on a slow host). A backlog of
